@@ -1,0 +1,9 @@
+"""fastsd: DreamBooth fine-tuning of Stable Diffusion from a Colab or Jupyter notebook.
+
+Importing fastsd is instant: torch, diffusers and transformers are imported only by the
+functions that need them.
+"""
+
+__version__ = "0.1.0"
+
+from fastsd.errors import FastSDError  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""Kosmos-2 captioning with grounded subject boxes."""

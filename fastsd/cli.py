@@ -1,0 +1,168 @@
+"""The ``fastsd`` command: a thin layer over the same functions the notebooks call.
+
+Each area of the package adds its own subcommands through a ``register(subparsers)``
+function in its ``cli`` module, listed in AREAS. A FastSDError is shown as its message
+alone and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from fastsd import __version__
+from fastsd.errors import FastSDError
+
+# Modules with a register(subparsers) function, in the order their commands are listed.
+AREAS = ("fastsd.dataset.cli", "fastsd.train.cli", "fastsd.convert.cli")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _root(args) -> Path | None:
+    return Path(args.home) if getattr(args, "home", None) else None
+
+
+# --------------------------------------------------------------------------- session
+
+def _session_create(args) -> None:
+    from fastsd import session
+
+    settings = {k: v for k, v in (("instance_token", args.token), ("class_word", args.cls),
+                                  ("base_model", args.model), ("resolution", args.resolution))
+                if v is not None}
+    s = session.create(args.name, _root(args), **settings)
+    print(f"Created session {s.name} at {s.path}")
+
+
+def _session_list(args) -> None:
+    from fastsd import session
+
+    names = session.list_sessions(_root(args))
+    print("\n".join(names) if names else "No sessions yet: create one with "
+          "'fastsd session create NAME'.")
+
+
+def _session_show(args) -> None:
+    from fastsd import session
+
+    _print_json(session.load(args.name, _root(args)).summary())
+
+
+def _session_delete(args) -> None:
+    from fastsd import session
+
+    path = session.delete(args.name, _root(args), confirm=args.yes)
+    print(f"Deleted {path}")
+
+
+def _models_build_tiny(args) -> None:
+    from fastsd.models import tiny
+
+    families = tiny.FAMILIES if args.family == "all" else (args.family,)
+    for fam in families:
+        out = Path(args.out) / f"tiny-{fam}" if args.out else None
+        path = tiny.build(fam, out, args.seed) if out else tiny.ensure(
+            fam, _models_root(args), args.seed)
+        print(f"tiny-{fam}: {path}")
+
+
+def _models_root(args) -> Path:
+    from fastsd import drive
+
+    return (_root(args) or drive.workspace()) / "models"
+
+
+def _env(args) -> None:
+    from fastsd import env
+
+    _print_json(env.report(_root(args)))
+
+
+def _demo(args) -> None:
+    from fastsd import demo
+
+    demo.run(_root(args), family=args.family, name=args.name)
+
+
+def add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help="workspace folder (default: Drive on Colab, else "
+                   "$FASTSD_HOME or ~/fastsd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastsd", description="DreamBooth for Stable Diffusion: sessions, images, "
+        "captions, training, conversion.")
+    parser.add_argument("--version", action="version", version=f"fastsd {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("session", help="create, list, show or delete training sessions")
+    ss = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    c = ss.add_parser("create", help="create a new session folder")
+    c.add_argument("name")
+    c.add_argument("--token", help="instance token (default: sks)")
+    c.add_argument("--class", dest="cls", help="class word, e.g. dog (default: person)")
+    c.add_argument("--model", help="base model (default: tiny-sd1)")
+    c.add_argument("--resolution", type=int, help="training resolution (default: 512)")
+    c.set_defaults(func=_session_create)
+    c = ss.add_parser("list", help="list sessions")
+    c.set_defaults(func=_session_list)
+    c = ss.add_parser("show", help="show a session's settings and file counts")
+    c.add_argument("name")
+    c.set_defaults(func=_session_show)
+    c = ss.add_parser("delete", help="delete a session folder (needs --yes)")
+    c.add_argument("name")
+    c.add_argument("--yes", action="store_true", help="really delete it")
+    c.set_defaults(func=_session_delete)
+    for c in ss.choices.values():
+        add_home(c)
+
+    p = sub.add_parser("models", help="models: build the embedded tiny models")
+    ms = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    c = ms.add_parser("build-tiny", help="build tiny random SD models offline")
+    c.add_argument("--family", choices=("sd1", "sd2", "sdxl", "all"), default="all")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="folder to build into (default: WORKSPACE/models)")
+    add_home(c)
+    c.set_defaults(func=_models_build_tiny)
+
+    p = sub.add_parser("env", help="report the runtime: Colab or not, device, VRAM, workspace")
+    add_home(p)
+    p.set_defaults(func=_env)
+
+    p = sub.add_parser("demo", help="run the whole job end to end on a tiny model, offline")
+    p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
+    p.add_argument("--name", default="demo", help="session name (default: demo)")
+    add_home(p)
+    p.set_defaults(func=_demo)
+
+    for area in AREAS:
+        importlib.import_module(area).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except FastSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

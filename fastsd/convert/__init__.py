@@ -1,0 +1,1 @@
+"""Conversion between diffusers folders and single-file checkpoints."""

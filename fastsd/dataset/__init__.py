@@ -1,0 +1,1 @@
+"""Instance images: import, validation, smart crop, captions, contact sheet."""

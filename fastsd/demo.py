@@ -1,0 +1,46 @@
+"""`fastsd demo`: the main job end to end on an embedded tiny model, offline.
+
+It walks the same steps a notebook user walks, through the same functions, on a tiny
+random model and scikit-image's bundled photographs. Each step is one function below.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from fastsd import drive, models, session
+from fastsd.dataset import samples
+
+log = logging.getLogger("fastsd")
+
+DEMO_SUBJECT = ("chelsea", "astronaut", "coffee", "rocket")
+
+
+def step_session(root: Path, name: str, family: str) -> session.Session:
+    if name in session.list_sessions(root):
+        session.delete(name, root, confirm=True)
+    s = session.create(name, root, base_model=f"tiny-{family}", instance_token="sks",
+                       class_word="cat", resolution=64)
+    log.info("Session %s at %s", s.name, s.path)
+    return s
+
+
+def step_images(s: session.Session, source: Path) -> None:
+    for p in sorted(source.iterdir()):
+        drive.copy_file(p, s.instance_images / p.name)
+    log.info("Imported %d images", len(list(s.instance_images.iterdir())))
+
+
+def run(root: Path | None = None, family: str = "sd1", name: str = "demo") -> session.Session:
+    root = root or drive.workspace()
+    model = models.resolve(f"tiny-{family}", root)
+    log.info("Tiny %s model at %s", family, model)
+    s = step_session(root, name, family)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "photos"
+        samples.write(src, DEMO_SUBJECT)
+        step_images(s, src)
+    print(f"Demo finished: session {s.name} at {s.path}")
+    return s

@@ -1,0 +1,78 @@
+"""Runtime facts: Colab, plain Jupyter or a script; the device and its memory; the workspace."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def runtime() -> str:
+    """``"colab"``, ``"jupyter"`` or ``"script"``."""
+    if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
+        return "colab"
+    ipython = sys.modules.get("IPython")
+    if ipython is not None:
+        shell = getattr(ipython, "get_ipython", lambda: None)()
+        if shell is not None and hasattr(shell, "kernel"):
+            return "jupyter"
+    return "script"
+
+
+def in_notebook() -> bool:
+    return runtime() in ("colab", "jupyter")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: str  # "cuda", "mps" or "cpu"
+    name: str
+    vram_free_gb: float | None = None
+    vram_total_gb: float | None = None
+    capability: tuple[int, int] | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device == "cuda"
+
+
+def device_info() -> DeviceInfo:
+    """The best device torch can use here, with its free and total memory on CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return DeviceInfo("cuda", torch.cuda.get_device_name(0), round(free / GIB, 2),
+                          round(total / GIB, 2), torch.cuda.get_device_capability(0))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return DeviceInfo("mps", "Apple GPU")
+    import platform
+
+    return DeviceInfo("cpu", platform.processor() or platform.machine() or "CPU")
+
+
+def report(workspace: Path | None = None) -> dict:
+    """What a user (or a bug report) needs to know about this runtime."""
+    import platform
+
+    from fastsd import __version__, drive
+
+    info: dict = {
+        "fastsd": __version__,
+        "python": platform.python_version(),
+        "runtime": runtime(),
+        "workspace": str(workspace or drive.workspace(mount=False)),
+    }
+    for name in ("torch", "diffusers", "transformers", "accelerate"):
+        try:
+            mod = __import__(name)
+            info[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            info[name] = None
+    if info["torch"]:
+        info.update({k: v for k, v in asdict(device_info()).items()})
+    return info

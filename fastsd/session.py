@@ -1,0 +1,236 @@
+"""Sessions: one Drive folder per subject, the only state that outlives a Colab runtime.
+
+A session folder holds ``session.json`` (schema version and settings) and the folders of
+``sessions_template/``: instance_images/, captions/, checkpoints/, models/, outputs/.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastsd import drive
+from fastsd.errors import InvalidName, SchemaError, SessionExists, SessionNotFound
+
+log = logging.getLogger("fastsd")
+
+SCHEMA_VERSION = 2
+SESSIONS_DIR = "sessions"
+SESSION_FILE = "session.json"
+MAX_NAME = 64
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "sessions_template"
+FOLDERS = ("instance_images", "captions", "checkpoints", "models", "outputs")
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "base_model": "tiny-sd1",
+    "instance_token": "sks",
+    "class_word": "person",
+    "resolution": 512,
+}
+
+
+def validate_name(name: str) -> str:
+    """Return the folder name for ``name``, or raise InvalidName saying why it can't be one.
+
+    Spaces become underscores (logged, so the user is told); everything else that can't be
+    a single, safe folder name on Drive is refused.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidName("The session name is empty. Give it a name such as 'my_dog'.")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidName(f"The session name {name!r} contains control characters "
+                          "(such as a newline or tab). Use letters, digits, '-' and '_'.")
+    if "/" in name or "\\" in name:
+        raise InvalidName(f"The session name {name!r} contains a path separator ('/' or '\\'). "
+                          "A session name is one folder name: use '-' or '_' instead.")
+    clean = name.strip()
+    if clean in (".", "..") or ".." in clean:
+        raise InvalidName(f"The session name {name!r} contains '..', which would point "
+                          "outside the sessions folder. Choose another name.")
+    if " " in clean:
+        fixed = re.sub(r" +", "_", clean)
+        log.warning("Session name %r has spaces; using %r instead.", name, fixed)
+        clean = fixed
+    if len(clean) > MAX_NAME:
+        raise InvalidName(f"The session name is {len(clean)} characters long; the limit is "
+                          f"{MAX_NAME}. Choose a shorter name.")
+    return clean
+
+
+# --------------------------------------------------------------------------- schema
+
+def _migrate_1_to_2(data: dict) -> dict:
+    # Version 1 kept the settings at the top level beside the name, and named the token
+    # and class "token" and "class_name".
+    renames = {"token": "instance_token", "class_name": "class_word"}
+    settings = {renames.get(k, k): v for k, v in data.items()
+                if k not in ("version", "name", "created")}
+    return {"schema_version": 2, "name": data.get("name"),
+            "created": data.get("created", time.time()), "settings": settings}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2}
+
+
+def _schema_version(data: dict) -> int:
+    return int(data.get("schema_version", data.get("version", 1)))
+
+
+def migrate(data: dict) -> dict:
+    """Bring ``data`` from session.json up to SCHEMA_VERSION."""
+    version = _schema_version(data)
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"This session was written by a newer fastsd (schema {version}; this one reads up "
+            f"to {SCHEMA_VERSION}). Update fastsd (re-run the install cell) to open it.")
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version = _schema_version(data)
+    return data
+
+
+# --------------------------------------------------------------------------- Session
+
+@dataclass
+class Session:
+    name: str
+    path: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+    # folders -------------------------------------------------------------
+    @property
+    def instance_images(self) -> Path:
+        return self.path / "instance_images"
+
+    @property
+    def captions(self) -> Path:
+        return self.path / "captions"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def models(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def outputs(self) -> Path:
+        return self.path / "outputs"
+
+    @property
+    def file(self) -> Path:
+        return self.path / SESSION_FILE
+
+    # persistence ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "name": self.name, "created": self.created,
+                "settings": self.settings}
+
+    def save(self) -> None:
+        drive.atomic_write_json(self.file, self.to_dict())
+
+    def update(self, **settings: Any) -> "Session":
+        """Change settings and save them at once."""
+        self.settings.update(settings)
+        self.save()
+        return self
+
+    def summary(self) -> dict:
+        def count(folder: Path) -> int:
+            return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+        return {"name": self.name, "path": str(self.path), "settings": self.settings,
+                **{f: count(self.path / f) for f in FOLDERS}}
+
+
+def sessions_root(root: Path | None = None) -> Path:
+    return (root or drive.workspace()) / SESSIONS_DIR
+
+
+def _session_path(name: str, root: Path | None) -> Path:
+    return sessions_root(root) / validate_name(name)
+
+
+def create(name: str, root: Path | None = None, **settings: Any) -> Session:
+    """Create a session from sessions_template/ with the given settings."""
+    path = _session_path(name, root)
+    if path.exists():
+        raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
+                            "Load it, or choose another name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".creating-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(TEMPLATE_DIR, tmp)
+    for f in FOLDERS:
+        (tmp / f).mkdir(exist_ok=True)
+        (tmp / f / ".keep").unlink(missing_ok=True)
+    session = Session(path.name, tmp, {**DEFAULT_SETTINGS, **settings}, time.time())
+    session.save()
+    tmp.rename(path)
+    session.path = path
+    return session
+
+
+def load(name: str, root: Path | None = None) -> Session:
+    """Load a session, migrating an older session.json in place."""
+    path = _session_path(name, root)
+    file = path / SESSION_FILE
+    if not file.is_file():
+        known = ", ".join(list_sessions(root)) or "none yet"
+        raise SessionNotFound(f"No session named {path.name!r} in {path.parent} "
+                              f"(sessions: {known}). Create it first.")
+    try:
+        raw = drive.read_json(file)
+    except ValueError as e:
+        raise SchemaError(f"{file} is not valid JSON ({e}). Restore it from Drive's version "
+                          "history, or delete the session and create it again.") from e
+    data = migrate(raw)
+    session = Session(path.name, path, {**DEFAULT_SETTINGS, **data.get("settings", {})},
+                      data.get("created", 0.0))
+    if _schema_version(raw) != SCHEMA_VERSION:
+        log.info("Migrated session %s from schema %s to %s", session.name,
+                 _schema_version(raw), SCHEMA_VERSION)
+        session.save()
+    for f in FOLDERS:
+        (path / f).mkdir(exist_ok=True)
+    return session
+
+
+def load_or_create(name: str, root: Path | None = None, **settings: Any) -> Session:
+    try:
+        session = load(name, root)
+    except SessionNotFound:
+        return create(name, root, **settings)
+    return session.update(**settings) if settings else session
+
+
+def list_sessions(root: Path | None = None) -> list[str]:
+    base = sessions_root(root)
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / SESSION_FILE).is_file())
+
+
+def delete(name: str, root: Path | None = None, confirm: bool = False) -> Path:
+    """Delete a session folder. ``confirm=True`` is required; nothing outside it is touched."""
+    path = _session_path(name, root)
+    if not confirm:
+        raise InvalidName(f"Deleting {path.name!r} removes its images, checkpoints and models. "
+                          "Pass confirm=True (CLI: --yes) to delete it.")
+    if not (path / SESSION_FILE).is_file():
+        raise SessionNotFound(f"No session named {path.name!r} in {path.parent}.")
+    base = sessions_root(root).resolve()
+    real = path.resolve()
+    if real.parent != base or path.is_symlink():
+        raise InvalidName(f"{path} is a link or lies outside {base}; not deleting it. "
+                          "Remove it by hand if you are sure.")
+    shutil.rmtree(real)
+    return real

@@ -1,0 +1,1 @@
+"""The two-stage DreamBooth trainer with exact resume."""

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+
+def requirements() -> list[str]:
+    """The Colab pins, less the GPU/Colab-only packages the core does not import."""
+    lines = (here / "requirements-colab.txt").read_text().splitlines()
+    return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+
+
+setup(
+    name="fastsd",
+    version="0.1.0",
+    description="DreamBooth fine-tuning of Stable Diffusion from Colab, resumable and offline-testable",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastsd", "fastsd.*"]),
+    include_package_data=True,
+    install_requires=["torch>=2.1", *requirements()],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
+)

@@ -1,0 +1,53 @@
+"""Shared fixtures: an isolated workspace per test and the tiny models, built once per run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own Drive stand-in, as $FASTSD_HOME."""
+    home = tmp_path / "drive"
+    home.mkdir()
+    monkeypatch.setenv("FASTSD_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def _tiny(root: Path, family: str) -> Path:
+    from fastsd.models import tiny
+
+    return tiny.ensure(family, root)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_root: Path) -> Path:
+    return _tiny(tiny_root, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_root: Path) -> Path:
+    return _tiny(tiny_root, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_root: Path) -> Path:
+    return _tiny(tiny_root, "sdxl")
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
+def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Path]:
+    """Each tiny family in turn, as (family, folder)."""
+    return request.param, _tiny(tiny_root, request.param)
