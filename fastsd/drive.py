@@ -86,12 +86,14 @@ def mount_drive() -> Path:
 # --------------------------------------------------------------------------- retries
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = DEFAULT_RETRIES,
-          delay: float = DEFAULT_DELAY) -> T:
+def retry(fn: Callable[[], T], what: str, attempts: int | None = None,
+          delay: float | None = None) -> T:
     """Call ``fn`` until it returns, retrying on OSError with a growing pause.
 
     When the attempts run out a DriveError says what failed and what to do.
     """
+    attempts = DEFAULT_RETRIES if attempts is None else attempts
+    delay = DEFAULT_DELAY if delay is None else delay
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -195,7 +197,7 @@ def _copy_once(src: Path, dst: Path) -> None:
 
 
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-              attempts: int = DEFAULT_RETRIES, delay: float = DEFAULT_DELAY) -> Path:
+              attempts: int | None = None, delay: float | None = None) -> Path:
     """Copy ``src`` to ``dst`` atomically, retrying on OSError."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -205,7 +207,7 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 
 def move_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-              attempts: int = DEFAULT_RETRIES, delay: float = DEFAULT_DELAY) -> Path:
+              attempts: int | None = None, delay: float | None = None) -> Path:
     """Copy then remove the source, which is removed only once the copy is whole."""
     dst = copy_file(src, dst, attempts, delay)
     Path(src).unlink()
@@ -213,7 +215,7 @@ def move_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],
-              attempts: int = DEFAULT_RETRIES, delay: float = DEFAULT_DELAY) -> Path:
+              attempts: int | None = None, delay: float | None = None) -> Path:
     """Copy a folder so that ``dst`` appears whole or not at all.
 
     The files go into a temporary folder beside ``dst`` (each with retries), which is

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 @pytest.fixture(autouse=True)
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own Drive stand-in, as $FASTSD_HOME."""
-    home = tmp_path / "drive"
+    home = tmp_path / "fastsd-home"
     home.mkdir()
     monkeypatch.setenv("FASTSD_HOME", str(home))
     return home

@@ -1,0 +1,43 @@
+import sys
+
+from fastsd import env
+
+
+def test_a_test_run_is_a_script(monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert env.runtime() == "script"
+    assert not env.in_notebook()
+
+
+def test_colab_is_told_by_its_environment(monkeypatch):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
+    assert env.runtime() == "colab"
+
+
+def test_jupyter_is_told_by_a_kernel(monkeypatch):
+    class Shell:
+        kernel = object()
+
+    class FakeIPython:
+        @staticmethod
+        def get_ipython():
+            return Shell()
+
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.setitem(sys.modules, "IPython", FakeIPython)
+    assert env.runtime() == "jupyter"
+
+
+def test_device_on_this_machine_is_the_cpu():
+    info = env.device_info()
+    assert info.device == "cpu" and not info.is_cuda
+    assert info.vram_total_gb is None and info.name
+
+
+def test_report_names_the_workspace_and_versions(workspace):
+    report = env.report()
+    assert report["workspace"] == str(workspace)
+    assert report["runtime"] == "script"
+    assert report["device"] == "cpu"
+    assert report["torch"].startswith("2.")
+    assert report["diffusers"] and report["transformers"]

@@ -1,0 +1,144 @@
+import json
+import logging
+
+import pytest
+
+from fastsd import session
+from fastsd.errors import InvalidName, SchemaError, SessionExists, SessionNotFound
+
+
+@pytest.mark.parametrize("name, why", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("a/b", "path separator"),
+    ("a\\b", "path separator"),
+    ("/abs", "path separator"),
+    ("..", ".."),
+    ("a..b", ".."),
+    ("new\nline", "control characters"),
+    ("tab\there", "control characters"),
+    ("nul\x00", "control characters"),
+    ("x" * 65, "limit is 64"),
+])
+def test_bad_names_are_refused_with_the_reason(name, why, workspace):
+    with pytest.raises(InvalidName, match=why):
+        session.create(name, workspace)
+    assert not (workspace / "sessions").exists() or not any((workspace / "sessions").iterdir())
+
+
+def test_good_names_and_the_64_character_limit():
+    assert session.validate_name("my-dog_2") == "my-dog_2"
+    assert session.validate_name("x" * 64) == "x" * 64
+    assert session.validate_name("émilie") == "émilie"
+
+
+def test_spaces_become_underscores_and_the_user_is_told(workspace, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastsd"):
+        s = session.create("my  dog photos", workspace)
+    assert s.name == "my_dog_photos"
+    assert s.path == workspace / "sessions" / "my_dog_photos"
+    assert "my_dog_photos" in caplog.text and "spaces" in caplog.text
+
+
+def test_create_lays_out_the_template_and_settings(workspace):
+    s = session.create("dog", workspace, class_word="dog", resolution=768)
+    for folder in session.FOLDERS:
+        assert (s.path / folder).is_dir()
+        assert list((s.path / folder).iterdir()) == []
+    data = json.loads(s.file.read_text())
+    assert data["schema_version"] == session.SCHEMA_VERSION
+    assert data["settings"]["class_word"] == "dog"
+    assert data["settings"]["resolution"] == 768
+    assert data["settings"]["instance_token"] == "sks"
+    assert not list(s.path.parent.glob(".creating-*"))
+
+
+def test_create_refuses_an_existing_session(workspace):
+    session.create("dog", workspace)
+    with pytest.raises(SessionExists, match="already exists"):
+        session.create("dog", workspace)
+
+
+def test_load_list_show_update(workspace):
+    session.create("b", workspace)
+    session.create("a", workspace, class_word="cat")
+    assert session.list_sessions(workspace) == ["a", "b"]
+    s = session.load("a", workspace)
+    assert s.settings["class_word"] == "cat"
+    s.update(resolution=256)
+    assert session.load("a", workspace).settings["resolution"] == 256
+    (s.instance_images / "x.png").write_bytes(b"x")
+    summary = s.summary()
+    assert summary["instance_images"] == 1 and summary["captions"] == 0
+
+
+def test_load_missing_names_the_known_sessions(workspace):
+    session.create("dog", workspace)
+    with pytest.raises(SessionNotFound, match="sessions: dog"):
+        session.load("cat", workspace)
+
+
+def test_workspace_defaults_to_fastsd_home(workspace):
+    s = session.create("dog")
+    assert s.path == workspace / "sessions" / "dog"
+
+
+def test_delete_needs_confirmation_and_stays_inside(workspace):
+    s = session.create("dog", workspace)
+    neighbour = session.create("dog2", workspace)
+    outside = workspace / "precious.txt"
+    outside.write_text("keep me")
+    with pytest.raises(InvalidName, match="confirm=True"):
+        session.delete("dog", workspace)
+    assert s.path.is_dir()
+    session.delete("dog", workspace, confirm=True)
+    assert not s.path.exists()
+    assert neighbour.file.is_file() and outside.read_text() == "keep me"
+    with pytest.raises(SessionNotFound):
+        session.delete("dog", workspace, confirm=True)
+
+
+def test_delete_refuses_a_link_to_a_folder_elsewhere(workspace, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "session.json").write_text("{}")
+    (target / "photo.jpg").write_bytes(b"irreplaceable")
+    (workspace / "sessions").mkdir()
+    (workspace / "sessions" / "linked").symlink_to(target)
+    with pytest.raises(InvalidName, match="link"):
+        session.delete("linked", workspace, confirm=True)
+    assert (target / "photo.jpg").read_bytes() == b"irreplaceable"
+
+
+def test_a_newer_schema_is_refused_clearly(workspace):
+    s = session.create("dog", workspace)
+    data = json.loads(s.file.read_text())
+    data["schema_version"] = session.SCHEMA_VERSION + 1
+    s.file.write_text(json.dumps(data))
+    with pytest.raises(SchemaError, match="newer fastsd"):
+        session.load("dog", workspace)
+    assert json.loads(s.file.read_text())["schema_version"] == session.SCHEMA_VERSION + 1
+
+
+def test_an_older_schema_is_migrated_and_saved(workspace):
+    path = workspace / "sessions" / "old"
+    path.mkdir(parents=True)
+    (path / "session.json").write_text(json.dumps(
+        {"version": 1, "name": "old", "token": "ohwx", "class_name": "dog", "resolution": 640}))
+    s = session.load("old", workspace)
+    assert s.settings["instance_token"] == "ohwx"
+    assert s.settings["class_word"] == "dog"
+    assert s.settings["resolution"] == 640
+    saved = json.loads((path / "session.json").read_text())
+    assert saved["schema_version"] == session.SCHEMA_VERSION
+    assert saved["settings"]["instance_token"] == "ohwx"
+    assert "token" not in saved["settings"]
+    for folder in session.FOLDERS:
+        assert (path / folder).is_dir()
+
+
+def test_corrupt_session_json_gives_a_clear_error(workspace):
+    s = session.create("dog", workspace)
+    s.file.write_text('{"schema_version": 2, "sett')
+    with pytest.raises(SchemaError, match="not valid JSON"):
+        session.load("dog", workspace)
