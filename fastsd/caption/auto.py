@@ -1,0 +1,163 @@
+"""Caption a session's images with Kosmos-2 and crop them around the grounded subject.
+
+For each original image ``instance_images/originals/STEM.EXT``:
+
+* ``captions/STEM.json``: the caption, its grounded entities (boxes in pixels of the
+  original) and the subject box (the class word's phrase, else the largest box);
+* ``captions/STEM.txt``: the caption through the session's caption template (token and
+  class word added), kept when it exists unless ``overwrite``;
+* then, with the model unloaded, the images with a subject box are cropped again around it.
+
+An image whose .txt and .json both exist is skipped unless ``overwrite``, so a run cut
+short by a Colab timeout picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, TypeVar
+
+from fastsd import drive
+from fastsd.caption import grounding
+from fastsd.caption.model import DEFAULT_MODEL, Captioner, prompt_for, prompt_words
+from fastsd.errors import DataError
+from fastsd.session import Session
+
+log = logging.getLogger("fastsd")
+
+T = TypeVar("T")
+
+
+@dataclass
+class CaptionSettings:
+    """What `fastsd captions auto` and the captions cell let the user choose."""
+
+    model: str = DEFAULT_MODEL
+    detailed: bool = False  # "<grounding> Describe this image in detail:" instead of brief
+    overwrite: bool = False  # replace existing captions (.txt and .json)
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # None: 64 brief, 256 detailed
+    quantize: str = "auto"  # "auto", "8bit" or "none"
+    crop: bool = True  # re-crop the captioned images around their subject boxes
+
+    @property
+    def prompt(self) -> str:
+        return prompt_for(self.detailed)
+
+    @property
+    def tokens(self) -> int:
+        return self.max_new_tokens or (256 if self.detailed else 64)
+
+
+@dataclass
+class ImageCaption:
+    """The result for one image."""
+
+    stem: str
+    caption: str
+    text: str  # what the template made of it
+    subject_box: list[int] | None
+    txt_written: bool
+    record: dict = field(repr=False, default_factory=dict)
+
+
+def batches(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(items), max(1, size)):
+        yield list(items[i:i + max(1, size)])
+
+
+def record(raw: str, prompt: str, image_size: tuple[int, int], class_word: str) -> dict:
+    """The captions/STEM.json record of one raw generation (boxes in pixels of the image)."""
+    parsed = grounding.drop_prefix(grounding.parse(raw), prompt_words(prompt))
+    entities = [{"phrase": e.phrase, "span": list(e.span),
+                 "boxes": [grounding.to_pixels(b, image_size) for b in e.boxes]}
+                for e in parsed.entities]
+    return {"caption": parsed.caption, "entities": entities,
+            "subject_box": grounding.subject_box(entities, class_word),
+            "image_size": list(image_size)}
+
+
+def json_path(session: Session, stem: str) -> Path:
+    return session.captions / f"{stem}.json"
+
+
+def load_record(session: Session, stem: str) -> dict | None:
+    """The captions/STEM.json record of an image, or None when it has none."""
+    path = json_path(session, stem)
+    return drive.read_json(path) if path.is_file() else None
+
+
+def pending(session: Session, overwrite: bool = False) -> list[Path]:
+    """The originals still to caption: all of them when ``overwrite``, else those
+    lacking their .txt or .json."""
+    from fastsd.dataset import images
+
+    todo = []
+    for p in images.originals(session):
+        done = (session.captions / f"{p.stem}.txt").is_file() and json_path(session,
+                                                                           p.stem).is_file()
+        if overwrite or not done:
+            todo.append(p)
+    return todo
+
+
+def caption_session(session: Session, settings: CaptionSettings | None = None,
+                    root: Path | None = None, captioner: Captioner | None = None
+                    ) -> list[ImageCaption]:
+    """Caption the session's images with Kosmos-2, then crop them around their subjects.
+
+    ``root`` is the workspace whose models/hub caches the model (default: the current
+    one). Pass an open ``captioner`` to reuse a loaded model (it is then left open);
+    otherwise the model is loaded here and unloaded, VRAM freed, before the crop.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from fastsd.dataset import captions, crop, images
+
+    settings = settings or CaptionSettings()
+    if not images.originals(session):
+        raise DataError(f"Session {session.name!r} has no images to caption. Import the "
+                        "instance images first (the images cell, or 'fastsd images add').")
+    todo = pending(session, settings.overwrite)
+    if not todo:
+        log.info("Every image of %s has its captions already; pass overwrite to redo them.",
+                 session.name)
+        return []
+    cls = session.settings.get("class_word", "")
+    token = session.settings.get("instance_token", "")
+    template = session.settings.get("caption_template") or captions.DEFAULT_TEMPLATE
+
+    own = captioner is None
+    cap = captioner or Captioner(settings.model, root, settings.quantize)
+    results: list[ImageCaption] = []
+    try:
+        with tqdm(total=len(todo), desc="Captioning", unit="image") as bar:
+            for group in batches(todo, settings.batch_size):
+                pics = []
+                for p in group:
+                    with Image.open(p) as im:
+                        pics.append(im.convert("RGB"))
+                raws = cap.generate(pics, settings.prompt, settings.tokens)
+                for p, pic, raw in zip(group, pics, raws):
+                    rec = record(raw, settings.prompt, pic.size, cls)
+                    drive.atomic_write_json(json_path(session, p.stem), rec)
+                    text = captions.render(template, rec["caption"], token, cls)
+                    written = captions.write(session, p.stem, text, overwrite=settings.overwrite)
+                    results.append(ImageCaption(p.stem, rec["caption"], text,
+                                                rec["subject_box"], written, rec))
+                    log.debug("%s: %r subject %s", p.stem, rec["caption"], rec["subject_box"])
+                bar.update(len(group))
+    finally:
+        if own:
+            cap.close()
+    kept = sum(not r.txt_written for r in results)
+    log.info("Captioned %d images of %s%s", len(results), session.name,
+             f" ({kept} existing .txt captions kept)" if kept else "")
+    boxed = [r.stem for r in results if r.subject_box]
+    if settings.crop and boxed:
+        crop.crop_session(session, stems=boxed)
+        log.info("Cropped %d images around their subject boxes", len(boxed))
+    return results
