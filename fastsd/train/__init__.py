@@ -1,1 +1,16 @@
-"""The two-stage DreamBooth trainer with exact resume."""
+"""The two-stage DreamBooth trainer with exact resume.
+
+``fastsd.train.train(session, TrainSettings(...), resume=...)`` is what the notebook cell
+and ``fastsd train`` call. Settings and presets: :mod:`fastsd.train.settings`; data order
+and caches: :mod:`fastsd.train.data`; checkpoints: :mod:`fastsd.train.checkpoint`; the
+loop: :mod:`fastsd.train.trainer`.
+"""
+
+from fastsd.train.settings import PRESETS, TrainSettings  # noqa: F401
+
+
+def train(*args, **kwargs):
+    """See :func:`fastsd.train.trainer.train` (imported on call: it needs torch)."""
+    from fastsd.train.trainer import train as _train
+
+    return _train(*args, **kwargs)

@@ -1,0 +1,236 @@
+"""Training settings, the GPU presets, and an estimate of peak VRAM.
+
+One dataclass holds every option; the CLI builds its options from these fields (and their
+``help`` metadata), and the settings a run used are stored in the session so that a resume
+continues with exactly the same ones. Fields left at ``None`` are filled from the preset of
+the detected device (T4, L4, A100 or CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastsd.errors import DataError
+
+log = logging.getLogger("fastsd")
+
+STAGES = ("unet", "text")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+             "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainSettings:
+    """Everything the two-stage trainer can be told. ``None`` means "from the preset"."""
+
+    # stage 1 (UNet, text encoder frozen) and stage 2 (text encoder, UNet frozen)
+    unet_steps: int = _opt(1500, "UNet stage: training steps (0 skips the stage)")
+    unet_lr: float = _opt(2e-6, "UNet stage: learning rate")
+    unet_schedule: str = _opt("linear", "UNet stage: learning-rate schedule",
+                              choices=SCHEDULES)
+    unet_warmup: int = _opt(0, "UNet stage: warm-up steps")
+    text_steps: int = _opt(350, "text encoder stage: training steps (0 skips the stage)")
+    text_lr: float = _opt(1e-6, "text encoder stage: learning rate")
+    text_schedule: str = _opt("linear", "text encoder stage: learning-rate schedule",
+                              choices=SCHEDULES)
+    text_warmup: int = _opt(0, "text encoder stage: warm-up steps")
+    order: str = _opt("unet,text", "order of the stages", choices=("unet,text", "text,unet"))
+    # data
+    resolution: int | None = _opt(None, "training resolution in pixels (default: the "
+                                  "session's resolution)")
+    batch_size: int | None = _opt(None, "images per step (default: from the preset)")
+    flip: bool = _opt(False, "randomly flip images horizontally")
+    crop: str = _opt("center", "crop to a square: centre or random (random crops the cached "
+                     "latents)", choices=("center", "random"))
+    # prior preservation
+    prior_preservation: bool = _opt(False, "train on class images too (prior preservation)")
+    class_images: int = _opt(50, "prior preservation: number of class images, generated "
+                             "once by the base model and kept in the session")
+    class_prompt: str = _opt("", "prior preservation: class prompt (default: 'photo of a "
+                             "CLASS')")
+    prior_weight: float = _opt(1.0, "prior preservation: weight of the class loss")
+    # loss
+    offset_noise: float = _opt(0.0, "offset noise strength (0 = off; 0.05 is typical)")
+    min_snr_gamma: float = _opt(0.0, "min-SNR weighting gamma (0 = off; 5 is typical)")
+    # engine
+    preset: str = _opt("auto", "GPU preset: auto picks from the detected device",
+                       choices=("auto", "t4", "l4", "a100", "cpu"))
+    mixed_precision: str | None = _opt(None, "no, fp16 or bf16 (default: from the preset)",
+                                       choices=PRECISIONS)
+    adam_8bit: bool | None = _opt(None, "8-bit AdamW from bitsandbytes on CUDA (default: "
+                                  "from the preset)")
+    gradient_checkpointing: bool | None = _opt(None, "gradient checkpointing (default: "
+                                               "from the preset)")
+    save_precision: str | None = _opt(None, "precision of the saved diffusers model: fp32 "
+                                      "or fp16 (default: from the preset)",
+                                      choices=("fp32", "fp16"))
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    # checkpoints, samples, outputs
+    checkpoint_every: int = _opt(500, "save a resumable checkpoint every N steps (0 = only "
+                                 "at stage ends and on interruption)")
+    keep_checkpoints: int = _opt(2, "how many checkpoints to keep")
+    sample_every: int = _opt(0, "save sample images every M steps (0 = off)")
+    sample_prompts: list[str] = _opt([], "prompts of the sample images (repeatable; default: "
+                                     "the instance prompt)")
+    sample_steps: int = _opt(25, "inference steps of a sample image")
+    class_steps: int = _opt(25, "inference steps of a class image")
+    model_name: str = _opt("", "name of the trained model in the session's models/ "
+                           "(default: the session's name)")
+    latent_cache_mb: int = _opt(1024, "keep up to this many MB of cached latents in memory; "
+                                "the rest spills to local disk")
+    seed: int = _opt(42, "random seed")
+
+    def __post_init__(self) -> None:
+        for name in ("unet_steps", "text_steps", "unet_warmup", "text_warmup",
+                     "checkpoint_every", "sample_every", "class_images"):
+            if getattr(self, name) < 0:
+                raise DataError(f"{name} is {getattr(self, name)}; it must be 0 or more.")
+        if self.keep_checkpoints < 1:
+            raise DataError("keep_checkpoints must be at least 1, so that a run can resume.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise DataError(f"batch_size is {self.batch_size}; it must be at least 1.")
+        if self.resolution is not None and self.resolution % 8:
+            raise DataError(f"resolution {self.resolution} is not a multiple of 8 (the VAE "
+                            "downsamples by 8). Use 512, 576, 640, 768, 1024...")
+        for name, choices in (("unet_schedule", SCHEDULES), ("text_schedule", SCHEDULES),
+                              ("order", ("unet,text", "text,unet")),
+                              ("crop", ("center", "random"))):
+            if getattr(self, name) not in choices:
+                raise DataError(f"{name} {getattr(self, name)!r} is not one of {choices}.")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def stage_order(self) -> tuple[str, ...]:
+        return tuple(self.order.split(","))
+
+    def stage(self, name: str) -> dict[str, Any]:
+        p = "unet_" if name == "unet" else "text_"
+        return {k: getattr(self, p + k) for k in ("steps", "lr", "schedule", "warmup")}
+
+    @property
+    def total_steps(self) -> int:
+        return self.unet_steps + self.text_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            log.warning("Ignoring unknown training settings: %s", ", ".join(sorted(unknown)))
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------- presets
+
+#: What each preset sets; only fields the user left at ``None`` are taken from it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # T4: 15 GB, no bf16. 8-bit Adam and gradient checkpointing make SD 1.5 fit.
+    "t4": dict(mixed_precision="fp16", adam_8bit=True, gradient_checkpointing=True,
+               batch_size=1, save_precision="fp16"),
+    # L4: 24 GB, bf16.
+    "l4": dict(mixed_precision="bf16", adam_8bit=True, gradient_checkpointing=True,
+               batch_size=1, save_precision="fp16"),
+    # A100: 40 or 80 GB, bf16; room for the full optimizer and the activations.
+    "a100": dict(mixed_precision="bf16", adam_8bit=False, gradient_checkpointing=False,
+                 batch_size=2, save_precision="fp16"),
+    # CPU (tests, demo): full precision, exact.
+    "cpu": dict(mixed_precision="no", adam_8bit=False, gradient_checkpointing=False,
+                batch_size=1, save_precision="fp32"),
+}
+
+
+def choose_preset(info) -> str:
+    """The preset for a fastsd.env.DeviceInfo: by GPU name, else by total VRAM."""
+    if not getattr(info, "is_cuda", False):
+        return "cpu"
+    name = (info.name or "").upper()
+    for key in ("T4", "L4", "A100"):
+        if key in name:
+            return key.lower()
+    total = info.vram_total_gb or 0
+    return "t4" if total < 18 else "l4" if total < 30 else "a100"
+
+
+def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[TrainSettings, str]:
+    """Fill the ``None`` fields from the preset of the device; returns (settings, preset)."""
+    preset = choose_preset(info) if settings.preset == "auto" else settings.preset
+    values = {k: v for k, v in PRESETS[preset].items() if getattr(settings, k) is None}
+    if settings.resolution is None:
+        values["resolution"] = int(session_resolution)
+    if not getattr(info, "is_cuda", False):
+        # Mixed precision and bitsandbytes need CUDA; on CPU everything runs in fp32.
+        values.update(mixed_precision="no", adam_8bit=False)
+    return dataclasses.replace(settings, **values), preset
+
+
+# --------------------------------------------------------------------------- VRAM estimate
+
+#: Activation memory of one 512x512 image through the UNet's forward pass, kept for the
+#: backward pass, in GB at 16-bit, per family; with gradient checkpointing only the block
+#: inputs and one block's activations are live, about a quarter. Derivation: see
+#: benchmarks/bench_train.py (measured on the real SD 1.5 architecture on the meta device).
+ACTIVATION_GB_512 = {"sd1": 3.6, "sd2": 3.6, "sdxl": 4.2}
+CHECKPOINTED_FRACTION = 0.25
+CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
+GB = 1e9
+
+
+def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int]) -> dict[str, float]:
+    """Peak VRAM of each stage in GB, from the parameter counts of the model's parts.
+
+    Trained part: fp32 weights (4 B/param) + fp32 gradients (4) + AdamW moments (8, or 2
+    with 8-bit Adam) + the 16-bit copy autocast makes during the forward (2, mixed precision
+    only). Frozen parts: 2 B/param in 16-bit, 4 in fp32. Plus activations, which scale with
+    batch x pixels, and a fixed CUDA overhead.
+    """
+    mixed = settings.mixed_precision not in (None, "no")
+    frozen_b = 2 if mixed else 4
+    trained_b = 4 + 4 + (2 if settings.adam_8bit else 8) + (2 if mixed else 0)
+    res = settings.resolution or 512
+    act = ACTIVATION_GB_512.get(family, 3.6) * (settings.batch_size or 1) * (res / 512) ** 2
+    act *= 2 if settings.prior_preservation else 1
+    act *= CHECKPOINTED_FRACTION if settings.gradient_checkpointing else 1
+    act *= 1 if mixed else 2
+    text = sum(v for k, v in params.items() if k.startswith("text_encoder"))
+    unet = params.get("unet", 0)
+    out = {}
+    # Stage 1: the text encoder and the VAE are used for the caches, then leave the GPU.
+    out["unet"] = (unet * trained_b) / GB + act + CUDA_OVERHEAD_GB
+    # Stage 2: the UNet is frozen (16-bit) but activations still flow through it.
+    out["text"] = (unet * frozen_b + text * trained_b) / GB + act + CUDA_OVERHEAD_GB
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None = None) -> str:
+    """A few lines that show the chosen settings (and the VRAM estimate) to the user."""
+    s = settings
+    lines = [
+        f"Preset {preset}: mixed precision {s.mixed_precision}, 8-bit Adam {s.adam_8bit}, "
+        f"gradient checkpointing {s.gradient_checkpointing}, batch {s.batch_size}, "
+        f"{s.resolution} px, crop {s.crop}, flip {s.flip}",
+        f"Stages {s.order}: UNet {s.unet_steps} steps at {s.unet_lr:g} ({s.unet_schedule}, "
+        f"warm-up {s.unet_warmup}); text encoder {s.text_steps} steps at {s.text_lr:g} "
+        f"({s.text_schedule}, warm-up {s.text_warmup})",
+        f"Prior preservation {s.prior_preservation}, offset noise {s.offset_noise:g}, min-SNR "
+        f"gamma {s.min_snr_gamma:g}, checkpoint every {s.checkpoint_every} (keep "
+        f"{s.keep_checkpoints}), samples every {s.sample_every}, seed {s.seed}",
+    ]
+    if vram:
+        lines.append("Estimated peak VRAM: " + ", ".join(
+            f"{'UNet' if k == 'unet' else 'text encoder'} stage {v:.1f} GB"
+            for k, v in vram.items()))
+    return "\n".join(lines)
