@@ -198,8 +198,26 @@ def test_offline_error_from_the_loader_too(workspace: Path, monkeypatch):
     assert isinstance(try_to_load_from_cache(cm.DEFAULT_MODEL, "config.json",
                                              cache_dir=workspace / "models" / "hub"), str)
     with pytest.raises(OfflineError, match="kosmos-2-patch14-224"):
-        cm._load(*cm.locate(cm.DEFAULT_MODEL, workspace),
-                 cm.LoadPlan("cpu", "float32", False, "test"), cm.DEFAULT_MODEL)
+        cm._load(cm.locate(cm.DEFAULT_MODEL, workspace), cm.LoadPlan("cpu", "float32", False, "test"), cm.DEFAULT_MODEL)
+
+
+def test_unreachable_hub_fails_fast_without_retries(workspace: Path, monkeypatch):
+    # Not flagged offline, but the Hub does not answer (here: a closed local port). The
+    # loader must not sit in huggingface_hub's half-minute of retries.
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert not cm.hub_reachable()
+    with pytest.raises(OfflineError, match="kosmos-2-patch14-224"):
+        cm.locate(cm.DEFAULT_MODEL, workspace)
 
 
 def test_bad_model_name(workspace: Path):

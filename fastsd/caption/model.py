@@ -57,36 +57,72 @@ def _offline() -> bool:
 def _offline_error(name: str, cache: Path) -> OfflineError:
     return OfflineError(
         f"The captioning model {name!r} is not in the model cache ({cache}) and this machine "
-        "is offline, so it cannot be downloaded. Connect to the internet (and unset "
-        "HF_HUB_OFFLINE) and run captioning once: the model is then kept on Drive for later "
-        "runtimes. Or skip auto-captioning and write the captions yourself.")
+        "is offline (or cannot reach the Hugging Face Hub), so it cannot be downloaded. "
+        "Connect to the internet (and unset HF_HUB_OFFLINE) and run captioning once: the "
+        "model is then kept on Drive for later runtimes. Or skip auto-captioning and write "
+        "the captions yourself.")
 
 
-def locate(name: str, root: Path | None = None) -> tuple[str, Path | None]:
-    """Where to load ``name`` from: (path or repo id, cache folder or None).
+@dataclass(frozen=True)
+class Source:
+    """Where the model comes from: a folder or a repo id, its cache, and whether only the
+    cache may be used (offline, or the Hub unreachable)."""
+
+    path: str
+    cache: Path | None = None
+    local_only: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"cache_dir": self.cache, "local_files_only": self.local_only}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds.
+
+    Without this, an offline machine that lacks HF_HUB_OFFLINE=1 spends half a minute in
+    huggingface_hub's retries before failing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def locate(name: str, root: Path | None = None) -> Source:
+    """Where to load ``name`` from.
 
     ``tiny-kosmos2`` is built offline on first use; a folder with a config.json is used
-    as is; anything else is a Hugging Face repo id, cached under :func:`hub_cache`. Offline
-    without a cached copy, an OfflineError is raised at once.
+    as is; anything else is a Hugging Face repo id, cached under :func:`hub_cache`. When
+    the machine is offline (or the Hub unreachable) the cached copy is used, and without
+    one an OfflineError is raised at once.
     """
     from fastsd.models import models_root, tiny_kosmos
 
     if name == tiny_kosmos.NAME:
-        return str(tiny_kosmos.ensure(models_root(root))), None
+        return Source(str(tiny_kosmos.ensure(models_root(root))))
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
-        return str(path), None
+        return Source(str(path))
     if path.exists() or name.count("/") != 1:
         raise ModelError(f"{name!r} is neither a Hugging Face model id (owner/name), a model "
                          f"folder with a config.json, nor {tiny_kosmos.NAME!r}. "
                          f"Use {DEFAULT_MODEL!r} (the default).")
     cache = hub_cache(root)
-    if _offline():
+    if _offline() or not hub_reachable():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
             raise _offline_error(name, cache)
-    return name, cache
+        return Source(name, cache, local_only=True)
+    return Source(name, cache)
 
 
 # --------------------------------------------------------------------------- how
@@ -136,12 +172,12 @@ def plan_loading(info: DeviceInfo, params: int, quantize: str = "auto") -> LoadP
                     "(restart the runtime) to caption on the GPU.")
 
 
-def count_params(source: str, cache: Path | None) -> int:
+def count_params(source: Source) -> int:
     """Parameters of the model at ``source``, counted from its config without loading it."""
     import torch
     from transformers import AutoConfig, Kosmos2ForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(source, cache_dir=cache)
+    config = AutoConfig.from_pretrained(source.path, **source.kwargs())
     with torch.device("meta"):
         model = Kosmos2ForConditionalGeneration(config)
     return sum(p.numel() for p in model.parameters())
@@ -163,13 +199,13 @@ class Captioner:
         from fastsd import env
 
         self.name = model
-        source, cache = locate(model, root)
+        source = locate(model, root)
         info = device_info or env.device_info()
-        params = count_params(source, cache) if info.is_cuda else 0
+        params = count_params(source) if info.is_cuda else 0
         self.plan = plan_loading(info, params, quantize)
         log.info("Loading %s on %s (%s%s): %s", model, self.plan.device, self.plan.dtype,
                  ", 8-bit" if self.plan.eight_bit else "", self.plan.reason)
-        self.processor, self.model = _load(source, cache, self.plan, model)
+        self.processor, self.model = _load(source, self.plan, model)
         self.processor.tokenizer.padding_side = "left"
 
     @property
@@ -214,11 +250,11 @@ class Captioner:
         self.close()
 
 
-def _load(source: str, cache: Path | None, plan: LoadPlan, name: str):
+def _load(source: Source, plan: LoadPlan, name: str):
     import torch
     from transformers import AutoProcessor, Kosmos2ForConditionalGeneration
 
-    kwargs: dict[str, Any] = {"cache_dir": cache, "dtype": getattr(torch, plan.dtype)}
+    kwargs: dict[str, Any] = {**source.kwargs(), "dtype": getattr(torch, plan.dtype)}
     if plan.eight_bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -230,11 +266,12 @@ def _load(source: str, cache: Path | None, plan: LoadPlan, name: str):
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                       device_map={"": 0})
     try:
-        model = Kosmos2ForConditionalGeneration.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, cache_dir=cache)
+        model = Kosmos2ForConditionalGeneration.from_pretrained(source.path, **kwargs)
+        processor = AutoProcessor.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:  # AutoProcessor turns a missing file into ValueError
-        if cache is not None and (_offline() or "connect" in str(e).lower()):
-            raise _offline_error(name, cache) from e
+        if source.cache is not None and (source.local_only or _offline()
+                                         or "connect" in str(e).lower()):
+            raise _offline_error(name, source.cache) from e
         raise ModelError(f"Could not load the captioning model {name!r}: {e}. Check the "
                          "name; if the download was interrupted, run again to resume it."
                          ) from e
