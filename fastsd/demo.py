@@ -40,6 +40,14 @@ def step_captions(s: session.Session, root: Path) -> None:
 
 def step_train(s: session.Session, root: Path) -> None:
     """Train a few steps of each stage on the tiny model (train)."""
+    from fastsd.train import TrainSettings, train
+
+    r = train(s, TrainSettings(unet_steps=4, text_steps=2, unet_lr=1e-4, text_lr=5e-5,
+                               checkpoint_every=2, sample_every=6, sample_steps=4,
+                               flip=True), root=root)
+    log.info("Trained %d steps (final loss %.3f): model %s, loss curve %s, samples %s",
+             r.global_step, r.losses[-1], r.model_dir, r.loss_curve,
+             ", ".join(p.name for p in r.samples))
 
 
 def step_convert(s: session.Session, root: Path) -> None:

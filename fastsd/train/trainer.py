@@ -614,11 +614,11 @@ def save_loss_curve(losses: list[float], settings: TrainSettings, path: Path) ->
     fig = Figure(figsize=(7, 3.5), dpi=100)
     ax = fig.add_subplot()
     steps = range(1, len(losses) + 1)
-    ax.plot(steps, losses, lw=0.6, alpha=0.5, label="loss")
-    k = max(1, len(losses) // 50)
-    avg = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
-           for i in range(len(losses))]
-    ax.plot(steps, avg, lw=1.5, label=f"mean of {k}")
+    k = len(losses) // 50  # a moving average once there are many steps
+    ax.plot(steps, losses, lw=0.6 if k > 1 else 1.5, alpha=0.5 if k > 1 else 1, label="loss")
+    if k > 1:
+        avg = [sum(losses[max(0, i - k + 1):i + 1]) / min(k, i + 1) for i in range(len(losses))]
+        ax.plot(steps, avg, lw=1.5, label=f"mean of {k} steps")
     first = settings.stage_order[0]
     boundary = settings.stage(first)["steps"]
     if 0 < boundary < len(losses):
