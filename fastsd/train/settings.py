@@ -179,12 +179,15 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
 
 # --------------------------------------------------------------------------- VRAM estimate
 
-#: Activation memory of one 512x512 image through the UNet's forward pass, kept for the
-#: backward pass, in GB at 16-bit, per family; with gradient checkpointing only the block
-#: inputs and one block's activations are live, about a quarter. Derivation: see
-#: benchmarks/bench_train.py (measured on the real SD 1.5 architecture on the meta device).
-ACTIVATION_GB_512 = {"sd1": 3.6, "sd2": 3.6, "sdxl": 4.2}
-CHECKPOINTED_FRACTION = 0.25
+#: Activations the UNet's forward keeps for the backward pass, one 512x512 image, 16-bit,
+#: in GB: measured on the real architectures (random weights on PyTorch's meta device, no
+#: memory used) by summing the tensors autograd saves, less the L x L attention matrices
+#: that SDPA's memory-efficient kernels never store. See benchmarks/bench_train.py.
+ACTIVATION_GB_512 = {"sd1": 1.55, "sd2": 1.6, "sdxl": 6.0}
+BACKWARD_FACTOR = 1.25  # activation gradients and temporaries live during the backward
+#: With gradient checkpointing only each block's input is kept, plus one block's
+#: activations while it is recomputed: measured 0.16 + 0.34 of SD 1.5's 1.55 GB.
+CHECKPOINTED_FRACTION = 0.35
 CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
 GB = 1e9
 
@@ -193,15 +196,16 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     """Peak VRAM of each stage in GB, from the parameter counts of the model's parts.
 
     Trained part: fp32 weights (4 B/param) + fp32 gradients (4) + AdamW moments (8, or 2
-    with 8-bit Adam) + the 16-bit copy autocast makes during the forward (2, mixed precision
-    only). Frozen parts: 2 B/param in 16-bit, 4 in fp32. Plus activations, which scale with
-    batch x pixels, and a fixed CUDA overhead.
+    with 8-bit Adam) + the 16-bit copies autocast caches during the forward (2, mixed
+    precision only). The frozen UNet of stage 2 stays in fp32 (4 B/param; its 16-bit casts
+    are transient); the VAE and the frozen text encoders leave the GPU once the caches are
+    built. Plus activations, which scale with batch x pixels, and a fixed CUDA overhead.
     """
     mixed = settings.mixed_precision not in (None, "no")
-    frozen_b = 2 if mixed else 4
     trained_b = 4 + 4 + (2 if settings.adam_8bit else 8) + (2 if mixed else 0)
     res = settings.resolution or 512
-    act = ACTIVATION_GB_512.get(family, 3.6) * (settings.batch_size or 1) * (res / 512) ** 2
+    act = (ACTIVATION_GB_512.get(family, ACTIVATION_GB_512["sd1"]) * BACKWARD_FACTOR
+           * (settings.batch_size or 1) * (res / 512) ** 2)
     act *= 2 if settings.prior_preservation else 1
     act *= CHECKPOINTED_FRACTION if settings.gradient_checkpointing else 1
     act *= 1 if mixed else 2
@@ -210,8 +214,8 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     out = {}
     # Stage 1: the text encoder and the VAE are used for the caches, then leave the GPU.
     out["unet"] = (unet * trained_b) / GB + act + CUDA_OVERHEAD_GB
-    # Stage 2: the UNet is frozen (16-bit) but activations still flow through it.
-    out["text"] = (unet * frozen_b + text * trained_b) / GB + act + CUDA_OVERHEAD_GB
+    # Stage 2: the UNet is frozen but activations still flow through it.
+    out["text"] = (unet * 4 + text * trained_b) / GB + act + CUDA_OVERHEAD_GB
     return {k: round(v, 1) for k, v in out.items()}
 
 
