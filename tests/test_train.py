@@ -140,6 +140,21 @@ def test_family_trains_through_both_stages(family, workspace, request):
     assert r.samples[0].is_file()
 
 
+def test_text_encoder_first_then_unet_on_fresh_embeddings(workspace, tiny_sd1):
+    link_tiny(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("order", workspace, n=2)
+    snaps: dict = {}
+    r = train(s, TrainSettings(unet_steps=2, text_steps=2, order="text,unet", **FAST),
+              on_event=recorder(snaps))
+    assert same(snaps["stage_start", "text"]["unet"], snaps["stage_end", "text"]["unet"])
+    assert same(snaps["stage_start", "unet"]["text_encoder"],
+                snaps["stage_end", "unet"]["text_encoder"])
+    assert not same(snaps["stage_start", "text"]["text_encoder"],
+                    snaps["stage_end", "text"]["text_encoder"])
+    # the UNet stage embeds the captions once, with the text encoder trained just before
+    assert r.stats["prompt_encodes"] == 1 and r.global_step == 4
+
+
 # --------------------------------------------------------------------------- caches, data
 
 
@@ -277,7 +292,7 @@ def test_checkpoint_manifest_detects_every_kind_of_damage(tmp_path):
 def test_a_session_with_checkpoints_needs_resume_or_restart(workspace, tiny_sd1):
     link_tiny(workspace, "sd1", tiny_sd1)
     s = make_subject_session("again", workspace, n=2)
-    train(s, TrainSettings(unet_steps=1, text_steps=1, **FAST))
+    assert train(s, TrainSettings(unet_steps=0, text_steps=1, **FAST)).global_step == 1
     with pytest.raises(DataError, match="--resume"):
         train(s, TrainSettings(unet_steps=1, text_steps=1, **FAST))
     r = train(s, TrainSettings(unet_steps=2, text_steps=0, **FAST), restart=True)

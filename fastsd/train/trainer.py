@@ -357,15 +357,19 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
     token_ids = {c: [ids[i:i + 1] for ids in all_ids] for i, c in enumerate(captions)}
     prompt_cache: dict[str, tuple] = {}
 
+    def build_prompt_cache() -> None:
+        """Embed each distinct caption once, with the text encoders as they are now: they
+        stay frozen until the UNet stage ends."""
+        prompt_cache.clear()
+        with torch.no_grad():
+            for c in captions:
+                prompt_cache[c] = encode_text(parts, token_ids[c], device)
+                stats["prompt_encodes"] += 1
+
     def embeddings(caps: list[str], encoders: list | None):
         """Prompt embeddings of a batch: from the cache while the text encoders are frozen
         (``encoders`` None), else computed by ``encoders``, which are being trained."""
         if encoders is None:
-            for c in caps:
-                if c not in prompt_cache:
-                    with torch.no_grad():
-                        prompt_cache[c] = encode_text(parts, token_ids[c], device)
-                    stats["prompt_encodes"] += 1
             hid = torch.cat([prompt_cache[c][0] for c in caps])
             pooled = torch.cat([prompt_cache[c][1] for c in caps]) if parts.sdxl else None
             return hid, pooled
@@ -438,8 +442,12 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
                 parts.unet.enable_gradient_checkpointing()
                 for enc in parts.encoders:
                     enc.activation_checkpointing_enable()
+            _place(trained.values(), device)
+            if text_frozen:  # after a text encoder stage, the cache is built anew
+                _place(parts.encoders, device)
+                build_prompt_cache()
             if info.is_cuda:  # what this stage does not run leaves the GPU
-                _place([parts.vae] + ([] if not text_frozen else parts.encoders), "cpu")
+                _place([parts.vae] + (parts.encoders if text_frozen else []), "cpu")
             params = [p for m in trained.values() for p in m.parameters()]
             if settings.adam_8bit and device.type == "cuda":
                 import bitsandbytes as bnb
