@@ -1,9 +1,117 @@
-"""`fastsd` subcommands of this area."""
+"""`fastsd images import|crop|report` and `fastsd captions set|replace|show|auto`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+
+def _load(args):
+    from fastsd import session
+
+    return session.load(args.session, Path(args.home) if args.home else None)
+
+
+def _import(args) -> None:
+    from fastsd.dataset import crop, images
+
+    s = _load(args)
+    report = None
+    for source in args.source:
+        report = images.import_images(s, source)
+        print(report.to_text())
+    if not args.no_crop and report is not None:
+        crop.crop_session(s, args.size)
+        print(f"Cropped {len(images.originals(s))} images to {args.size or s.settings['resolution']} px")
+
+
+def _crop(args) -> None:
+    from fastsd.dataset import crop
+
+    record = crop.crop_session(_load(args), args.size)
+    for stem, r in record.items():
+        print(f"{stem}: {r['size']} px, box {r['box']} ({r['focus']})")
+
+
+def _report(args) -> None:
+    from fastsd.dataset import images, sheet
+
+    s = _load(args)
+    report = images.last_report(s)
+    print(report.to_text() if report else "No import yet.")
+    if images.originals(s):
+        sheet.contact_sheet(s)
+        print(f"Contact sheet: {s.outputs / sheet.SHEET}")
+
+
+def _set(args) -> None:
+    from fastsd.dataset import captions
+
+    n = captions.set_all(_load(args), args.template, args.caption, args.overwrite)
+    print(f"Wrote {n} caption(s)")
+
+
+def _replace(args) -> None:
+    from fastsd.dataset import captions
+
+    print(f"Changed {captions.replace(_load(args), args.find, args.repl, args.regex)} caption(s)")
+
+
+def _show(args) -> None:
+    from fastsd.dataset import captions
+
+    print(json.dumps(captions.show(_load(args)), indent=2, ensure_ascii=False))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands to the `fastsd` parser."""
+    from fastsd.caption.cli import register_auto
+    from fastsd.cli import add_home
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("images", help="import, crop and check a session's instance images")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    c = verbs.add_parser("import", formatter_class=fmt,
+                         help="import photos from folders, .zip files or Drive share links")
+    c.add_argument("session", help="session name")
+    c.add_argument("source", nargs="+", help="a folder, an image, a .zip, or a Google Drive "
+                   "share link (file or folder)")
+    c.add_argument("--size", type=int, default=None,
+                   help="crop size (default: the session's resolution)")
+    c.add_argument("--no-crop", action="store_true", help="import only; crop later")
+    c.set_defaults(func=_import)
+    c = verbs.add_parser("crop", formatter_class=fmt,
+                         help="(re)crop the originals to the training resolution")
+    c.add_argument("session", help="session name")
+    c.add_argument("--size", type=int, default=None,
+                   help="crop size, a multiple of 64 (default: the session's resolution)")
+    c.set_defaults(func=_crop)
+    c = verbs.add_parser("report", help="the last import report and the contact sheet")
+    c.add_argument("session", help="session name")
+    c.set_defaults(func=_report)
+    for c in verbs.choices.values():
+        add_home(c)
+
+    p = sub.add_parser("captions", help="write, edit and show captions (or auto-caption)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    c = verbs.add_parser("set", formatter_class=fmt,
+                         help="give every image a caption from a template")
+    c.add_argument("session", help="session name")
+    c.add_argument("--template", default=None, help="e.g. '{token} {cls}, {caption}' "
+                   "(default: the session's caption_template, else that one)")
+    c.add_argument("--caption", default="", help="text for {caption}")
+    c.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    c.set_defaults(func=_set)
+    c = verbs.add_parser("replace", formatter_class=fmt,
+                         help="find and replace in every caption")
+    c.add_argument("session", help="session name")
+    c.add_argument("find", help="text to find")
+    c.add_argument("repl", help="replacement")
+    c.add_argument("--regex", action="store_true", help="FIND is a regular expression")
+    c.set_defaults(func=_replace)
+    c = verbs.add_parser("show", help="print every image's caption as JSON")
+    c.add_argument("session", help="session name")
+    c.set_defaults(func=_show)
+    for c in verbs.choices.values():
+        add_home(c)
+    register_auto(verbs)

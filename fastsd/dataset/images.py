@@ -1,0 +1,363 @@
+"""Importing instance images into a session: every file is imported or skipped with a reason.
+
+Sources: a local folder (or one file), a .zip, a Google Drive share link (through gdown),
+or uploaded files (Colab's upload or an ipywidgets FileUpload, see widgets.py). Each image
+is checked, normalised (EXIF orientation applied, converted to 8-bit RGB, flattened on
+white) and saved losslessly as ``instance_images/originals/STEM.png``. The source is never
+modified. Images whose pixels are already in the session are not imported again, so
+importing the same files twice adds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import logging
+import re
+import shutil
+import socket
+import tempfile
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from fastsd import drive
+from fastsd.errors import DataError, OfflineError
+
+log = logging.getLogger("fastsd")
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
+              ".heif"}
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 89 Mpx)
+MIN_SIDE = 64
+MAX_ZIP_BYTES = 4 << 30  # uncompressed
+ORIGINALS = "originals"
+INDEX = "imports.json"  # pixel hash -> stem, in originals/
+REPORT = "import_report.json"  # in outputs/
+
+
+@dataclass
+class Row:
+    """What happened to one file."""
+
+    file: str
+    outcome: str  # "imported", "skipped" or "duplicate"
+    reason: str = ""
+    name: str = ""  # the stem it has in the session
+    size: tuple[int, int] | None = None
+
+
+@dataclass
+class ImportReport:
+    rows: list[Row] = field(default_factory=list)
+
+    def by(self, outcome: str) -> list[Row]:
+        return [r for r in self.rows if r.outcome == outcome]
+
+    @property
+    def imported(self) -> list[Row]:
+        return self.by("imported")
+
+    @property
+    def skipped(self) -> list[Row]:
+        return self.by("skipped")
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self.rows]
+
+    def to_text(self) -> str:
+        width = max([len(r.file) for r in self.rows] + [4])
+        lines = [f"{'file':<{width}}  {'outcome':<9}  reason"]
+        lines += [f"{r.file:<{width}}  {r.outcome:<9}  {r.reason}" for r in self.rows]
+        lines.append(f"{len(self.imported)} imported, {len(self.by('duplicate'))} duplicate, "
+                     f"{len(self.skipped)} skipped")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colour = {"imported": "#1a7f37", "duplicate": "#9a6700", "skipped": "#cf222e"}
+        cells = "".join(
+            f"<tr><td>{html.escape(r.file)}</td><td style='color:{colour[r.outcome]}'>"
+            f"{r.outcome}</td><td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
+        return ("<table><tr><th>file</th><th>outcome</th><th>reason</th></tr>"
+                f"{cells}</table><p>{len(self.imported)} imported, "
+                f"{len(self.by('duplicate'))} duplicate, {len(self.skipped)} skipped</p>")
+
+
+class Skip(Exception):
+    """Raised by load_image with the reason a file is skipped."""
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def _heif_available() -> bool:
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _to_rgb(img):
+    """8-bit RGB, with alpha and palette transparency flattened on white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")  # CMYK, L, YCbCr...
+
+
+def load_image(data: bytes, name: str):
+    """Decode and normalise one image, or raise Skip with the reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise Skip("empty file (0 bytes)")
+    ext = Path(name).suffix.lower()
+    if ext in (".heic", ".heif") and not _heif_available():
+        raise Skip("HEIC image: install the pillow-heif package to import it "
+                   "(pip install pillow-heif), or convert it to JPEG")
+    try:
+        with warnings.catch_warnings():  # the size is checked below, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Skip("not an image: Pillow cannot read this file's contents") from None
+    except Image.DecompressionBombError as e:
+        raise Skip(f"decompression bomb refused without decoding: {e}") from None
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
+                   f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    frames = getattr(img, "n_frames", 1)
+    try:
+        img.seek(0)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Skip(f"truncated or corrupt image ({e})") from None
+    if frames > 1:
+        img = img.copy()
+    img = ImageOps.exif_transpose(img)
+    img = _to_rgb(img)
+    if min(img.size) < MIN_SIDE:
+        raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
+                   "each side is needed)")
+    return img, (f"first frame of {frames}" if frames > 1 else "")
+
+
+def pixel_hash(img) -> str:
+    h = hashlib.sha256(f"{img.size}".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- session side
+
+
+def originals_dir(session) -> Path:
+    return session.instance_images / ORIGINALS
+
+
+def originals(session) -> list[Path]:
+    """The session's imported originals, sorted by name."""
+    folder = originals_dir(session)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _free_stem(stem: str, taken: set[str]) -> str:
+    if stem not in taken:
+        return stem
+    n = 2
+    while f"{stem}_{n}" in taken:
+        n += 1
+    return f"{stem}_{n}"
+
+
+def import_files(session, files: Iterable[tuple[str, Path]]) -> ImportReport:
+    """Import (display name, path) pairs; the common end of every source."""
+    folder = originals_dir(session)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / INDEX
+    index: dict[str, str] = drive.read_json(index_path) if index_path.is_file() else {}
+    taken = {p.stem for p in originals(session)}
+    report = ImportReport()
+    files = list(files)
+    txts = {p.stem: p for _, p in files if p.suffix.lower() == ".txt"}
+    caption_of: dict[str, Path] = {}  # session stem -> the .txt that came with the image
+    for display, path in files:
+        if path.suffix.lower() == ".txt":
+            continue
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTS:
+            report.rows.append(Row(display, "skipped", "not an image file (unknown extension "
+                                   f"{path.suffix or 'none'})"))
+            continue
+        try:
+            img, note = load_image(path.read_bytes(), path.name)
+        except Skip as e:
+            report.rows.append(Row(display, "skipped", str(e)))
+            continue
+        digest = pixel_hash(img)
+        if digest in index:
+            report.rows.append(Row(display, "duplicate", f"same pixels as {index[digest]}",
+                                   index[digest], img.size))
+            continue
+        stem = _free_stem(path.stem, taken)
+        with drive.atomic_writer(folder / f"{stem}.png") as f:
+            img.save(f, format="PNG")
+        taken.add(stem)
+        index[digest] = stem
+        drive.atomic_write_json(index_path, index)
+        reason = "; ".join(x for x in (note, f"saved as {stem}" if stem != path.stem else "")
+                           if x)
+        report.rows.append(Row(display, "imported", reason, stem, img.size))
+        if path.stem in txts:
+            caption_of[stem] = txts[path.stem]
+    from fastsd.dataset import captions
+
+    for stem, txt in caption_of.items():
+        captions.write(session, stem, txt.read_text(encoding="utf-8", errors="replace").strip())
+    drive.atomic_write_json(session.outputs / REPORT, report.to_dicts())
+    log.info("%d imported, %d duplicate, %d skipped", len(report.imported),
+             len(report.by("duplicate")), len(report.skipped))
+    return report
+
+
+def _walk(folder: Path) -> list[tuple[str, Path]]:
+    return [(p.relative_to(folder).as_posix(), p)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and "__MACOSX" not in p.parts]
+
+
+def extract_zip(zip_path: Path, dest: Path) -> list[tuple[str, Path]]:
+    """Extract a zip safely: no paths outside ``dest``, no zip bombs."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{zip_path.name} is not a readable zip file ({e}). Re-create the "
+                        "zip, or import the folder instead.") from e
+    with zf:
+        total = sum(i.file_size for i in zf.infolist())
+        if total > MAX_ZIP_BYTES:
+            raise DataError(f"{zip_path.name} would unpack to {total / 2**30:.1f} GiB, over "
+                            f"the {MAX_ZIP_BYTES / 2**30:.0f} GiB limit. Zip fewer, smaller "
+                            "photos.")
+        out = []
+        for info in zf.infolist():
+            name = info.filename
+            if info.is_dir() or "__MACOSX" in name:
+                continue
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts or ":" in name:
+                log.warning("Skipping %s in %s: unsafe path", name, zip_path.name)
+                continue
+            target = dest / Path(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            out.append((name, target))
+    return out
+
+
+# --------------------------------------------------------------------------- Drive links
+
+_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
+
+
+def parse_drive_link(link: str) -> tuple[str, str]:
+    """("file" or "folder", id) of a Google Drive share link."""
+    link = link.strip()
+    for pattern, kind in ((r"/folders/([A-Za-z0-9_-]+)", "folder"),
+                          (r"/file/d/([A-Za-z0-9_-]+)", "file"),
+                          (r"[?&]id=([A-Za-z0-9_-]+)", "file")):
+        m = re.search(pattern, link)
+        if m:
+            return kind, m.group(1)
+    if _DRIVE_ID.match(link):
+        return "file", link
+    raise DataError(f"{link!r} is not a Google Drive share link. Use the link from Drive's "
+                    "'Share' > 'Copy link' (a file or a folder), shared with 'Anyone with "
+                    "the link'.")
+
+
+def _check_online(host: str = "drive.google.com", timeout: float = 5.0) -> None:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise OfflineError(f"Cannot reach {host} ({e}), so the shared link cannot be "
+                           "downloaded. Check the runtime's internet connection, or upload "
+                           "the photos instead.") from None
+
+
+def download_drive_link(link: str, dest: Path) -> Path:
+    """Download a shared Drive file or folder into ``dest`` with gdown."""
+    kind, file_id = parse_drive_link(link)
+    _check_online()
+    import gdown
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        got = gdown.download_folder(id=file_id, output=str(dest), quiet=True)
+    else:
+        got = gdown.download(id=file_id, output=str(dest) + "/", quiet=True)
+    if not got:
+        raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
+                        "'Anyone with the link'.")
+    return dest
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def import_images(session, source: str | Path | dict[str, bytes]) -> ImportReport:
+    """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}."""
+    with tempfile.TemporaryDirectory(prefix="fastsd-import-") as tmp:
+        tmp_path = Path(tmp)
+        if isinstance(source, dict):
+            for name, data in source.items():
+                (tmp_path / Path(name).name).write_bytes(bytes(data))
+            return import_files(session, _walk(tmp_path))
+        text = str(source)
+        if text.startswith(("http://", "https://")):
+            if "drive.google.com" not in text and "docs.google.com" not in text:
+                raise DataError(f"{text} is not a Google Drive link. Download the photos and "
+                                "import the folder or zip instead.")
+            folder = download_drive_link(text, tmp_path / "download")
+            files = _walk(folder)
+            zips = [p for _, p in files if p.suffix.lower() == ".zip"]
+            for z in zips:
+                files += extract_zip(z, tmp_path / "unzipped" / z.stem)
+            return import_files(session, [(n, p) for n, p in files if p.suffix != ".zip"])
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise DataError(f"{path} does not exist. Give a folder, a .zip file or a Google "
+                            "Drive share link.")
+        if path.is_dir():
+            return import_files(session, _walk(path))
+        if path.suffix.lower() == ".zip":
+            return import_files(session, extract_zip(path, tmp_path / "zip"))
+        return import_files(session, [(path.name, path)])
+
+
+def last_report(session) -> ImportReport | None:
+    path = session.outputs / REPORT
+    if not path.is_file():
+        return None
+    return ImportReport([Row(**{**d, "size": tuple(d["size"]) if d.get("size") else None})
+                         for d in drive.read_json(path)])

@@ -1,0 +1,97 @@
+"""Notebook widgets: uploading photos and editing captions beside their images.
+
+On Colab the upload uses Colab's own file picker; in plain Jupyter an ipywidgets
+FileUpload. Both end in fastsd.dataset.images.import_images, like every other source.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from fastsd import env
+from fastsd.dataset import captions, images
+
+log = logging.getLogger("fastsd")
+
+
+def uploaded_files(value) -> dict[str, bytes]:
+    """{name: bytes} from a FileUpload value (ipywidgets 8: a tuple of dicts; 7: a dict)."""
+    if isinstance(value, dict):
+        return {name: bytes(v["content"]) for name, v in value.items()}
+    return {v["name"]: bytes(v["content"]) for v in value}
+
+
+def upload(session):
+    """Ask the user for photos. Colab: returns the import report; Jupyter: a widget."""
+    if env.runtime() == "colab":
+        from google.colab import files  # type: ignore[import-not-found]
+
+        return images.import_images(session, files.upload())
+    return UploadWidget(session).widget
+
+
+class UploadWidget:
+    def __init__(self, session) -> None:
+        import ipywidgets as w
+
+        self.session = session
+        self.picker = w.FileUpload(accept="image/*,.zip,.txt", multiple=True,
+                                   description="Photos")
+        self.button = w.Button(description="Import", button_style="primary")
+        self.output = w.Output()
+        self.report: images.ImportReport | None = None
+        self.button.on_click(lambda _: self.run())
+        self.widget = w.VBox([w.HBox([self.picker, self.button]), self.output])
+
+    def run(self) -> images.ImportReport:
+        files = uploaded_files(self.picker.value)
+        self.report = images.import_images(self.session, files)
+        with self.output:
+            from IPython.display import display
+
+            display(self.report)
+        return self.report
+
+
+class CaptionEditor:
+    """Each image beside its caption in a text box; Save writes the changed ones."""
+
+    def __init__(self, session, thumb: int = 256) -> None:
+        import ipywidgets as w
+        from PIL import Image
+
+        self.session = session
+        self.areas: dict[str, w.Textarea] = {}
+        rows = []
+        for path in images.originals(session):
+            crop = session.instance_images / f"{path.stem}.png"
+            with Image.open(crop if crop.is_file() else path) as im:
+                im = im.convert("RGB")
+                im.thumbnail((thumb, thumb))
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+            area = w.Textarea(value=captions.read(session, path.stem) or "",
+                              layout=w.Layout(width="100%", height=f"{thumb // 2}px"))
+            self.areas[path.stem] = area
+            rows.append(w.HBox([w.Image(value=buf.getvalue(), format="png",
+                                        layout=w.Layout(width=f"{thumb}px")),
+                                w.VBox([w.Label(path.stem), area],
+                                       layout=w.Layout(width="100%"))]))
+        self.button = w.Button(description="Save captions", button_style="success")
+        self.status = w.Label()
+        self.button.on_click(lambda _: self.save())
+        self.widget = w.VBox([*rows, w.HBox([self.button, self.status])])
+
+    def save(self) -> int:
+        n = 0
+        for stem, area in self.areas.items():
+            if area.value.strip() != (captions.read(self.session, stem) or ""):
+                n += captions.write(self.session, stem, area.value, overwrite=True)
+        self.status.value = f"Saved {n} caption(s)."
+        return n
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

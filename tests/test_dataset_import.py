@@ -1,0 +1,226 @@
+"""Import and validation: one test per kind of file a user brings, on files made here."""
+
+import hashlib
+import io
+import struct
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastsd import session as sessions
+from fastsd.dataset import images
+from fastsd.errors import DataError, OfflineError
+
+
+@pytest.fixture
+def s(workspace):
+    return sessions.create("subject", workspace, class_word="cat", resolution=64)
+
+
+def png_bytes(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def gradient(w=96, h=80, mode="RGB"):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, w)[None, :]
+    a[..., 1] = np.linspace(0, 255, h)[:, None]
+    a[..., 2] = 77
+    return Image.fromarray(a).convert(mode)
+
+
+def bomb_png(w=10_000, h=10_000) -> bytes:
+    """A PNG whose header claims w x h (100 Mpx) but holds no pixel data at all."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# name -> (bytes maker, expected outcome, words expected in the reason)
+def cases():
+    jpeg = png_bytes(gradient(200, 150), format="JPEG", quality=90)
+    pngb = png_bytes(gradient(200, 150))
+    gif = io.BytesIO()
+    frames = [Image.new("P", (90, 90), i) for i in (1, 2)]
+    for f, colour in zip(frames, ((10, 200, 10), (200, 10, 10))):
+        f.putpalette([0, 0, 0, 10, 200, 10, 200, 10, 10] + [0] * 759)
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    rgba = Image.new("RGBA", (80, 80), (0, 0, 255, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 40, 80))
+    pal = Image.new("P", (80, 80), 0)
+    pal.putpalette([9, 9, 9, 250, 0, 0] + [0] * 762)
+    pal.paste(1, (40, 0, 80, 80))
+    i16 = Image.fromarray(np.full((70, 70), 65535, np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to display
+    rotated = png_bytes(gradient(120, 80), format="JPEG", exif=exif.tobytes(), quality=95)
+    return {
+        "zero.jpg": (b"", "skipped", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "skipped", "truncated"),
+        "truncated.png": (pngb[: len(pngb) // 2], "skipped", "truncated"),
+        "notes.png": (b"this is a shopping list, not a picture\n" * 20, "skipped",
+                      "not an image"),
+        "tiny.png": (png_bytes(gradient(50, 200)), "skipped", "too small"),
+        "bomb.png": (bomb_png(), "skipped", "decompression bomb"),
+        "animated.gif": (gif.getvalue(), "imported", "first frame of 2"),
+        "cmyk.jpg": (png_bytes(Image.new("CMYK", (90, 90), (0, 255, 255, 0)), format="JPEG"),
+                     "imported", ""),
+        "deep16.png": (png_bytes(i16), "imported", ""),
+        "grey.png": (png_bytes(gradient(90, 90, "L")), "imported", ""),
+        "alpha.png": (png_bytes(rgba), "imported", ""),
+        "palette.png": (png_bytes(pal, transparency=0), "imported", ""),
+        "rotated.jpg": (rotated, "imported", ""),
+        "photo.webp": (png_bytes(gradient(100, 100), format="WEBP", lossless=True),
+                       "imported", ""),
+        "IMG_0042.png": (png_bytes(gradient(101, 99)), "imported", ""),
+        "IMG_0042_copy.bmp": (png_bytes(gradient(101, 99), format="BMP"), "duplicate",
+                              "same pixels as IMG_0042"),
+    }
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, (data, _, _) in cases().items():
+        (folder / name).write_bytes(data)
+    (folder / "IMG_0042.txt").write_text("a cat on a red sofa")
+    return folder
+
+
+def folder_digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_mixed_folder_one_row_per_file_each_as_stated(s, mixed_folder):
+    before = folder_digest(mixed_folder)
+    report = images.import_images(s, mixed_folder)
+    expected = cases()
+    assert sorted(r.file for r in report.rows) == sorted(expected)
+    for row in report.rows:
+        _, outcome, words = expected[row.file]
+        assert row.outcome == outcome, (row.file, row.reason)
+        assert words in row.reason, (row.file, row.reason)
+    assert folder_digest(mixed_folder) == before, "the source is never modified"
+    names = [p.name for p in images.originals(s)]
+    assert "IMG_0042.png" in names and len(names) == len(report.imported)
+    assert (s.captions / "IMG_0042.txt").read_text() == "a cat on a red sofa"
+    assert images.last_report(s).to_dicts() == report.to_dicts()
+    assert "<table>" in report._repr_html_() and "skipped" in report.to_text()
+
+
+def original(s, stem):
+    with Image.open(s.instance_images / "originals" / f"{stem}.png") as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
+def test_conversions_give_8bit_rgb(s, mixed_folder):
+    images.import_images(s, mixed_folder)
+    gif = original(s, "animated")
+    assert tuple(gif[0, 0]) == (10, 200, 10), "the first frame, not the second"
+    assert tuple(original(s, "deep16")[5, 5]) == (255, 255, 255), "16-bit white stays white"
+    cmyk = original(s, "cmyk")[5, 5]
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60, "cyan-free magenta+yellow is red"
+    grey = original(s, "grey")
+    assert np.array_equal(grey[..., 0], grey[..., 1])
+    alpha = original(s, "alpha")
+    assert tuple(alpha[10, 10]) == (0, 0, 255) and tuple(alpha[10, 70]) == (255, 255, 255)
+    pal = original(s, "palette")
+    assert tuple(pal[10, 10]) == (255, 255, 255) and tuple(pal[10, 70]) == (250, 0, 0)
+
+
+def test_exif_orientation_is_applied(s, mixed_folder):
+    images.import_images(s, mixed_folder)
+    rotated = original(s, "rotated")
+    assert rotated.shape[:2] == (120, 80), "a 120x80 photo shot rotated stands 80 wide"
+    # Orientation 6: the stored top-left corner (dark red channel) ends top-right.
+    assert rotated[2, -3, 0] < 40 and rotated[2, 2, 0] < 40 and rotated[-3, 2, 0] > 200
+
+
+def test_heic_with_and_without_pillow_heif(s, tmp_path, monkeypatch):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    heic = tmp_path / "phone.heic"
+    heic.write_bytes(png_bytes(gradient(90, 90), format="HEIF"))
+    assert images.import_images(s, heic).rows[0].outcome == "imported"
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if it were not installed
+    other = tmp_path / "other.heic"
+    other.write_bytes(png_bytes(gradient(91, 90), format="HEIF"))
+    row = images.import_images(s, other).rows[0]
+    assert row.outcome == "skipped" and "pillow-heif" in row.reason
+
+
+def test_importing_twice_adds_nothing(s, mixed_folder):
+    first = images.import_images(s, mixed_folder)
+    files = sorted(p.name for p in images.originals(s))
+    second = images.import_images(s, mixed_folder)
+    assert sorted(p.name for p in images.originals(s)) == files
+    assert second.imported == []
+    assert len(second.by("duplicate")) == len(first.imported) + len(first.by("duplicate"))
+
+
+def test_same_name_different_pixels_gets_a_free_name(s, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "dog.png").write_bytes(png_bytes(gradient(90, 90)))
+    (b / "dog.png").write_bytes(png_bytes(gradient(91, 90)))
+    images.import_images(s, a)
+    row = images.import_images(s, b).rows[0]
+    assert row.outcome == "imported" and row.name == "dog_2" and "saved as dog_2" in row.reason
+
+
+def test_zip_import_with_captions_and_an_unsafe_member(s, tmp_path):
+    z = tmp_path / "photos.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("set/cat 01.png", png_bytes(gradient(90, 90)))
+        zf.writestr("set/cat 01.txt", "a tabby cat")
+        zf.writestr("__MACOSX/set/._cat 01.png", b"junk")
+        zf.writestr("../escape.png", png_bytes(gradient(92, 90)))
+    report = images.import_images(s, z)
+    assert [(r.file, r.outcome) for r in report.rows] == [("set/cat 01.png", "imported")]
+    assert (s.captions / "cat 01.txt").read_text() == "a tabby cat"
+    assert not (tmp_path / "escape.png").exists()
+    assert not list(s.path.parent.parent.rglob("escape.png"))
+
+
+def test_not_a_zip_and_missing_paths_say_what_to_do(s, tmp_path):
+    bad = tmp_path / "broken.zip"
+    bad.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(DataError, match="not a readable zip"):
+        images.import_images(s, bad)
+    with pytest.raises(DataError, match="does not exist"):
+        images.import_images(s, tmp_path / "nowhere")
+    with pytest.raises(DataError, match="not a Google Drive link"):
+        images.import_images(s, "https://example.com/photos.zip")
+
+
+@pytest.mark.parametrize("link, kind, ident", [
+    ("https://drive.google.com/file/d/1AbCdEfGhIjKlMnOp_q-R/view?usp=sharing", "file",
+     "1AbCdEfGhIjKlMnOp_q-R"),
+    ("https://drive.google.com/open?id=1AbCdEfGhIjKlMnOp", "file", "1AbCdEfGhIjKlMnOp"),
+    ("https://drive.google.com/uc?export=download&id=1AbCdEfGhIjKlMnOp", "file",
+     "1AbCdEfGhIjKlMnOp"),
+    ("https://drive.google.com/drive/folders/1ZyXwVuTsRqPo?usp=share_link", "folder",
+     "1ZyXwVuTsRqPo"),
+    ("https://drive.google.com/drive/u/0/folders/1ZyXwVuTsRqPo", "folder", "1ZyXwVuTsRqPo"),
+])
+def test_drive_link_forms(link, kind, ident):
+    assert images.parse_drive_link(link) == (kind, ident)
+
+
+@pytest.mark.timeout(60)
+def test_drive_link_offline_fails_fast(s):
+    with pytest.raises(DataError, match="not a Google Drive share link"):
+        images.parse_drive_link("https://drive.google.com/")
+    with pytest.raises(OfflineError, match="upload the photos instead"):
+        images.import_images(s, "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOp/view")
