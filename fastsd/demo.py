@@ -28,14 +28,29 @@ def step_session(root: Path, name: str, family: str) -> session.Session:
 
 
 def step_images(s: session.Session, source: Path) -> None:
-    """Import the photographs into the session and crop them (dataset)."""
-    for p in sorted(source.iterdir()):
-        drive.copy_file(p, s.instance_images / p.name)
-    log.info("Imported %d images", len(list(s.instance_images.iterdir())))
+    """Import the photographs and crop them to the session's resolution (dataset)."""
+    from fastsd.dataset import crop, images
+
+    report = images.import_images(s, source)
+    log.info("Import report:\n%s", report.to_text())
+    crop.crop_session(s)
 
 
 def step_captions(s: session.Session, root: Path) -> None:
-    """Caption the images with a tiny Kosmos-2 (caption)."""
+    """Caption the images with a tiny Kosmos-2 and re-crop around the subject boxes (caption).
+
+    The tiny model is random, so its captions are gibberish (the template still adds the
+    token and class word) and it rarely grounds a phrase; the real model's boxes drive
+    the crop through this same call.
+    """
+    from fastsd.caption import CaptionSettings, caption_session
+    from fastsd.models import tiny_kosmos
+
+    results = caption_session(s, CaptionSettings(model=tiny_kosmos.NAME, max_new_tokens=16),
+                              root)
+    boxed = sum(r.subject_box is not None for r in results)
+    log.info("Captioned %d images (%d with a subject box), e.g. %r", len(results), boxed,
+             results[0].text if results else "")
 
 
 def step_train(s: session.Session, root: Path) -> None:
