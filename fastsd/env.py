@@ -22,6 +22,17 @@ def runtime() -> str:
     return "script"
 
 
+def reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def in_notebook() -> bool:
     return runtime() in ("colab", "jupyter")
 

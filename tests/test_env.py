@@ -41,3 +41,14 @@ def test_report_names_the_workspace_and_versions(workspace):
     assert report["device"] == "cpu"
     assert report["torch"].startswith("2.")
     assert report["diffusers"] and report["transformers"]
+
+
+def test_reachable_tells_a_listening_port_from_a_closed_one():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert env.reachable("127.0.0.1", port, timeout=2)
+    assert not env.reachable("127.0.0.1", port, timeout=2)

@@ -90,6 +90,6 @@ def test_ensure_reuses_and_resolve_names(tmp_path, workspace):
     assert models.resolve(str(first)) == first
     assert models.resolve("tiny-sd1") == workspace / "models" / "tiny-sd1"
     with pytest.raises(ModelError, match="diffusers folder"):
-        models.resolve("runwayml/stable-diffusion-v1-5")
+        models.resolve("not a model")
     with pytest.raises(ModelError, match="Unknown tiny"):
         tiny.build_pipeline("sd3")

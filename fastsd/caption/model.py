@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastsd.env import GIB, DeviceInfo
 from fastsd.errors import ModelError, OfflineError
+from fastsd.models.hub import (  # noqa: F401  (hub_cache, hub_reachable: re-exported)
+    hub_cache, hub_reachable, offline, offline_error, use_cache_only)
 
 log = logging.getLogger("fastsd")
 
@@ -39,28 +40,8 @@ def prompt_words(prompt: str) -> str:
 # --------------------------------------------------------------------------- where from
 
 
-def hub_cache(root: Path | None = None) -> Path:
-    """The Hugging Face cache folder on the workspace (Drive on Colab)."""
-    from fastsd.models import models_root
-
-    return models_root(root) / "hub"
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return constants.HF_HUB_OFFLINE or any(
-        (f or "").strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
 def _offline_error(name: str, cache: Path) -> OfflineError:
-    return OfflineError(
-        f"The captioning model {name!r} is not in the model cache ({cache}) and this machine "
-        "is offline (or cannot reach the Hugging Face Hub), so it cannot be downloaded. "
-        "Connect to the internet (and unset HF_HUB_OFFLINE) and run captioning once: the "
-        "model is then kept on Drive for later runtimes. Or skip auto-captioning and write "
-        "the captions yourself.")
+    return offline_error(name, cache, "captioning model")
 
 
 @dataclass(frozen=True)
@@ -74,26 +55,6 @@ class Source:
 
     def kwargs(self) -> dict[str, Any]:
         return {"cache_dir": self.cache, "local_files_only": self.local_only}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds.
-
-    Without this, an offline machine that lacks HF_HUB_OFFLINE=1 spends half a minute in
-    huggingface_hub's retries before failing.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def locate(name: str, root: Path | None = None) -> Source:
@@ -116,7 +77,7 @@ def locate(name: str, root: Path | None = None) -> Source:
                          f"folder with a config.json, nor {tiny_kosmos.NAME!r}. "
                          f"Use {DEFAULT_MODEL!r} (the default).")
     cache = hub_cache(root)
-    if _offline() or not hub_reachable():
+    if use_cache_only():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache), str):
@@ -269,7 +230,7 @@ def _load(source: Source, plan: LoadPlan, name: str):
         model = Kosmos2ForConditionalGeneration.from_pretrained(source.path, **kwargs)
         processor = AutoProcessor.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:  # AutoProcessor turns a missing file into ValueError
-        if source.cache is not None and (source.local_only or _offline()
+        if source.cache is not None and (source.local_only or offline()
                                          or "connect" in str(e).lower()):
             raise _offline_error(name, source.cache) from e
         raise ModelError(f"Could not load the captioning model {name!r}: {e}. Check the "

@@ -16,7 +16,6 @@ import io
 import logging
 import re
 import shutil
-import socket
 import tempfile
 import warnings
 import zipfile
@@ -296,13 +295,13 @@ def parse_drive_link(link: str) -> tuple[str, str]:
                     "the link'.")
 
 
-def _check_online(host: str = "drive.google.com", timeout: float = 5.0) -> None:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as e:
-        raise OfflineError(f"Cannot reach {host} ({e}), so the shared link cannot be "
-                           "downloaded. Check the runtime's internet connection, or upload "
-                           "the photos instead.") from None
+def _check_online(host: str = "drive.google.com") -> None:
+    from fastsd.env import reachable
+
+    if not reachable(host, 443):
+        raise OfflineError(f"Cannot reach {host}, so the shared link cannot be downloaded. "
+                           "Check the runtime's internet connection, or upload the photos "
+                           "instead.")
 
 
 def download_drive_link(link: str, dest: Path) -> Path:

@@ -19,7 +19,8 @@ def resolve(name: str, root: Path | None = None) -> Path:
     """The local diffusers folder for a model name.
 
     ``tiny-sd1``, ``tiny-sd2`` and ``tiny-sdxl`` are built offline on first use; a path to
-    an existing diffusers folder is used as it is.
+    an existing diffusers folder is used as it is; a Hugging Face repo id (owner/name) is
+    downloaded once into the workspace's cache (on Drive in Colab).
     """
     from fastsd.models import tiny
 
@@ -28,7 +29,17 @@ def resolve(name: str, root: Path | None = None) -> Path:
     path = Path(name).expanduser()
     if (path / "model_index.json").is_file():
         return path
+    if not path.exists() and name.count("/") == 1 and not name.startswith(("/", ".", "~")):
+        from fastsd.models import hub
+
+        folder = hub.snapshot(name, root)
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"{name!r} on the Hugging Face Hub is not a diffusers model (it "
+                             "has no model_index.json). For a single .safetensors file, "
+                             "download it and use 'fastsd convert to-diffusers'.")
+        return folder
     raise ModelError(
-        f"Model {name!r} is neither a tiny model ({', '.join('tiny-' + f for f in tiny.FAMILIES)}) "
-        "nor a diffusers folder with a model_index.json. Give the path of a diffusers model "
-        "folder, or convert a single .safetensors file first with 'fastsd convert to-diffusers'.")
+        f"Model {name!r} is neither a tiny model ({', '.join('tiny-' + f for f in tiny.FAMILIES)}), "
+        "a Hugging Face repo id (owner/name) nor a diffusers folder with a model_index.json. "
+        "Give one of those, or convert a single .safetensors file first with "
+        "'fastsd convert to-diffusers'.")
