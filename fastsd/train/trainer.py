@@ -14,6 +14,7 @@ too, for anything else that draws from them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -300,16 +301,12 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
     torch.manual_seed(settings.seed)
 
     # ---- model
+    examples = data.instance_examples(session)  # no images: say so before loading anything
     model_dir = models.resolve(session.settings["base_model"], root)
     parts = load_parts(model_dir)
     for m in [parts.vae, *parts.modules().values()]:
         m.requires_grad_(False)
         m.eval()
-    if ckpt is not None:
-        for name, module in parts.modules().items():
-            sd = ckpt.tensors(name)
-            if sd is not None:
-                module.load_state_dict(sd)
     _place([parts.vae, *parts.modules().values()], device)
     res = settings.resolution
     vram = estimate_vram_gb(settings, parts.family, parts.param_counts())
@@ -323,7 +320,6 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
                     info.vram_total_gb)
 
     # ---- data and caches
-    examples = data.instance_examples(session)
     class_ex: list[data.Example] = []
     if settings.prior_preservation:
         if settings.class_images < 1:
@@ -337,6 +333,11 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
                                        settings.class_steps, settings.seed, len(class_ex))
         accelerator.wait_for_everyone()
         folder, class_ex = data.class_examples(session, prompt, settings.class_images)
+    if ckpt is not None:  # the trained weights, once the base model made the class images
+        for name, module in parts.modules().items():
+            sd = ckpt.tensors(name)
+            if sd is not None:
+                module.load_state_dict(sd)
     stats = {"vae_encodes": 0, "prompt_encodes": 0}
     latents = data.LatentCache(settings.latent_cache_mb << 20)
     meta: dict[tuple, tuple] = {}  # (kind, index) -> (original size, crop top-left)
@@ -428,7 +429,7 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
 
     # ---- the two stages
     resumed_from = ckpt.step if ckpt else None
-    with StopSignals() as stop:
+    with StopSignals() as stop, contextlib.closing(latents):
         for si, stage in enumerate(settings.stage_order):
             cfg = settings.stage(stage)
             if si < state["stage"] or cfg["steps"] == 0:
@@ -569,7 +570,6 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
                 stop.raise_stop(state["global_step"], path)
 
     # ---- outputs
-    latents.close()
     _place([parts.vae, *parts.modules().values()], device)
     result = TrainResult(Path(session.models) / (settings.model_name or session.name), None,
                          state["global_step"], state["losses"], None, sample_files,
@@ -609,7 +609,7 @@ def export_single_file(model_dir: Path, step: int) -> Path | None:
         log.warning("The single-file converter is not available in this fastsd yet; only "
                     "the diffusers model was saved. Convert it later with 'fastsd convert'.")
         return None
-    out = model_dir.with_suffix(".safetensors")
+    out = model_dir.parent / f"{model_dir.name}.safetensors"
     to_single_file(model_dir, out, fp16=True, ckpt=False, global_step=step)
     return out
 
