@@ -615,7 +615,7 @@ def export_single_file(model_dir: Path, step: int) -> Path | None:
 
 
 def save_loss_curve(losses: list[float], settings: TrainSettings, path: Path) -> Path | None:
-    """The loss per step (and a moving average) as a PNG; shown when in a notebook."""
+    """The loss per step (and a moving average past 100 steps) as a PNG."""
     if not losses:
         return None
     import io
@@ -645,10 +645,6 @@ def save_loss_curve(losses: list[float], settings: TrainSettings, path: Path) ->
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    drive.atomic_write_bytes(path, buf.getvalue())
-    if env.in_notebook():
-        from IPython.display import Image, display
-
-        display(Image(data=buf.getvalue()))
+    drive.atomic_write_bytes(path, buf.getvalue())  # the notebook's train cell shows it
     return path
 
