@@ -1,0 +1,310 @@
+"""Tensor files read one tensor at a time, and .safetensors written as a stream.
+
+Readers never hold more than one tensor in memory:
+
+* ``.safetensors`` is parsed here (8-byte little-endian header length, a JSON header of
+  ``{name: {dtype, shape, data_offsets}}``, then the raw bytes) and each tensor is read
+  with one ``readinto`` into a fresh buffer, so nothing of the file stays mapped.
+* ``.ckpt``/``.bin``/``.pt`` pickles are opened with ``torch.load(mmap=True,
+  weights_only=True)``: a pickle that needs arbitrary code is refused, never run.
+
+:func:`write_safetensors` writes the header first (the shapes and dtypes are known from
+the plan) and then each tensor's bytes as it is produced, through ``drive.atomic_writer``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from fastsd.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fastsd")
+
+SAFETENSORS_EXT = (".safetensors",)
+PICKLE_EXT = (".ckpt", ".bin", ".pt", ".pth")
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+# safetensors dtype name -> (torch dtype attribute, bytes per element)
+DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2),
+    "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, DTYPES[name][0])
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    short = str(dtype).removeprefix("torch.")
+    for name, (attr, _) in DTYPES.items():
+        if attr == short:
+            return name
+    raise DataError(f"Tensors of type {dtype} cannot be stored in a .safetensors file.")
+
+
+@dataclass(frozen=True)
+class Info:
+    """What is known about a tensor without reading it."""
+
+    dtype: str  # safetensors name: F32, F16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class TensorFile:
+    """A tensor file opened for reading one tensor at a time (a context manager)."""
+
+    path: Path
+    metadata: dict[str, str]
+    pickle_extra: dict  # non-tensor top-level entries of a pickle (global_step, ...)
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def info(self, key: str) -> Info:
+        raise NotImplementedError
+
+    def read(self, key: str) -> "torch.Tensor":
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _bad(path: Path, what: str) -> DataError:
+    return DataError(f"{path} is not a usable model file: {what}. Download it again (the copy "
+                     "may be incomplete) or check that it is a .safetensors or .ckpt model.")
+
+
+class SafetensorsFile(TensorFile):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pickle_extra = {}
+        size = path.stat().st_size
+        if size == 0:
+            raise _bad(path, "the file is empty (0 bytes)")
+        self._f = open(path, "rb")
+        try:
+            head = self._f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"the file is only {size} bytes long")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise _bad(path, "its header is damaged or it is not a .safetensors file")
+            try:
+                header = json.loads(self._f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise _bad(path, "its header is not valid JSON (not a .safetensors file?)") \
+                    from None
+            if not isinstance(header, dict):
+                raise _bad(path, "its header is not a JSON object")
+            self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None)
+                                                         or {}).items()}
+            self._base = 8 + n
+            self._index: dict[str, tuple[Info, int, int]] = {}
+            end = 0
+            for key, h in header.items():
+                try:
+                    info = Info(h["dtype"], tuple(int(d) for d in h["shape"]))
+                    start, stop = (int(o) for o in h["data_offsets"])
+                    ok = info.dtype in DTYPES and stop - start == info.nbytes
+                except (KeyError, TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise _bad(path, f"the entry of tensor {key!r} in its header is damaged")
+                self._index[key] = (info, start, stop)
+                end = max(end, stop)
+            if self._base + end > size:
+                raise _bad(path, f"it is truncated ({size} bytes, the header promises "
+                                 f"{self._base + end})")
+        except BaseException:
+            self._f.close()
+            raise
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def info(self, key: str) -> Info:
+        return self._index[key][0]
+
+    def read(self, key: str) -> "torch.Tensor":
+        import torch
+
+        info, start, stop = self._index[key]
+        buf = bytearray(stop - start)
+        self._f.seek(self._base + start)
+        if self._f.readinto(buf) != len(buf):
+            raise _bad(self.path, f"tensor {key!r} is cut short")
+        if not buf:
+            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class PickleFile(TensorFile):
+    """A torch pickle (.ckpt, .bin), loaded with ``weights_only=True`` and ``mmap=True``."""
+
+    def __init__(self, path: Path) -> None:
+        import pickle
+        import zipfile
+
+        import torch
+
+        self.path = path
+        size = path.stat().st_size
+        if size == 0:
+            raise _bad(path, "the file is empty (0 bytes)")
+        if not zipfile.is_zipfile(path):
+            with open(path, "rb") as f:
+                first = f.read(2)
+            if first[:1] != b"\x80":
+                raise _bad(path, "it is neither a .safetensors file nor a torch pickle")
+            mmap = False  # the legacy (pre-zip) torch format cannot be memory-mapped
+        else:
+            mmap = True
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            msg = str(e)
+            if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+                raise ModelError(
+                    f"{path.name} is a pickle that needs to run code to load "
+                    f"({msg.splitlines()[0][:200]}). fastsd only loads pickles that hold plain "
+                    "tensors (torch.load weights_only=True), because a pickle can run any "
+                    "program on this machine. Get the .safetensors version of this model, "
+                    "or convert it on a machine you do not mind risking.") from None
+            raise _bad(path, f"torch could not read it ({msg.splitlines()[0][:200]})") from None
+        except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise _bad(path, f"torch could not read it ({str(e).splitlines()[0][:200]}); it "
+                             "is probably truncated") from None
+        sd = obj
+        self.pickle_extra = {}
+        while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            self.pickle_extra.update({k: v for k, v in sd.items() if k != "state_dict"
+                                      and not isinstance(v, (dict, torch.Tensor))})
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise _bad(path, f"it holds a {type(sd).__name__}, not a dictionary of tensors")
+        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self._index = self._sd
+        self.metadata = {}
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def info(self, key: str) -> Info:
+        t = self._sd[key]
+        return Info(dtype_name(t.dtype), tuple(t.shape))
+
+    def read(self, key: str) -> "torch.Tensor":
+        return self._sd[key]
+
+    def close(self) -> None:
+        self._sd = {}
+        self._index = self._sd
+
+
+def open_tensors(path: str | os.PathLike[str]) -> TensorFile:
+    """Open a .safetensors file or a torch pickle for reading tensor by tensor.
+
+    A missing, empty, truncated or foreign file raises a DataError; a pickle that would
+    run code raises a ModelError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a file. Check the path.")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix.lower() in SAFETENSORS_EXT or (len(head) >= 9 and head[8:9] == b"{"):
+        return SafetensorsFile(path)
+    if path.suffix.lower() in PICKLE_EXT or head[:2] in (b"PK", b"\x80\x02"):
+        return PickleFile(path)
+    raise _bad(path, "it is neither a .safetensors file nor a torch pickle (.ckpt, .bin)")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def safetensors_header(items: Iterable[tuple[str, Info]],
+                       metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and the JSON header for tensors written in this order."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, info in items:
+        header[name] = {"dtype": info.dtype, "shape": list(info.shape),
+                        "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    import torch
+
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.uint8)
+    return memoryview(t.numpy()).cast("B")
+
+
+def write_safetensors(path: Path, items: list[tuple[str, Info]],
+                      produce: Callable[[str], "torch.Tensor"],
+                      metadata: dict[str, str] | None = None,
+                      progress: Iterator | None = None) -> Path:
+    """Write a .safetensors file whose tensors (``items``, in order) are produced one by one.
+
+    ``produce(name)`` returns the tensor; its dtype and shape must match ``items``. The
+    file is written through ``drive.atomic_writer``: whole or not at all.
+    """
+    from fastsd import drive
+
+    with drive.atomic_writer(path, "wb") as f:
+        f.write(safetensors_header(items, metadata))
+        for name, info in items:
+            t = produce(name)
+            got = Info(dtype_name(t.dtype), tuple(t.shape))
+            if got != info:
+                raise AssertionError(f"{name}: planned {info}, produced {got}")
+            f.write(tensor_bytes(t))
+            del t
+            if progress is not None:
+                next(progress, None)
+    return path
