@@ -28,12 +28,16 @@ def step_session(root: Path, name: str, family: str) -> session.Session:
 
 
 def step_images(s: session.Session, source: Path) -> None:
-    """Import the photographs and crop them to the session's resolution (dataset)."""
-    from fastsd.dataset import crop, images
+    """Import the photographs, crop them to the session's resolution and give each a
+    template caption ("sks cat"), so the later steps have captions (dataset)."""
+    from fastsd.dataset import captions, crop, images
 
     report = images.import_images(s, source)
     log.info("Import report:\n%s", report.to_text())
-    crop.crop_session(s)
+    record = crop.crop_session(s)
+    log.info("Cropped %d images to %d px (%s)", len(record), s.settings["resolution"],
+             ", ".join(f"{k}: {v['focus']}" for k, v in record.items()))
+    log.info("Wrote %d template captions", captions.set_all(s))
 
 
 def step_captions(s: session.Session, root: Path) -> None:

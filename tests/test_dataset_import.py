@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import re
 import struct
 import sys
 import zipfile
@@ -94,7 +95,14 @@ def mixed_folder(tmp_path):
     for name, (data, _, _) in cases().items():
         (folder / name).write_bytes(data)
     (folder / "IMG_0042.txt").write_text("a cat on a red sofa")
+    (folder / "tiny.txt").write_text("goes with a skipped image")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     return folder
+
+
+EXTRA = {"IMG_0042.txt": ("imported", "caption of IMG_0042"),
+         "tiny.txt": ("skipped", "its image was skipped"),
+         ".DS_Store": ("skipped", "hidden file")}
 
 
 def folder_digest(folder: Path) -> dict:
@@ -104,18 +112,24 @@ def folder_digest(folder: Path) -> dict:
 def test_mixed_folder_one_row_per_file_each_as_stated(s, mixed_folder):
     before = folder_digest(mixed_folder)
     report = images.import_images(s, mixed_folder)
-    expected = cases()
-    assert sorted(r.file for r in report.rows) == sorted(expected)
+    expected = {name: (outcome, words) for name, (_, outcome, words) in cases().items()}
+    expected.update(EXTRA)
+    assert [r.file for r in report.rows] == sorted(p.name for p in mixed_folder.iterdir())
     for row in report.rows:
-        _, outcome, words = expected[row.file]
+        outcome, words = expected[row.file]
         assert row.outcome == outcome, (row.file, row.reason)
         assert words in row.reason, (row.file, row.reason)
+    assert len(report.skipped) == 8 and len(report.captions) == 1
     assert folder_digest(mixed_folder) == before, "the source is never modified"
     names = [p.name for p in images.originals(s)]
     assert "IMG_0042.png" in names and len(names) == len(report.imported)
     assert (s.captions / "IMG_0042.txt").read_text() == "a cat on a red sofa"
     assert images.last_report(s).to_dicts() == report.to_dicts()
-    assert "<table>" in report._repr_html_() and "skipped" in report.to_text()
+    html = report._repr_html_()
+    assert html.count("<tr>") == len(report.rows) + 1 and "decompression bomb" in html
+    text = report.to_text()
+    assert re.search(r"^IMG_0042\.png +imported +101x99 ", text, re.M)
+    assert text.endswith("9 imported, 1 duplicate, 8 skipped, 1 captions")
 
 
 def original(s, stem):
@@ -169,6 +183,34 @@ def test_importing_twice_adds_nothing(s, mixed_folder):
     assert len(second.by("duplicate")) == len(first.imported) + len(first.by("duplicate"))
 
 
+def test_deleted_original_can_be_imported_again(s, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "dog.png").write_bytes(png_bytes(gradient(90, 90)))
+    images.import_images(s, src)
+    (s.instance_images / "originals" / "dog.png").unlink()
+    row = images.import_images(s, src).rows[0]
+    assert row.outcome == "imported" and row.name == "dog"
+
+
+def test_caption_of_a_duplicate_goes_to_the_image_already_there(s, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "dog.png").write_bytes(png_bytes(gradient(90, 90)))
+    (b / "same dog.png").write_bytes(png_bytes(gradient(90, 90)))
+    (b / "same dog.txt").write_text("a dog")
+    (b / "lonely.txt").write_text("no picture")
+    images.import_images(s, a)
+    rows = {r.file: r for r in images.import_images(s, b).rows}
+    assert rows["same dog.png"].outcome == "duplicate"
+    assert rows["same dog.txt"].outcome == "imported" and rows["same dog.txt"].name == "dog"
+    assert (s.captions / "dog.txt").read_text() == "a dog"
+    assert rows["lonely.txt"].outcome == "skipped" and "no image named" in rows[
+        "lonely.txt"].reason
+    again = {r.file: r for r in images.import_images(s, b).rows}
+    assert again["same dog.txt"].outcome == "skipped" and "kept" in again["same dog.txt"].reason
+
+
 def test_same_name_different_pixels_gets_a_free_name(s, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -187,10 +229,34 @@ def test_zip_import_with_captions_and_an_unsafe_member(s, tmp_path):
         zf.writestr("__MACOSX/set/._cat 01.png", b"junk")
         zf.writestr("../escape.png", png_bytes(gradient(92, 90)))
     report = images.import_images(s, z)
-    assert [(r.file, r.outcome) for r in report.rows] == [("set/cat 01.png", "imported")]
+    assert [(r.file, r.outcome) for r in report.rows] == [
+        ("../escape.png", "skipped"), ("set/cat 01.png", "imported"),
+        ("set/cat 01.txt", "imported")]
+    assert "unsafe path" in report.rows[0].reason
     assert (s.captions / "cat 01.txt").read_text() == "a tabby cat"
     assert not (tmp_path / "escape.png").exists()
     assert not list(s.path.parent.parent.rglob("escape.png"))
+
+
+def test_zip_bomb_is_refused_before_extracting(s, tmp_path):
+    z = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", png_bytes(gradient(90, 90)))
+        zf.writestr("b.png", b"\0" * (40 << 20))  # 40 MiB of zeros, about 40 KiB zipped
+    assert z.stat().st_size < 200_000
+    with pytest.raises(DataError, match="zip bomb"):
+        images.import_images(s, z)
+    assert images.originals(s) == [], "nothing is extracted from a bomb"
+
+
+def test_zip_over_the_total_limit_is_refused(s, tmp_path, monkeypatch):
+    z = tmp_path / "big.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"{i}.png", png_bytes(gradient(90 + i, 90)))
+    monkeypatch.setattr(images, "MAX_ZIP_BYTES", 2 * len(png_bytes(gradient(90, 90))))
+    with pytest.raises(DataError, match="would unpack to"):
+        images.import_images(s, z)
 
 
 def test_not_a_zip_and_missing_paths_say_what_to_do(s, tmp_path):

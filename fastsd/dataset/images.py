@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -32,7 +33,9 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
               ".heif"}
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 89 Mpx)
 MIN_SIDE = 64
-MAX_ZIP_BYTES = 4 << 30  # uncompressed
+MAX_ZIP_BYTES = 4 << 30  # uncompressed, all members together
+MAX_ZIP_RATIO = 200  # a member this much larger than its compressed bytes is a zip bomb...
+ZIP_RATIO_FROM = 16 << 20  # ...once it unpacks to more than this (photos hardly compress)
 ORIGINALS = "originals"
 INDEX = "imports.json"  # pixel hash -> stem, in originals/
 REPORT = "import_report.json"  # in outputs/
@@ -40,53 +43,76 @@ REPORT = "import_report.json"  # in outputs/
 
 @dataclass
 class Row:
-    """What happened to one file."""
+    """What happened to one file of the source."""
 
     file: str
     outcome: str  # "imported", "skipped" or "duplicate"
     reason: str = ""
     name: str = ""  # the stem it has in the session
-    size: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None  # width, height of the imported image
+    kind: str = "image"  # "image", or "caption" for a .txt beside an image
 
 
 @dataclass
 class ImportReport:
+    """One row per file; shown as a table in a notebook and as text by the CLI."""
+
     rows: list[Row] = field(default_factory=list)
 
-    def by(self, outcome: str) -> list[Row]:
-        return [r for r in self.rows if r.outcome == outcome]
+    def by(self, outcome: str, kind: str | None = "image") -> list[Row]:
+        """Rows with this outcome, of this kind (None: of any kind)."""
+        return [r for r in self.rows if r.outcome == outcome and kind in (None, r.kind)]
 
     @property
     def imported(self) -> list[Row]:
+        """The images imported (captions are in ``captions``)."""
         return self.by("imported")
 
     @property
+    def captions(self) -> list[Row]:
+        return self.by("imported", "caption")
+
+    @property
     def skipped(self) -> list[Row]:
-        return self.by("skipped")
+        return self.by("skipped", None)
+
+    def summary(self) -> str:
+        return (f"{len(self.imported)} imported, {len(self.by('duplicate'))} duplicate, "
+                f"{len(self.skipped)} skipped, {len(self.captions)} captions")
 
     def to_dicts(self) -> list[dict]:
         return [asdict(r) for r in self.rows]
 
     def to_text(self) -> str:
         width = max([len(r.file) for r in self.rows] + [4])
-        lines = [f"{'file':<{width}}  {'outcome':<9}  reason"]
-        lines += [f"{r.file:<{width}}  {r.outcome:<9}  {r.reason}" for r in self.rows]
-        lines.append(f"{len(self.imported)} imported, {len(self.by('duplicate'))} duplicate, "
-                     f"{len(self.skipped)} skipped")
+        lines = [f"{'file':<{width}}  {'outcome':<9}  {'size':<9}  reason"]
+        lines += [f"{r.file:<{width}}  {r.outcome:<9}  {_size(r):<9}  {r.reason}"
+                  for r in self.rows]
+        lines.append(self.summary())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         colour = {"imported": "#1a7f37", "duplicate": "#9a6700", "skipped": "#cf222e"}
         cells = "".join(
             f"<tr><td>{html.escape(r.file)}</td><td style='color:{colour[r.outcome]}'>"
-            f"{r.outcome}</td><td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
-        return ("<table><tr><th>file</th><th>outcome</th><th>reason</th></tr>"
-                f"{cells}</table><p>{len(self.imported)} imported, "
-                f"{len(self.by('duplicate'))} duplicate, {len(self.skipped)} skipped</p>")
+            f"{r.outcome}</td><td>{_size(r)}</td><td>{html.escape(r.name)}</td>"
+            f"<td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
+        return ("<table><tr><th>file</th><th>outcome</th><th>size</th><th>name</th>"
+                f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>")
+
+
+def _size(row: Row) -> str:
+    return f"{row.size[0]}x{row.size[1]}" if row.size else ""
 
 
 class Skip(Exception):
     """Raised by load_image with the reason a file is skipped."""
+
+
+# What Pillow's decoders raise on damaged data (struct.error, EOFError and IndexError from
+# malformed headers, SyntaxError from some plugins, OSError "image file is truncated").
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
+                 struct.error)
 
 
 # --------------------------------------------------------------------------- one image
@@ -142,16 +168,18 @@ def load_image(data: bytes, name: str):
     if w * h > MAX_PIXELS:
         raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
                    f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
-    frames = getattr(img, "n_frames", 1)
     try:
+        frames = getattr(img, "n_frames", 1)
         img.seek(0)
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise Skip(f"truncated or corrupt image ({e})") from None
-    if frames > 1:
-        img = img.copy()
-    img = ImageOps.exif_transpose(img)
-    img = _to_rgb(img)
+    try:
+        if frames > 1:
+            img = img.copy()
+        img = _to_rgb(ImageOps.exif_transpose(img))
+    except DECODE_ERRORS as e:
+        raise Skip(f"cannot convert this image to RGB ({type(e).__name__}: {e})") from None
     if min(img.size) < MIN_SIDE:
         raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
                    "each side is needed)")
@@ -189,33 +217,55 @@ def _free_stem(stem: str, taken: set[str]) -> str:
     return f"{stem}_{n}"
 
 
-def import_files(session, files: Iterable[tuple[str, Path]]) -> ImportReport:
-    """Import (display name, path) pairs; the common end of every source."""
+def _read(display: str, path: Path) -> bytes:
+    try:
+        return drive.retry(path.read_bytes, f"Reading {display}")
+    except PermissionError as e:
+        raise Skip(f"cannot be read ({e.strerror}): check the file's permissions") from None
+
+
+def import_files(session, files: Iterable[tuple[str, Path]],
+                 refused: Iterable[Row] = ()) -> ImportReport:
+    """Import (display name, path) pairs; the common end of every source.
+
+    One row per pair, in the order given, after the ``refused`` rows (files a source
+    already turned down, such as unsafe zip members). A ``.txt`` with the stem of an
+    image among the files is that image's caption (written unless one exists).
+    """
+    from fastsd.dataset import captions
+
     folder = originals_dir(session)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX
-    index: dict[str, str] = drive.read_json(index_path) if index_path.is_file() else {}
     taken = {p.stem for p in originals(session)}
-    report = ImportReport()
+    # pixel hash -> stem; entries whose original was deleted since are forgotten.
+    index = {k: v for k, v in (drive.read_json(index_path) if index_path.is_file() else {}
+                               ).items() if v in taken}
     files = list(files)
-    txts = {p.stem: p for _, p in files if p.suffix.lower() == ".txt"}
-    caption_of: dict[str, Path] = {}  # session stem -> the .txt that came with the image
-    for display, path in files:
-        if path.suffix.lower() == ".txt":
+    rows: dict[int, Row] = {}
+    stem_of: dict[str, tuple[str, str]] = {}  # source stem -> (session stem, outcome)
+    for i, (display, path) in enumerate(files):
+        ext = path.suffix.lower()
+        if ext == ".txt":
             continue
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTS:
-            report.rows.append(Row(display, "skipped", "not an image file (unknown extension "
-                                   f"{path.suffix or 'none'})"))
+        if path.name.startswith("."):
+            rows[i] = Row(display, "skipped", "hidden file (a system file, not a photo)")
+            continue
+        if ext not in IMAGE_EXTS:
+            rows[i] = Row(display, "skipped", "not an image file (unknown extension "
+                          f"{path.suffix or 'none'})")
             continue
         try:
-            img, note = load_image(path.read_bytes(), path.name)
+            img, note = load_image(_read(display, path), path.name)
         except Skip as e:
-            report.rows.append(Row(display, "skipped", str(e)))
+            rows[i] = Row(display, "skipped", str(e))
+            stem_of.setdefault(path.stem, ("", "skipped"))
             continue
         digest = pixel_hash(img)
         if digest in index:
-            report.rows.append(Row(display, "duplicate", f"same pixels as {index[digest]}",
-                                   index[digest], img.size))
+            rows[i] = Row(display, "duplicate", f"same pixels as {index[digest]}",
+                          index[digest], img.size)
+            stem_of.setdefault(path.stem, (index[digest], "duplicate"))
             continue
         stem = _free_stem(path.stem, taken)
         with drive.atomic_writer(folder / f"{stem}.png") as f:
@@ -225,16 +275,25 @@ def import_files(session, files: Iterable[tuple[str, Path]]) -> ImportReport:
         drive.atomic_write_json(index_path, index)
         reason = "; ".join(x for x in (note, f"saved as {stem}" if stem != path.stem else "")
                            if x)
-        report.rows.append(Row(display, "imported", reason, stem, img.size))
-        if path.stem in txts:
-            caption_of[stem] = txts[path.stem]
-    from fastsd.dataset import captions
-
-    for stem, txt in caption_of.items():
-        captions.write(session, stem, txt.read_text(encoding="utf-8", errors="replace").strip())
+        rows[i] = Row(display, "imported", reason, stem, img.size)
+        stem_of[path.stem] = (stem, "imported")
+    for i, (display, path) in enumerate(files):
+        if path.suffix.lower() != ".txt":
+            continue
+        stem, outcome = stem_of.get(path.stem, ("", ""))
+        if not stem:
+            why = "its image was skipped" if outcome else f"no image named {path.stem} beside it"
+            rows[i] = Row(display, "skipped", f"caption file, but {why}", kind="caption")
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        if captions.write(session, stem, text):
+            rows[i] = Row(display, "imported", f"caption of {stem}", stem, kind="caption")
+        else:
+            rows[i] = Row(display, "skipped", f"{stem} has a caption already (kept)", stem,
+                          kind="caption")
+    report = ImportReport([*refused, *(rows[i] for i in sorted(rows))])
     drive.atomic_write_json(session.outputs / REPORT, report.to_dicts())
-    log.info("%d imported, %d duplicate, %d skipped", len(report.imported),
-             len(report.by("duplicate")), len(report.skipped))
+    log.info("%s", report.summary())
     return report
 
 
@@ -244,19 +303,32 @@ def _walk(folder: Path) -> list[tuple[str, Path]]:
             if p.is_file() and "__MACOSX" not in p.parts]
 
 
-def extract_zip(zip_path: Path, dest: Path) -> list[tuple[str, Path]]:
-    """Extract a zip safely: no paths outside ``dest``, no zip bombs."""
+def extract_zip(zip_path: Path, dest: Path,
+                refused: list[Row] | None = None) -> list[tuple[str, Path]]:
+    """Extract a zip safely: no paths outside ``dest``, no zip bombs.
+
+    Returns (member name, extracted path) pairs; members with unsafe paths are not
+    extracted and are added to ``refused`` as skipped rows.
+    """
     try:
         zf = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile as e:
         raise DataError(f"{zip_path.name} is not a readable zip file ({e}). Re-create the "
                         "zip, or import the folder instead.") from e
     with zf:
+        # zipfile never yields more bytes than a member declares, so the declared sizes
+        # bound what is written here.
         total = sum(i.file_size for i in zf.infolist())
         if total > MAX_ZIP_BYTES:
             raise DataError(f"{zip_path.name} would unpack to {total / 2**30:.1f} GiB, over "
                             f"the {MAX_ZIP_BYTES / 2**30:.0f} GiB limit. Zip fewer, smaller "
                             "photos.")
+        for i in zf.infolist():
+            if i.file_size > ZIP_RATIO_FROM and i.file_size > MAX_ZIP_RATIO * max(
+                    i.compress_size, 1):
+                raise DataError(f"{zip_path.name} looks like a zip bomb: {i.filename} unpacks "
+                                f"from {i.compress_size} bytes to {i.file_size} bytes. "
+                                "Nothing was extracted; zip the photos themselves.")
         out = []
         for info in zf.infolist():
             name = info.filename
@@ -265,6 +337,9 @@ def extract_zip(zip_path: Path, dest: Path) -> list[tuple[str, Path]]:
             parts = Path(name).parts
             if name.startswith(("/", "\\")) or ".." in parts or ":" in name:
                 log.warning("Skipping %s in %s: unsafe path", name, zip_path.name)
+                if refused is not None:
+                    refused.append(Row(name, "skipped", "unsafe path in the zip (absolute or "
+                                       "with '..'): not extracted"))
                 continue
             target = dest / Path(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -310,11 +385,24 @@ def download_drive_link(link: str, dest: Path) -> Path:
     _check_online()
     import gdown
 
+    from gdown.exceptions import DownloadError
+    from requests import RequestException
+
     dest.mkdir(parents=True, exist_ok=True)
-    if kind == "folder":
-        got = gdown.download_folder(id=file_id, output=str(dest), quiet=True)
-    else:
-        got = gdown.download(id=file_id, output=str(dest) + "/", quiet=True)
+    try:
+        if kind == "folder":
+            got = gdown.download_folder(id=file_id, output=str(dest), quiet=True, timeout=60,
+                                        retries=2)
+        else:
+            got = gdown.download(id=file_id, output=str(dest) + "/", quiet=True, timeout=60,
+                                 retries=2)
+    except DownloadError as e:
+        raise DataError(f"Downloading {link} from Google Drive failed: {e}. Check that it is "
+                        "shared with 'Anyone with the link' and run the cell again, or "
+                        "download the photos and import the folder or zip.") from e
+    except RequestException as e:
+        raise OfflineError(f"Downloading {link} failed ({e}). Check the connection and run "
+                           "the cell again, or upload the photos instead.") from e
     if not got:
         raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
                         "'Anyone with the link'.")
@@ -339,10 +427,12 @@ def import_images(session, source: str | Path | dict[str, bytes]) -> ImportRepor
                                 "import the folder or zip instead.")
             folder = download_drive_link(text, tmp_path / "download")
             files = _walk(folder)
+            refused: list[Row] = []
             zips = [p for _, p in files if p.suffix.lower() == ".zip"]
             for z in zips:
-                files += extract_zip(z, tmp_path / "unzipped" / z.stem)
-            return import_files(session, [(n, p) for n, p in files if p.suffix != ".zip"])
+                files += extract_zip(z, tmp_path / "unzipped" / z.stem, refused)
+            return import_files(session, [(n, p) for n, p in files
+                                          if p.suffix.lower() != ".zip"], refused)
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path} does not exist. Give a folder, a .zip file or a Google "
@@ -350,7 +440,9 @@ def import_images(session, source: str | Path | dict[str, bytes]) -> ImportRepor
         if path.is_dir():
             return import_files(session, _walk(path))
         if path.suffix.lower() == ".zip":
-            return import_files(session, extract_zip(path, tmp_path / "zip"))
+            refused = []
+            files = extract_zip(path, tmp_path / "zip", refused)
+            return import_files(session, files, refused)
         return import_files(session, [(path.name, path)])
 
 
