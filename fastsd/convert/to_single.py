@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastsd")
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
-EMA_FOLDER = "unet_ema"
 
 
 @dataclass
@@ -70,7 +69,6 @@ def _out_dtype(dtype: str, fp16: bool) -> str:
 
 def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack) -> list[Planned]:
     """Every tensor of the single file, from the diffusers folder's configs and headers."""
-    components = list(keymap.COMPONENT_PREFIX[family])
     parts: dict[str, list[tuple[int, Source, Info]]] = {}
     out: dict[str, Planned] = {}
 
@@ -78,7 +76,7 @@ def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack) -> 
         for path in weight_files(component_dir):
             tf = stack.enter_context(open_tensors(path))
             for key in tf.keys():
-                if key.endswith("position_ids"):  # a buffer, rebuilt by every loader
+                if kmap.dropped(key):  # a buffer, rebuilt by every loader
                     continue
                 t = kmap.to_ldm(key)
                 name, info = rename(t.ldm), tf.info(key)
@@ -95,15 +93,15 @@ def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack) -> 
                 elif t.op == "T":
                     shape = tuple(reversed(shape))
                 out[name] = Planned(name, Info(dtype, shape), [Source(tf, key)],
-                                    t.op if shape != info.shape else "")
+                                    t.op)
 
-    for component in components:
+    for component, prefix, kind in keymap.LAYOUTS[family]:
         cdir = folder / component
-        add(cdir, keymap.component_map(family, component, _read_config(cdir)))
-    ema_dir = folder / EMA_FOLDER
-    if ema_dir.is_dir():
-        kmap = keymap.component_map(family, "unet", _read_config(ema_dir))
-        add(ema_dir, kmap, keymap.ema_name)
+        add(cdir, keymap.KeyMap.for_component(kind, prefix, _read_config(cdir)))
+        if component == "unet" and (folder / keymap.EMA_FOLDER).is_dir():
+            ema_dir = folder / keymap.EMA_FOLDER
+            add(ema_dir, keymap.KeyMap.for_component(kind, prefix, _read_config(ema_dir)),
+                lambda n: keymap.EMA_PREFIX + n.removeprefix("model.").replace(".", ""))
     for name, ps in parts.items():
         ps.sort(key=lambda p: p[0])
         infos = [p[2] for p in ps]

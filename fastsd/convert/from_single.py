@@ -1,0 +1,329 @@
+"""One single-file checkpoint (path or link) -> a diffusers folder, and what a file is.
+
+The weights are loaded by diffusers' own single-file loader (``from_single_file``) with a
+local config folder and ``local_files_only=True``, so it works offline once the config
+folder is there. The family is detected from tensor names and shapes
+(:mod:`fastsd.models.detect`), never from the file size, and files that are not whole
+models are refused by name. Every tensor diffusers loaded is then checked against the
+file through the same key map that writes single files (:mod:`fastsd.convert.keymap`);
+a component diffusers' heuristics got wrong is loaded again from the file through that
+map, and anything still different is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastsd import drive
+from fastsd.convert import keymap
+from fastsd.convert.tensors import FLOATS, open_tensors, torch_dtype
+from fastsd.errors import ModelError, OfflineError
+from fastsd.models import detect
+
+log = logging.getLogger("fastsd")
+
+# The diffusers repos whose config files (no weights) describe each kind of model.
+CONFIG_REPOS = {
+    ("sd1", False): "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ("sd1", True): "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    ("sd2", False): "stabilityai/stable-diffusion-2-1",
+    ("sd2", True): "stabilityai/stable-diffusion-2-inpainting",
+    ("sdxl", False): "stabilityai/stable-diffusion-xl-base-1.0",
+    ("sdxl", True): "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+}
+CONFIG_FILES = ["model_index.json", "*/*.json", "*/*.txt"]
+PREDICTIONS = {"v": "v_prediction", "v_prediction": "v_prediction", "eps": "epsilon",
+               "epsilon": "epsilon"}
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def inspect(file: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a single file is: kind, family, prediction type, precision, tensor count, EMA,
+    global step; read from its header (a .ckpt is memory-mapped, never run)."""
+    path = Path(file)
+    yaml_path = path.with_suffix(".yaml")
+    yaml_text = yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else None
+    with open_tensors(path) as tf:
+        infos = {k: tf.info(k) for k in tf.keys()}
+        det = detect.classify({k: i.shape for k, i in infos.items()}, tf.metadata, yaml_text)
+        metadata = dict(tf.metadata)
+        extra = dict(tf.pickle_extra)
+        fmt = "safetensors" if type(tf).__name__ == "SafetensorsFile" else "pickle"
+    dtypes: dict[str, int] = {}
+    params = 0
+    for i in infos.values():
+        dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+        n = 1
+        for d in i.shape:
+            n *= d
+        params += n
+    floats = {d for d in dtypes if d in FLOATS}
+    precision = {"F16": "fp16", "F32": "fp32", "BF16": "bf16", "F64": "fp64"}.get(
+        next(iter(floats)), "?") if len(floats) == 1 else ("mixed" if floats else "none")
+    step = metadata.get(detect.META_STEP, extra.get("global_step"))
+    return {
+        "path": str(path), "format": fmt, "size_bytes": path.stat().st_size,
+        **det.to_dict(), "precision": precision, "dtypes": dtypes, "tensors": len(infos),
+        "parameters": params, "global_step": int(step) if step is not None else None,
+        "metadata": metadata,
+    }
+
+
+# --------------------------------------------------------------------------- links
+
+
+def is_link(src: str) -> bool:
+    return str(src).startswith(("http://", "https://"))
+
+
+def fetch_link(url: str, dest_dir: Path) -> Path:
+    """Download a model file from a link into ``dest_dir`` (once) and return its path.
+
+    Google Drive links go through gdown, Hugging Face links through the Hub's cache,
+    other links are streamed straight into the file (written whole or not at all).
+    """
+    from urllib.parse import unquote, urlparse
+
+    from fastsd.models import hub
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    parsed = urlparse(url)
+    host = (parsed.hostname or "").lower()
+    if host.endswith("drive.google.com"):
+        from fastsd.dataset.images import download_drive_link
+
+        got = download_drive_link(url, dest_dir)
+        files = [got] if got.is_file() else sorted(p for p in got.rglob("*") if p.is_file())
+        if len(files) != 1:
+            raise ModelError(f"The Drive link {url} holds {len(files)} files; give a link to "
+                             "one .safetensors or .ckpt file.")
+        return files[0]
+    if host in ("huggingface.co", "hf.co") and ("/resolve/" in parsed.path
+                                                 or "/blob/" in parsed.path):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        owner, name, _, revision, *rest = parsed.path.strip("/").split("/")
+        try:
+            return Path(hf_hub_download(f"{owner}/{name}", "/".join(rest), revision=revision,
+                                        cache_dir=hub.hub_cache(dest_dir.parent.parent),
+                                        local_files_only=hub.use_cache_only()))
+        except LocalEntryNotFoundError:
+            raise hub.offline_error(url, hub.hub_cache(), "model file") from None
+    name = unquote(Path(parsed.path).name) or "model.safetensors"
+    dest = dest_dir / name
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, drive.atomic_writer(dest) as f:
+            shutil.copyfileobj(r, f, 16 << 20)
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise OfflineError(f"Could not download {url}: {e}. Check the link and the internet "
+                           "connection, or download the file yourself and give its path.") \
+            from None
+    return dest
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_folder(family: str, inpainting: bool, root: Path | None = None) -> Path:
+    """A local folder with the diffusers config files (no weights) of the family."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from fastsd.models import hub
+
+    repo = CONFIG_REPOS[(family, inpainting)]
+    cache = hub.hub_cache(root)
+    try:
+        return Path(snapshot_download(repo, cache_dir=cache, allow_patterns=CONFIG_FILES,
+                                      local_files_only=hub.use_cache_only()))
+    except LocalEntryNotFoundError:
+        raise hub.offline_error(repo, cache, "config files of") from None
+
+
+def pipeline_class(family: str, inpainting: bool):
+    import diffusers
+
+    name = {("sd1", False): "StableDiffusionPipeline", ("sd2", False): "StableDiffusionPipeline",
+            ("sd1", True): "StableDiffusionInpaintPipeline",
+            ("sd2", True): "StableDiffusionInpaintPipeline",
+            ("sdxl", False): "StableDiffusionXLPipeline",
+            ("sdxl", True): "StableDiffusionXLInpaintPipeline"}[(family, inpainting)]
+    return getattr(diffusers, name)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _configs(pipe, family: str) -> dict[str, dict]:
+    out = {}
+    for folder in keymap.COMPONENT_PREFIX[family]:
+        comp = getattr(pipe, folder, None)
+        if comp is not None:
+            out[folder] = comp.config.to_dict() if hasattr(comp.config, "to_dict") \
+                else dict(comp.config)
+    return out
+
+
+def _undo(t, target: keymap.Target):
+    if target.op == "conv1x1" and t.ndim == 4:
+        return t[:, :, 0, 0]
+    if target.op == "T":
+        return t.t()
+    if target.op == "part":
+        return t.chunk(3, 0)[target.index]
+    return t
+
+
+def _model_name(own: set[str], name: str) -> str:
+    """transformers' own name (``own``: the module's names) of a text-encoder tensor
+    named without ``text_model.``."""
+    return name if name in own or keymap.TEXT_MODEL + name not in own \
+        else keymap.TEXT_MODEL + name
+
+
+def file_state_dicts(path: Path, pipe, family: str) -> dict[str, dict[str, Any]]:
+    """The file's tensors as diffusers state dicts per component, through the key map."""
+    fmap = keymap.FamilyMap.build(family, _configs(pipe, family))
+    out: dict[str, dict[str, Any]] = {f: {} for f in fmap.components}
+    own = {f: set(getattr(pipe, f).state_dict()) for f in fmap.components}
+    with open_tensors(path) as tf:
+        for key in tf.keys():
+            found = fmap.locate(key)
+            if found is None:
+                continue
+            folder, targets = found
+            for target in targets:
+                name = _model_name(own[folder], target.name) \
+                    if fmap.components[folder].is_text() else target.name
+                out[folder][name] = _undo(tf.read(key), target).contiguous().clone()
+    return out
+
+
+def verify(path: Path, pipe, family: str, repair: bool = True) -> dict[str, int]:
+    """Check every tensor of each component of ``pipe`` against the file.
+
+    A component that differs (diffusers' loader guessed wrong, for example between two
+    text encoders of the same width) is loaded again from the file through the key map
+    when ``repair``. Returns the number of tensors compared per component; raises a
+    ModelError when a tensor still differs or is missing.
+    """
+    wanted = file_state_dicts(path, pipe, family)
+    counts = {}
+    for folder, sd in wanted.items():
+        module = getattr(pipe, folder)
+        bad = _differences(module, sd)
+        if bad and repair:
+            log.warning("diffusers loaded %d tensors of the %s differently from the file "
+                        "(e.g. %s); loading them from the file through fastsd's key map.",
+                        len(bad), folder, bad[0])
+            params = dict(module.state_dict())
+            fixed = {k: v.to(params[k].dtype) for k, v in sd.items() if k in params}
+            module.load_state_dict(fixed, strict=False, assign=True)
+            bad = _differences(module, sd)
+        if bad:
+            raise ModelError(f"After conversion {len(bad)} tensors of the {folder} differ from "
+                             f"{path.name} (e.g. {bad[0]}). The file's layout is not a "
+                             "standard one; it cannot be converted faithfully.")
+        counts[folder] = len(sd)
+    return counts
+
+
+def _differences(module, sd: dict[str, Any]) -> list[str]:
+    import torch
+
+    params = module.state_dict()
+    bad = []  # tensors of the file the model has no use for (SD 2.x text_projection) are fine
+    for k, v in params.items():
+        if k.endswith("position_ids"):
+            continue
+        if k not in sd:
+            if v.is_meta:
+                bad.append(k)
+            continue
+        if v.is_meta or v.shape != sd[k].shape or not torch.equal(v, sd[k].to(v.dtype)):
+            bad.append(k)
+    return bad
+
+
+# --------------------------------------------------------------------------- to diffusers
+
+
+def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                 config: str | os.PathLike[str] | None = None, prediction: str | None = None,
+                 fp16: bool = False, root: Path | None = None) -> Path:
+    """Convert a single-file checkpoint (a path or a link) into a diffusers folder.
+
+    ``config``: a local diffusers folder (or Hub repo id) whose config files describe the
+    model; by default the config files of the detected family are fetched once into the
+    workspace's Hub cache. ``prediction``: "epsilon" or "v" to override the detection (SD
+    2.x files often do not say). The folder is written whole or not at all.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    src_s = os.fspath(src)
+    path = fetch_link(src_s, (root or drive.workspace()) / "models" / "downloads") \
+        if is_link(src_s) else Path(src_s)
+    info = inspect(path)
+    det = detect.Detection(**{k: info[k] for k in (
+        "kind", "family", "inpainting", "prediction_type", "prediction_source", "ema",
+        "notes")})
+    if not det.convertible:
+        raise detect.refuse(det, path)
+    family = det.family
+    assert family is not None
+    pred = PREDICTIONS.get(prediction or "", None) if prediction else det.prediction_type
+    if prediction and pred is None:
+        raise ModelError(f"Unknown prediction type {prediction!r}: use 'epsilon' or 'v'.")
+    if pred is None:
+        pred = "v_prediction"
+        log.warning("%s is a Stable Diffusion 2.x model that does not say whether it predicts "
+                    "v (768 px models) or noise (512 px base models); assuming v. Pass "
+                    "prediction='epsilon' (--prediction epsilon) for a 512 px base model.",
+                    path.name)
+    if config is None:
+        cfg = config_folder(family, det.inpainting, root)
+    elif Path(config).is_dir():
+        cfg = Path(config)
+    else:
+        from fastsd.models import resolve
+
+        cfg = resolve(os.fspath(config), root)
+    cls = pipeline_class(family, det.inpainting)
+    log.info("Loading %s (%s) with diffusers' single-file loader", path.name, det.describe())
+    try:
+        pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True,
+                                    torch_dtype=torch.float16 if fp16 else torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
+                         f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "
+                         "config folder matches the model's family.") from e
+    if getattr(pipe.scheduler.config, "prediction_type", pred) != pred:
+        pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
+                                                              prediction_type=pred)
+    counts = verify(path, pipe, family)
+    log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
+    tmp = out_dir.with_name(f"{drive._TMP_MARK}{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("Wrote the diffusers model %s", out_dir)
+    return out_dir
