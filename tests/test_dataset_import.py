@@ -288,5 +288,5 @@ def test_drive_link_forms(link, kind, ident):
 def test_drive_link_offline_fails_fast(s):
     with pytest.raises(DataError, match="not a Google Drive share link"):
         images.parse_drive_link("https://drive.google.com/")
-    with pytest.raises(OfflineError, match="upload the photos instead"):
+    with pytest.raises(OfflineError, match="give their local path"):
         images.import_images(s, "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOp/view")

@@ -22,8 +22,8 @@ def _import(args) -> None:
         report = images.import_images(s, source)
         print(report.to_text())
     if not args.no_crop and report is not None:
-        crop.crop_session(s, args.size)
-        print(f"Cropped {len(images.originals(s))} images to {args.size or s.settings['resolution']} px")
+        record = crop.crop_session(s, args.size)
+        print(f"Cropped {len(record)} images to {args.size or s.settings['resolution']} px")
 
 
 def _crop(args) -> None:
