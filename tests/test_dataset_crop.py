@@ -131,9 +131,11 @@ def test_contact_sheet_draws_crop_and_entity_boxes(s, tmp_path):
     assert img.width > 2 * 160
 
 
-def test_contact_sheet_of_an_empty_session(s):
+def test_contact_sheet_and_crop_of_an_empty_session(s):
     with pytest.raises(DataError, match="import some first"):
         sheet.contact_sheet(s)
+    with pytest.raises(DataError, match="import some first"):
+        crop.crop_session(s)
 
 
 def test_caption_editor_saves_edits(s, tmp_path):

@@ -17,11 +17,10 @@ def _import(args) -> None:
     from fastsd.dataset import crop, images
 
     s = _load(args)
-    report = None
     for source in args.source:
         report = images.import_images(s, source)
         print(report.to_text())
-    if not args.no_crop and report is not None:
+    if not args.no_crop and images.originals(s):
         record = crop.crop_session(s, args.size)
         print(f"Cropped {len(record)} images to {args.size or s.settings['resolution']} px")
 

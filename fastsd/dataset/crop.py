@@ -139,7 +139,11 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     record_path = session.instance_images / CROPS
     record = drive.read_json(record_path) if record_path.is_file() else {}
     wanted = None if stems is None else set(stems)
-    for path in images.originals(session):
+    found = images.originals(session)
+    if not found:
+        raise DataError(f"Session {session.name!r} has no images to crop: import some first "
+                        "(the images cell, or 'fastsd images import').")
+    for path in found:
         if wanted is not None and path.stem not in wanted:
             continue
         with Image.open(path) as im:
