@@ -217,7 +217,7 @@ class PickleFile(TensorFile):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise _bad(path, f"it holds a {type(sd).__name__}, not a dictionary of tensors")
-        self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self._sd = _flatten(sd)
         self._index = self._sd
         self.metadata = {}
 
@@ -234,6 +234,20 @@ class PickleFile(TensorFile):
     def close(self) -> None:
         self._sd = {}
         self._index = self._sd
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """The tensors of a nested dict, named with dotted paths (an A1111 embedding keeps its
+    vectors under ``string_to_param: {"*": tensor}``)."""
+    import torch
+
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            out[prefix + str(k)] = v
+        elif isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+    return out
 
 
 def open_tensors(path: str | os.PathLike[str]) -> TensorFile:
