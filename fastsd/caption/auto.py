@@ -120,7 +120,7 @@ def caption_session(session: Session, settings: CaptionSettings | None = None,
     settings = settings or CaptionSettings()
     if not images.originals(session):
         raise DataError(f"Session {session.name!r} has no images to caption. Import the "
-                        "instance images first (the images cell, or 'fastsd images add').")
+                        "instance images first (the images cell, or 'fastsd images import').")
     todo = pending(session, settings.overwrite)
     if not todo:
         log.info("Every image of %s has its captions already; pass overwrite to redo them.",

@@ -21,7 +21,7 @@ from fastsd.errors import ModelError
 log = logging.getLogger("fastsd")
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-TINY_VERSION = 1
+TINY_VERSION = 2
 MARKER = "fastsd_tiny.json"
 RESOLUTION = 64  # pixels; the VAE downsamples by 8 like the real ones
 
@@ -90,13 +90,18 @@ def build_clip_tokenizer(pad_token: str = EOS):
                          model_max_length=77)
 
 
-def _text_config(tokenizer, hidden_act: str, projection_dim: int = 32):
+# SDXL's second text encoder is wider than its first (1280 against 768), and diffusers'
+# single-file loader tells them apart by width, so the tiny ones differ too.
+TEXT_WIDTH, TEXT2_WIDTH = 32, 48
+
+
+def _text_config(tokenizer, hidden_act: str, width: int = TEXT_WIDTH):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act=hidden_act,
-        projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        hidden_act=hidden_act, projection_dim=width, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
@@ -129,9 +134,10 @@ def _sdxl_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 4), use_linear_projection=True, cross_attention_dim=64,
+        attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        cross_attention_dim=TEXT_WIDTH + TEXT2_WIDTH,
         norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8)
+        projection_class_embeddings_input_dim=TEXT2_WIDTH + 6 * 8)
 
 
 def _sd_scheduler_config(v_prediction: bool) -> dict:
@@ -177,7 +183,7 @@ def build_pipeline(family: str, seed: int = 0):
     seeded(1)
     te1 = CLIPTextModel(_text_config(tok, "quick_gelu"))
     seeded(4)
-    te2 = CLIPTextModelWithProjection(_text_config(tok2, "gelu"))
+    te2 = CLIPTextModelWithProjection(_text_config(tok2, "gelu", TEXT2_WIDTH))
     seeded(2)
     vae = _vae(0.13025)
     vae.register_to_config(force_upcast=True)

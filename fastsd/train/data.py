@@ -43,7 +43,7 @@ def instance_examples(session) -> list[Example]:
                     if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
     if not images:
         raise DataError(f"No training images in {folder}. Add images to the session first "
-                        "('fastsd images add' or the images cell).")
+                        "('fastsd images import' or the images cell).")
     fallback = instance_prompt(session.settings)
     out = []
     for p in images:
