@@ -89,6 +89,8 @@ def load_parts(model_dir: Path) -> Parts:
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
 
+    from fastsd.models.detect import detect_folder
+
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
@@ -99,11 +101,12 @@ def load_parts(model_dir: Path) -> Parts:
         raise ModelError(f"Cannot load the base model from {model_dir}: {e}. Check that the "
                          "folder is a complete diffusers model.") from e
     pipe.set_progress_bar_config(disable=True)
+    detected = detect_folder(model_dir)
+    if detected.kind != "checkpoint":
+        raise ModelError(f"{model_dir} is {detected.describe()}, not a base model to train.")
     te2 = getattr(pipe, "text_encoder_2", None)
-    sdxl = te2 is not None or pipe.unet.config.get("addition_embed_type") == "text_time"
-    v_pred = pipe.scheduler.config.get("prediction_type") == "v_prediction"
-    family = ("sdxl" if sdxl else
-              "sd2" if v_pred or pipe.unet.config.cross_attention_dim == 1024 else "sd1")
+    family = detected.family
+    v_pred = detected.prediction_type == "v_prediction"
     encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if te2 is not None else [])
     return Parts(pipe, pipe.unet, pipe.vae, encoders, tokenizers,
