@@ -85,7 +85,7 @@ class TensorFile:
     def info(self, key: str) -> Info:
         raise NotImplementedError
 
-    def read(self, key: str) -> "torch.Tensor":
+    def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
         raise NotImplementedError
 
     def close(self) -> None:
@@ -131,6 +131,7 @@ class SafetensorsFile(TensorFile):
             self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None)
                                                          or {}).items()}
             self._base = 8 + n
+            self._scratch = None
             self._index: dict[str, tuple[Info, int, int]] = {}
             end = 0
             for key, h in header.items():
@@ -157,17 +158,26 @@ class SafetensorsFile(TensorFile):
     def info(self, key: str) -> Info:
         return self._index[key][0]
 
-    def read(self, key: str) -> "torch.Tensor":
+    def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
+        """The tensor ``key``; with ``scratch`` a view of a buffer that the next scratch
+        read overwrites (copy it before reading on)."""
         import torch
 
         info, start, stop = self._index[key]
-        buf = bytearray(stop - start)
-        self._f.seek(self._base + start)
-        if self._f.readinto(buf) != len(buf):
-            raise _bad(self.path, f"tensor {key!r} is cut short")
-        if not buf:
-            return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        return torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+        n = stop - start
+        if scratch:  # one buffer, reused: no fresh pages to fault in for every tensor
+            if self._scratch is None or self._scratch.numel() < n:
+                self._scratch = torch.empty(n, dtype=torch.uint8)
+            buf = self._scratch[:n]
+        else:  # torch.empty, not bytearray: no pass to zero memory that is read over
+            buf = torch.empty(n, dtype=torch.uint8)
+        view, done, fd = memoryview(buf.numpy()), 0, self._f.fileno()
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], self._base + start + done)
+            if n <= 0:
+                raise _bad(self.path, f"tensor {key!r} is cut short")
+            done += n
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
         self._f.close()
@@ -228,7 +238,7 @@ class PickleFile(TensorFile):
         t = self._sd[key]
         return Info(dtype_name(t.dtype), tuple(t.shape))
 
-    def read(self, key: str) -> "torch.Tensor":
+    def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
         return self._sd[key]
 
     def close(self) -> None:
@@ -310,15 +320,74 @@ def write_safetensors(path: Path, items: list[tuple[str, Info]],
     """
     from fastsd import drive
 
-    with drive.atomic_writer(path, "wb") as f:
-        f.write(safetensors_header(items, metadata))
+    with drive.atomic_writer(path, "wb") as f, _Writer(f) as w:
+        w.put(safetensors_header(items, metadata))
         for name, info in items:
             t = produce(name)
             got = Info(dtype_name(t.dtype), tuple(t.shape))
             if got != info:
                 raise AssertionError(f"{name}: planned {info}, produced {got}")
-            f.write(tensor_bytes(t))
+            w.put(t)
             del t
             if progress is not None:
                 next(progress, None)
     return path
+
+
+class _Writer:
+    """Writes tensors, in a thread when ``threaded`` (file writes release the GIL, so the
+    caller reads and converts the next tensor meanwhile), and starts the disk writeback of
+    every ``flush_every`` bytes at once, so the final fsync has little left to wait for
+    and the page cache is not filled with the whole file. At most two tensors wait in the
+    queue, which bounds the memory it adds."""
+
+    def __init__(self, f, threaded: bool = True,
+                 flush_every: int = 256 << 20) -> None:
+        import queue
+        import threading
+
+        self.f, self.flush_every, self.threaded = f, flush_every, threaded
+        self.written = self.started = 0
+        self.q: "queue.Queue" = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fastsd-writer", daemon=True)
+
+    def __enter__(self) -> "_Writer":
+        if self.threaded:
+            self.thread.start()
+        return self
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.threaded:
+            self.q.put(item)
+        else:
+            self._write(item)
+
+    def _write(self, item) -> None:
+        data = item if isinstance(item, bytes) else tensor_bytes(item)
+        self.f.write(data)
+        self.written += len(data)
+        fadvise = getattr(os, "posix_fadvise", None)
+        if fadvise is not None and self.written - self.started >= self.flush_every:
+            self.f.flush()
+            # DONTNEED starts writing these pages to disk now and frees them once written
+            fadvise(self.f.fileno(), self.started, self.written - self.started,
+                    os.POSIX_FADV_DONTNEED)
+            self.started = self.written
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(item)
+                except BaseException as e:  # handed to the caller's thread, raised there
+                    self.error = e
+
+    def __exit__(self, *exc) -> None:
+        if self.threaded:
+            self.q.put(None)
+            self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error

@@ -126,7 +126,7 @@ def produce(p: Planned) -> "torch.Tensor":
     import torch
 
     dtype = torch_dtype(p.info.dtype)
-    ts = [s.file.read(s.key).to(dtype) for s in p.sources]
+    ts = [s.file.read(s.key, scratch=True).to(dtype, copy=True) for s in p.sources]
     if p.op == "part":
         return torch.cat(ts, 0)
     t = ts[0]
