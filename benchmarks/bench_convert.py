@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ SD15_TEXT = dict(
 SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
                  skip_prk_steps=True, set_alpha_to_one=False, prediction_type="epsilon")
+
+RUNS = 5  # per side and format; times are medians, peak RSS the largest seen
 
 BUILD = """
 import json, sys, torch
@@ -129,18 +132,18 @@ def main() -> None:
               flush=True)
         results = {}
         for ext, ckpt in ((".safetensors", False), (".ckpt", True)):
-            for name, code in (("naive", NAIVE), ("ours", OURS)):
-                best = None
-                for _ in range(2):  # best of two: the machine is shared
+            runs: dict[str, list[dict]] = {"naive": [], "ours": []}
+            for _ in range(RUNS):  # alternating, so both sides see the same machine load
+                for name, code in (("naive", NAIVE), ("ours", OURS)):
                     dst = tmp / f"out{ext}"
                     got = run(code.format(src=str(src), dst=str(dst), ckpt=ckpt))
-                    out_gb = dst.stat().st_size / 1e9
+                    print(ext, name, got, f"{dst.stat().st_size / 1e9:.2f} GB", flush=True)
                     dst.unlink()
-                    best = got if best is None else {
-                        "seconds": min(best["seconds"], got["seconds"]),
-                        "peak_mb": min(best["peak_mb"], got["peak_mb"])}
-                    print(ext, name, got, f"{out_gb:.2f} GB", flush=True)
-                results[(ext, name)] = best
+                    runs[name].append(got)
+            for name, got in runs.items():
+                results[(ext, name)] = {
+                    "seconds": statistics.median(g["seconds"] for g in got),
+                    "peak_mb": max(g["peak_mb"] for g in got)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -163,8 +166,8 @@ def main() -> None:
         command=".venv/bin/python benchmarks/bench_convert.py",
         notes=f"SD 1.5 UNet + VAE + text encoder, random weights from the default configs, "
         f"{size_gb:.2f} GB of fp32 .safetensors. Each conversion in its own process after an os.sync() (time "
-        "includes imports; best of two runs; the machine's 2 cores are shared, so times vary "
-        "by a few seconds). Baseline: load every state dict, rename, "
+        f"includes imports); {RUNS} alternating runs per side, median time and largest peak "
+        "RSS (single runs vary by a few seconds on this shared disk). Baseline: load every state dict, rename, "
         ".half(), save (diffusers' convert_diffusers_to_original_stable_diffusion.py). Ours "
         "reads one tensor at a time and writes as it goes, fsync included; .ckpt is staged "
         "as fp16 .safetensors and saved by torch.save from a memory map whose read pages "

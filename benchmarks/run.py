@@ -42,9 +42,10 @@ def render(results: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    only = set(argv)
+    """Run the named benchmarks (all when none is named); --table only rewrites RESULTS.md."""
+    only = {a for a in argv if not a.startswith("--")}
     failed = []
-    for bench in sorted(HERE.glob("bench_*.py")):
+    for bench in [] if "--table" in argv else sorted(HERE.glob("bench_*.py")):
         if only and bench.stem not in only and bench.stem[len("bench_"):] not in only:
             continue
         print(f"== {bench.name}", flush=True)
