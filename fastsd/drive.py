@@ -214,6 +214,29 @@ def move_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     return dst
 
 
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder beside ``dst``, renamed to ``dst`` on a clean exit (replacing
+    what was there only then); removed on an error, leaving ``dst`` untouched."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(dst)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = _tmp_path(dst)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            retry(lambda: os.replace(tmp, dst), f"Renaming {tmp.name}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(dst.parent)
+
+
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],
               attempts: int | None = None, delay: float | None = None) -> Path:
     """Copy a folder so that ``dst`` appears whole or not at all.
@@ -224,20 +247,7 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DriveError(f"Cannot copy {src}: it is not a folder.")
-    tmp = _tmp_path(dst)
-    try:
+    with atomic_folder(dst) as tmp:
         for f in sorted(p for p in src.rglob("*") if p.is_file()):
             copy_file(f, tmp / f.relative_to(src), attempts, delay)
-        tmp.mkdir(parents=True, exist_ok=True)
-        if dst.exists():
-            old = _tmp_path(dst)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            retry(lambda: os.replace(tmp, dst), f"Renaming {tmp.name}", attempts, delay)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(dst.parent)
     return dst

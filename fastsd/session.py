@@ -165,16 +165,13 @@ def create(name: str, root: Path | None = None, **settings: Any) -> Session:
     if path.exists():
         raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
                             "Load it, or choose another name.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".creating-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(TEMPLATE_DIR, tmp)
-    for f in FOLDERS:
-        (tmp / f).mkdir(exist_ok=True)
-        (tmp / f / ".keep").unlink(missing_ok=True)
-    session = Session(path.name, tmp, {**DEFAULT_SETTINGS, **settings}, time.time())
-    session.save()
-    tmp.rename(path)
+    with drive.atomic_folder(path) as tmp:
+        shutil.copytree(TEMPLATE_DIR, tmp, dirs_exist_ok=True)
+        for f in FOLDERS:
+            (tmp / f).mkdir(exist_ok=True)
+            (tmp / f / ".keep").unlink(missing_ok=True)
+        session = Session(path.name, tmp, {**DEFAULT_SETTINGS, **settings}, time.time())
+        session.save()
     session.path = path
     return session
 

@@ -50,7 +50,7 @@ def test_create_lays_out_the_template_and_settings(workspace):
     assert data["settings"]["class_word"] == "dog"
     assert data["settings"]["resolution"] == 768
     assert data["settings"]["instance_token"] == "sks"
-    assert not list(s.path.parent.glob(".creating-*"))
+    assert [p.name for p in s.path.parent.iterdir()] == ["dog"]
 
 
 def test_create_refuses_an_existing_session(workspace):

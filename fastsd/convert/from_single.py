@@ -315,15 +315,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                                                               prediction_type=pred)
     counts = verify(path, pipe, family)
     log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
-    tmp = out_dir.with_name(f"{drive._TMP_MARK}{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with drive.atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("Wrote the diffusers model %s", out_dir)
     return out_dir

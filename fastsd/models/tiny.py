@@ -200,15 +200,10 @@ def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny ``family`` pipeline and save it in diffusers format to ``out_dir``."""
     out_dir = Path(out_dir)
     pipe = build_pipeline(family, seed)
-    tmp = out_dir.with_name(f".building-{out_dir.name}")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    drive.atomic_write_json(tmp / MARKER, {"family": family, "seed": seed,
-                                           "version": TINY_VERSION})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with drive.atomic_folder(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        drive.atomic_write_json(tmp / MARKER, {"family": family, "seed": seed,
+                                               "version": TINY_VERSION})
     log.info("Built tiny %s model in %s", family, out_dir)
     return out_dir
 

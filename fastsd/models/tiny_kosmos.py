@@ -16,7 +16,6 @@ is sized to the finished tokenizer.
 from __future__ import annotations
 
 import logging
-import shutil
 import string
 from pathlib import Path
 
@@ -115,14 +114,11 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny Kosmos-2 and save model and processor to ``out_dir`` (whole or absent)."""
     out_dir = Path(out_dir)
     model, processor = build_pair(seed)
-    tmp = out_dir.with_name(f".building-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    drive.atomic_write_json(tmp / MARKER, {"family": "kosmos2", "seed": seed,
-                                           "version": TINY_VERSION})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with drive.atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        drive.atomic_write_json(tmp / MARKER, {"family": "kosmos2", "seed": seed,
+                                               "version": TINY_VERSION})
     log.info("Built tiny Kosmos-2 in %s", out_dir)
     return out_dir
 
