@@ -70,18 +70,23 @@ def step_train(s: session.Session, root: Path) -> None:
 
 
 def step_convert(s: session.Session, root: Path) -> None:
-    """Convert the trained model to a single .safetensors file (convert)."""
-    from fastsd.convert import inspect, to_single_file
+    """Check the trainer's single file and load it back through diffusers (convert)."""
+    from fastsd.convert import inspect, to_diffusers, to_single_file
 
     trained = sorted((p.parent for p in s.models.glob("*/model_index.json")),
                      key=lambda p: p.stat().st_mtime)
-    # The trainer saves its diffusers folder under session.models/; without one (training
-    # skipped), the session's base model is converted instead.
+    # The trainer writes NAME/ and NAME.safetensors under session.models/; without them
+    # (training skipped), the session's base model is converted instead.
     src = trained[-1] if trained else models.resolve(s.settings["base_model"], root)
-    out = to_single_file(src, s.models / f"{src.name}.safetensors")
-    info = inspect(out)
-    log.info("Single file %s: %s, %s, %d tensors", out, info["what"], info["precision"],
+    single = s.models / f"{src.name}.safetensors"
+    if not single.is_file():
+        single = to_single_file(src, single)
+    info = inspect(single)
+    log.info("Single file %s: %s, %s, %d tensors", single, info["what"], info["precision"],
              info["tensors"])
+    with tempfile.TemporaryDirectory() as tmp:
+        to_diffusers(single, Path(tmp) / "back", config=src)
+    log.info("diffusers' single-file loader reads it back, every tensor checked")
 
 
 def run(root: Path | None = None, family: str = "sd1", name: str = "demo") -> session.Session:
