@@ -111,6 +111,13 @@ print(json.dumps({{"seconds": time.perf_counter() - t,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
+# The same, then fsync of the output: the time until the file is on disk, as ours reports.
+NAIVE_DURABLE = NAIVE.replace("print(json.dumps(", """import os
+fd = os.open({dst!r}, os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+print(json.dumps(""")
+
 
 def run(code: str) -> dict:
     os.sync()  # the previous run's writes are not this run's cost
@@ -132,9 +139,12 @@ def main() -> None:
               flush=True)
         results = {}
         for ext, ckpt in ((".safetensors", False), (".ckpt", True)):
-            runs: dict[str, list[dict]] = {"naive": [], "ours": []}
-            for _ in range(RUNS):  # alternating, so both sides see the same machine load
-                for name, code in (("naive", NAIVE), ("ours", OURS)):
+            sides = [("naive", NAIVE), ("ours", OURS)]
+            if not ckpt:
+                sides.insert(1, ("naive_durable", NAIVE_DURABLE))
+            runs: dict[str, list[dict]] = {name: [] for name, _ in sides}
+            for _ in range(RUNS):  # alternating, so every side sees the same machine load
+                for name, code in sides:
                     dst = tmp / f"out{ext}"
                     got = run(code.format(src=str(src), dst=str(dst), ckpt=ckpt))
                     print(ext, name, got, f"{dst.stat().st_size / 1e9:.2f} GB", flush=True)
@@ -148,13 +158,16 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     st_o, st_n = results[(".safetensors", "ours")], results[(".safetensors", "naive")]
+    st_d = results[(".safetensors", "naive_durable")]
     ck_o, ck_n = results[(".ckpt", "ours")], results[(".ckpt", "naive")]
     rows = [
         Row(".safetensors fp16: peak RSS", "MB", round(st_o["peak_mb"]), round(st_n["peak_mb"]),
             "<= 1024 MB", higher_is_better=False, passed=st_o["peak_mb"] <= 1024),
-        Row(".safetensors fp16: wall time", "s", round(st_o["seconds"], 1),
-            round(st_n["seconds"], 1), "<= naive", higher_is_better=False,
-            passed=st_o["seconds"] <= st_n["seconds"]),
+        Row(".safetensors fp16: wall time to a file on disk (both fsync)", "s",
+            round(st_o["seconds"], 1), round(st_d["seconds"], 1), "<= naive",
+            higher_is_better=False, passed=st_o["seconds"] <= st_d["seconds"]),
+        Row(".safetensors fp16: wall time, naive left in the page cache", "s",
+            round(st_o["seconds"], 1), round(st_n["seconds"], 1), higher_is_better=False),
         Row(".ckpt fp16: peak RSS", "MB", round(ck_o["peak_mb"]), round(ck_n["peak_mb"]),
             "<= 0.5 x naive", higher_is_better=False,
             passed=ck_o["peak_mb"] <= 0.5 * ck_n["peak_mb"]),
@@ -169,7 +182,10 @@ def main() -> None:
         f"includes imports); {RUNS} alternating runs per side, median time and largest peak "
         "RSS (single runs vary by a few seconds on this shared disk). Baseline: load every state dict, rename, "
         ".half(), save (diffusers' convert_diffusers_to_original_stable_diffusion.py). Ours "
-        "reads one tensor at a time and writes as it goes, fsync included; .ckpt is staged "
+        "reads one tensor at a time and writes as it goes, and fsyncs the file before it "
+        "returns (a session file on Drive must be whole), so the time target is taken "
+        "against the naive save plus an fsync of its output; the naive time without that "
+        "fsync is the row after it. The disk makes single runs vary by several seconds. .ckpt is staged "
         "as fp16 .safetensors and saved by torch.save from a memory map whose read pages "
         "are dropped as it writes.")
 
