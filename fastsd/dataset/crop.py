@@ -157,7 +157,13 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     return record
 
 
+TRAINING_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def training_images(session) -> list[Path]:
-    """The cropped training images (top level of instance_images/)."""
-    return sorted(p for p in session.instance_images.iterdir()
-                  if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    """The training images: the image files at the top level of instance_images/."""
+    folder = Path(session.instance_images)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in TRAINING_EXTS)

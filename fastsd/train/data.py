@@ -21,7 +21,6 @@ from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLASS_DIR = "class_images"
 
 
@@ -38,18 +37,17 @@ def instance_prompt(settings: dict[str, Any]) -> str:
 
 def instance_examples(session) -> list[Example]:
     """The top-level images of the session with their captions (or the instance prompt)."""
-    folder = Path(session.instance_images)
-    images = sorted(p for p in folder.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    from fastsd.dataset import captions, crop
+
+    images = crop.training_images(session)
     if not images:
-        raise DataError(f"No training images in {folder}. Add images to the session first "
+        raise DataError(f"No training images in {session.instance_images}. Add images to "
+                        "the session first "
                         "('fastsd images import' or the images cell).")
     fallback = instance_prompt(session.settings)
     out = []
     for p in images:
-        cap = Path(session.captions) / f"{p.stem}.txt"
-        text = cap.read_text(encoding="utf-8").strip() if cap.is_file() else ""
-        out.append(Example(p, text or fallback))
+        out.append(Example(p, captions.read(session, p.stem) or fallback))
     return out
 
 
