@@ -33,10 +33,6 @@ def reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
     return True
 
 
-def in_notebook() -> bool:
-    return runtime() in ("colab", "jupyter")
-
-
 @dataclass(frozen=True)
 class DeviceInfo:
     device: str  # "cuda", "mps" or "cpu"
