@@ -57,9 +57,9 @@ def write(session, stem: str, text: str, overwrite: bool = False) -> bool:
 
 
 def image_stems(session) -> list[str]:
-    from fastsd.dataset import images
+    from fastsd.dataset import store
 
-    return [p.stem for p in images.originals(session)]
+    return [p.stem for p in store.originals(session)]
 
 
 def show(session) -> dict[str, str | None]:

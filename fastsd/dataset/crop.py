@@ -133,13 +133,13 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     """
     from PIL import Image
 
-    from fastsd.dataset import images
+    from fastsd.dataset import store
 
     size = check_size(int(size or session.settings["resolution"]))
     record_path = session.instance_images / CROPS
     record = drive.read_json(record_path) if record_path.is_file() else {}
     wanted = None if stems is None else set(stems)
-    found = images.originals(session)
+    found = store.originals(session)
     if not found:
         raise DataError(f"Session {session.name!r} has no images to crop: import some first "
                         "(the images cell, or 'fastsd images import').")

@@ -25,18 +25,18 @@ from pathlib import Path
 from typing import Iterable
 
 from fastsd import drive
+from fastsd.dataset import check
+from fastsd.dataset.store import (IMAGE_EXTS, ORIGINALS, originals,  # noqa: F401 (re-exported)
+                                  originals_dir, write_preview)
 from fastsd.errors import DataError, OfflineError
 
 log = logging.getLogger("fastsd")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
-              ".heif"}
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 89 Mpx)
 MIN_SIDE = 64
 MAX_ZIP_BYTES = 4 << 30  # uncompressed, all members together
 MAX_ZIP_RATIO = 200  # a member this much larger than its compressed bytes is a zip bomb...
 ZIP_RATIO_FROM = 16 << 20  # ...once it unpacks to more than this (photos hardly compress)
-ORIGINALS = "originals"
 INDEX = "imports.json"  # pixel hash -> stem, in originals/
 REPORT = "import_report.json"  # in outputs/
 PNG_LEVEL = 3  # lossless; half the time of the default level 6 for ~15% more bytes
@@ -59,6 +59,7 @@ class ImportReport:
     """One row per file; shown as a table in a notebook and as text by the CLI."""
 
     rows: list[Row] = field(default_factory=list)
+    check: check.CheckReport | None = None  # the set check after this import
 
     def by(self, outcome: str, kind: str | None = "image") -> list[Row]:
         """Rows with this outcome, of this kind (None: of any kind)."""
@@ -90,6 +91,8 @@ class ImportReport:
         lines += [f"{r.file:<{width}}  {r.outcome:<9}  {_size(r):<9}  {r.reason}"
                   for r in self.rows]
         lines.append(self.summary())
+        if self.check is not None:
+            lines.append(self.check.to_text())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -98,8 +101,10 @@ class ImportReport:
             f"<tr><td>{html.escape(r.file)}</td><td style='color:{colour[r.outcome]}'>"
             f"{r.outcome}</td><td>{_size(r)}</td><td>{html.escape(r.name)}</td>"
             f"<td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
+        checked = self.check._repr_html_() if self.check is not None else ""
         return ("<table><tr><th>file</th><th>outcome</th><th>size</th><th>name</th>"
-                f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>")
+                f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>"
+                f"{checked}")
 
 
 def _size(row: Row) -> str:
@@ -135,9 +140,7 @@ def _to_rgb(img):
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         import numpy as np
 
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+        return _deep_to_rgb(np.asarray(img), None)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -145,6 +148,112 @@ def _to_rgb(img):
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
     return img.convert("RGB")  # CMYK, L, YCbCr...
+
+
+# --------------------------------------------------------------------------- bit depth
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEPTHS = (8, 10, 12, 14, 16, 24, 32)  # the containers "the range actually used" picks from
+
+
+def png_header(data: bytes) -> tuple[int, int, tuple[int, ...] | None] | None:
+    """(bit depth, colour type, sBIT significant bits or None) of PNG data; None if not PNG."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, depth, colour, sbit = 8, None, None, None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 10:
+            depth, colour = body[8], body[9]
+        elif kind == b"sBIT" and body:
+            sbit = tuple(body)
+        elif kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return None if depth is None else (depth, colour, sbit)
+
+
+def white_level(samples, significant_bits: int | None = None) -> float:
+    """The sample value that is white, judged by the image's real depth.
+
+    Floats within [0, 1] are in that range. Integers: a PNG sBIT of n bits means n-bit data,
+    either in the low n bits (what several tools write) or scaled up to the whole
+    container as the PNG specification says, whichever the largest value shows. Without
+    sBIT, the smallest common depth (8, 10, 12, 14, 16 bits...) that holds the largest
+    value: an 8-bit image stored in 16 bits is not darkened, and a full-range one keeps
+    its tones. The container's full range is the last resort.
+    """
+    import numpy as np
+
+    top = float(np.nanmax(samples)) if samples.size else 0.0
+    if samples.dtype.kind == "f":
+        if top <= 1.0:
+            return 1.0
+        top = float(np.ceil(top))
+        container = 32
+    else:
+        container = samples.dtype.itemsize * 8
+    if significant_bits:
+        low = float(2 ** significant_bits - 1)
+        return low if top <= low else float(2 ** container - 1)
+    for bits in DEPTHS:
+        if top < 2 ** bits:
+            return float(2 ** bits - 1)
+    return top
+
+
+def _deep_to_rgb(a, significant_bits: int | None, bgr: bool = False):
+    """An 8-bit RGB PIL image from a deep (16/32-bit or float) array: grey (H, W), or
+    (H, W, C) with C = 2 (grey + alpha), 3 (colour) or 4 (colour + alpha)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    colour = a[..., : 1 if a.shape[2] < 3 else 3].astype(np.float64)
+    alpha = a[..., -1].astype(np.float64) if a.shape[2] in (2, 4) else None
+    if bgr and colour.shape[2] == 3:
+        colour = colour[..., ::-1]
+    rgb = np.clip(colour / white_level(a[..., : colour.shape[2]], significant_bits), 0, 1)
+    if alpha is not None:
+        opacity = np.clip(alpha / white_level(a[..., -1], significant_bits), 0, 1)[..., None]
+        rgb = rgb * opacity + (1.0 - opacity)  # flattened on white
+    out = (rgb * 255.0 + 0.5).astype(np.uint8)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(out), "RGB")
+
+
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}  # EXIF orientation -> transpose
+
+
+def _deep_decode(data: bytes, img):
+    """8-bit RGB from a file deeper than 8 bits per sample that Pillow would truncate (16-bit
+    colour PNG and TIFF: Pillow keeps only the high byte); None when Pillow's own decode
+    is exact."""
+    png = png_header(data)
+    if png is not None:
+        deep = png[0] == 16
+        sbit = max(png[2]) if png[2] else None
+    else:
+        bits = getattr(img, "tag_v2", {}).get(258, (8,)) if img.format == "TIFF" else (8,)
+        deep = max(bits if isinstance(bits, tuple) else (bits,)) > 8
+        sbit = None
+    if not deep:
+        return None
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None:  # OpenCV cannot read it: Pillow's modes I;16, I and F still can
+        return None
+    out = _deep_to_rgb(a, sbit, bgr=True)
+    method = _ORIENT.get(img.getexif().get(0x0112, 1))
+    return out.transpose(getattr(Image.Transpose, method)) if method else out
 
 
 def load_image(data: bytes, name: str):
@@ -178,7 +287,8 @@ def load_image(data: bytes, name: str):
     try:
         if frames > 1:
             img = img.copy()
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        deep = _deep_decode(data, img)
+        img = deep if deep is not None else _to_rgb(ImageOps.exif_transpose(img))
     except DECODE_ERRORS as e:
         raise Skip(f"cannot convert this image to RGB ({type(e).__name__}: {e})") from None
     if min(img.size) < MIN_SIDE:
@@ -194,19 +304,6 @@ def pixel_hash(img) -> str:
 
 
 # --------------------------------------------------------------------------- session side
-
-
-def originals_dir(session) -> Path:
-    return session.instance_images / ORIGINALS
-
-
-def originals(session) -> list[Path]:
-    """The session's imported originals, sorted by name."""
-    folder = originals_dir(session)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
 
 def _free_stem(stem: str, taken: set[str]) -> str:
@@ -225,13 +322,14 @@ def _read(display: str, path: Path) -> bytes:
         raise Skip(f"cannot be read ({e.strerror}): check the file's permissions") from None
 
 
-def import_files(session, files: Iterable[tuple[str, Path]],
-                 refused: Iterable[Row] = ()) -> ImportReport:
+def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[Row] = (),
+                 check_set: bool = True) -> ImportReport:
     """Import (display name, path) pairs; the common end of every source.
 
     One row per pair, in the order given, after the ``refused`` rows (files a source
     already turned down, such as unsafe zip members). A ``.txt`` with the stem of an
-    image among the files is that image's caption (written unless one exists).
+    image among the files is that image's caption (written unless one exists). Then the
+    whole set is checked (``check_set``), and the warnings are part of the report.
     """
     from fastsd.dataset import captions
 
@@ -271,6 +369,7 @@ def import_files(session, files: Iterable[tuple[str, Path]],
         stem = _free_stem(path.stem, taken)
         with drive.atomic_writer(folder / f"{stem}.png") as f:
             img.save(f, format="PNG", compress_level=PNG_LEVEL)
+        write_preview(session, stem, img)
         taken.add(stem)
         index[digest] = stem
         drive.atomic_write_json(index_path, index)
@@ -295,6 +394,8 @@ def import_files(session, files: Iterable[tuple[str, Path]],
     report = ImportReport([*refused, *(rows[i] for i in sorted(rows))])
     drive.atomic_write_json(session.outputs / REPORT, report.to_dicts())
     log.info("%s", report.summary())
+    if check_set and originals(session):
+        report.check = check.check_session(session)
     return report
 
 
@@ -413,14 +514,18 @@ def download_drive_link(link: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------- entry point
 
 
-def import_images(session, source: str | Path | dict[str, bytes]) -> ImportReport:
-    """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}."""
+def import_images(session, source: str | Path | dict[str, bytes],
+                  check_set: bool = True) -> ImportReport:
+    """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}.
+
+    ``check_set``: check the whole set afterwards (fastsd.dataset.check); its warnings are
+    in the report."""
     with tempfile.TemporaryDirectory(prefix="fastsd-import-") as tmp:
         tmp_path = Path(tmp)
         if isinstance(source, dict):
             for name, data in source.items():
                 (tmp_path / Path(name).name).write_bytes(bytes(data))
-            return import_files(session, _walk(tmp_path))
+            return import_files(session, _walk(tmp_path), check_set=check_set)
         text = str(source)
         if text.startswith(("http://", "https://")):
             if "drive.google.com" not in text and "docs.google.com" not in text:
@@ -433,18 +538,18 @@ def import_images(session, source: str | Path | dict[str, bytes]) -> ImportRepor
             for z in zips:
                 files += extract_zip(z, tmp_path / "unzipped" / z.stem, refused)
             return import_files(session, [(n, p) for n, p in files
-                                          if p.suffix.lower() != ".zip"], refused)
+                                          if p.suffix.lower() != ".zip"], refused, check_set)
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path} does not exist. Give a folder, a .zip file or a Google "
                             "Drive share link.")
         if path.is_dir():
-            return import_files(session, _walk(path))
+            return import_files(session, _walk(path), check_set=check_set)
         if path.suffix.lower() == ".zip":
             refused = []
             files = extract_zip(path, tmp_path / "zip", refused)
-            return import_files(session, files, refused)
-        return import_files(session, [(path.name, path)])
+            return import_files(session, files, refused, check_set)
+        return import_files(session, [(path.name, path)], check_set=check_set)
 
 
 def last_report(session) -> ImportReport | None:
