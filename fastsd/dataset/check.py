@@ -99,6 +99,10 @@ class CheckReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        return self.html()
+
+    def html(self) -> str:
+        """The warnings as HTML (escaped), for the notebook."""
         if not self.findings:
             return f"<p style='color:#1a7f37'>{html.escape(self.summary())}</p>"
         items = "".join(

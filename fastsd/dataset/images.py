@@ -101,7 +101,7 @@ class ImportReport:
             f"<tr><td>{html.escape(r.file)}</td><td style='color:{colour[r.outcome]}'>"
             f"{r.outcome}</td><td>{_size(r)}</td><td>{html.escape(r.name)}</td>"
             f"<td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
-        checked = self.check._repr_html_() if self.check is not None else ""
+        checked = self.check.html() if self.check is not None else ""
         return ("<table><tr><th>file</th><th>outcome</th><th>size</th><th>name</th>"
                 f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>"
                 f"{checked}")
