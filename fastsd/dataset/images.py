@@ -177,7 +177,8 @@ def png_header(data: bytes) -> tuple[int, int, tuple[int, ...] | None] | None:
 def white_level(samples, significant_bits: int | None = None) -> float:
     """The sample value that is white, judged by the image's real depth.
 
-    Floats within [0, 1] are in that range. Integers: a PNG sBIT of n bits means n-bit data,
+    Floats within [0, 1] are in that range; larger fractional floats (high dynamic range)
+    are scaled by their brightest value. Integers: a PNG sBIT of n bits means n-bit data,
     either in the low n bits (what several tools write) or scaled up to the whole
     container as the PNG specification says, whichever the largest value shows. Without
     sBIT, the smallest common depth (8, 10, 12, 14, 16 bits...) that holds the largest
@@ -190,8 +191,9 @@ def white_level(samples, significant_bits: int | None = None) -> float:
     if samples.dtype.kind == "f":
         if top <= 1.0:
             return 1.0
-        top = float(np.ceil(top))
-        container = 32
+        if not np.array_equal(samples, np.round(samples)):
+            return top  # high dynamic range: its brightest value is white
+        container = 32  # whole numbers stored as floats: judged like integers
     else:
         container = samples.dtype.itemsize * 8
     if significant_bits:
