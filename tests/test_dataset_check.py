@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ from skimage import data
 
 from fastsd import cli
 from fastsd import session as sessions
-from fastsd.dataset import captions, check, images, samples, sheet, widgets
+from fastsd.dataset import captions, check, images, samples, sheet, store, widgets
 
 # ---------------------------------------------------------------------------- bit depth
 
@@ -155,12 +156,24 @@ def clean_folder(tmp_path_factory):
     return folder
 
 
-def make_session(name, clean_folder, tmp_path, extra: dict, keep=CLEAN):
+@pytest.fixture(scope="module")
+def clean_images(clean_folder, tmp_path_factory):
+    """instance_images/ of a session holding the clean set, measured once for the module."""
+    s = sessions.create("template", tmp_path_factory.mktemp("template"), resolution=256)
+    images.import_images(s, clean_folder)
+    return s.instance_images
+
+
+def make_session(name, clean_images, tmp_path, extra: dict, keep=CLEAN):
+    """A session with the clean photos in ``keep`` (imported and measured already, as
+    after an earlier import) and a folder of ``extra`` photos to import next."""
     s = sessions.create(name, resolution=256, class_word="cell")
+    shutil.copytree(clean_images, s.instance_images, dirs_exist_ok=True)  # keeps mtimes
+    for p in store.originals(s):
+        if p.stem not in keep:
+            p.unlink()
     src = tmp_path / name
     src.mkdir()
-    for stem in keep:
-        (src / f"{stem}.png").write_bytes((clean_folder / f"{stem}.png").read_bytes())
     for stem, make in extra.items():
         make().save(src / f"{stem}.png")
     if "cells_far" in extra:  # Kosmos-2 found the subject: a speck in the corner
@@ -171,10 +184,10 @@ def make_session(name, clean_folder, tmp_path, extra: dict, keep=CLEAN):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_check_fires_on_its_case_and_stays_quiet_on_the_others(case, clean_folder,
+def test_each_check_fires_on_its_case_and_stays_quiet_on_the_others(case, clean_images,
                                                                     tmp_path):
     extra, expected, named = CASES[case]
-    s, src = make_session(case, clean_folder, tmp_path, extra)
+    s, src = make_session(case, clean_images, tmp_path, extra)
     report = images.import_images(s, src).check
     assert report is not None and report.n_images == len(CLEAN) + len(extra)
     assert report.checks == expected, report.to_text()
@@ -189,21 +202,32 @@ def test_each_check_fires_on_its_case_and_stays_quiet_on_the_others(case, clean_
         assert f"Keep {dup.keep}" in dup.message
 
 
-def test_too_few_images_for_the_steps(clean_folder, tmp_path):
-    s, src = make_session("few", clean_folder, tmp_path, {}, keep=CLEAN[:6])
+def test_a_blurred_copy_beside_its_sharp_original_keeps_the_sharp_one(clean_images, tmp_path):
+    extra = {"cells": lambda: photo("cells"),
+             "cells_soft": lambda: photo("cells").filter(ImageFilter.GaussianBlur(3))}
+    s, src = make_session("pair", clean_images, tmp_path, extra)
+    report = images.import_images(s, src).check
+    assert report.checks == {"blurred", "duplicates"}
+    (dup,) = report.by("duplicates")
+    assert sorted(dup.images) == ["cells", "cells_soft"] and dup.keep == "cells"
+    assert [f.images for f in report.by("blurred")] == [["cells_soft"]]
+
+
+def test_too_few_images_for_the_steps(clean_images, tmp_path):
+    s, src = make_session("few", clean_images, tmp_path, {}, keep=CLEAN[:6])
     images.import_images(s, src, check_set=False)
     assert check.check_session(s, check.CheckSettings(steps=1200)).checks == set()
     (f,) = check.check_session(s).by("too_few")  # 1500 steps: 250 per image
     assert f.threshold == "max_steps_per_image=200" and f.value == 250
     assert "at least 8" in f.message and "at most 1200" in f.message
-    s3, src3 = make_session("three", clean_folder, tmp_path, {}, keep=CLEAN[:3])
+    s3, src3 = make_session("three", clean_images, tmp_path, {}, keep=CLEAN[:3])
     images.import_images(s3, src3, check_set=False)
     (f,) = check.check_session(s3, check.CheckSettings(steps=300)).by("too_few")
     assert f.threshold == "min_images=5"
 
 
-def test_face_decides_the_subject_when_kosmos_did_not(clean_folder, tmp_path):
-    s, src = make_session("face", clean_folder, tmp_path, {})
+def test_face_decides_the_subject_when_kosmos_did_not(clean_images, tmp_path):
+    s, src = make_session("face", clean_images, tmp_path, {})
     images.import_images(s, src, check_set=False)
     quiet = check.check_session(s)
     assert quiet.by("subject") == []
@@ -219,8 +243,8 @@ def test_steps_default_is_the_trainers():
     assert check.CheckSettings().steps == TrainSettings().unet_steps
 
 
-def test_second_check_reads_the_cached_measures(clean_folder, tmp_path):
-    s, src = make_session("cache", clean_folder, tmp_path, {"lens_cap": blank})
+def test_second_check_reads_the_cached_measures(clean_images, tmp_path):
+    s, src = make_session("cache", clean_images, tmp_path, {"lens_cap": blank})
     first = images.import_images(s, src).check
     cached = s.instance_images / "previews" / check.MEASURES
     before = cached.stat().st_mtime_ns
@@ -229,8 +253,8 @@ def test_second_check_reads_the_cached_measures(clean_folder, tmp_path):
     assert json.loads((s.outputs / check.REPORT).read_text()) == again.to_dict()
 
 
-def test_cli_check_text_and_json(clean_folder, tmp_path, capsys):
-    s, src = make_session("clitest", clean_folder, tmp_path, {"lens_cap": blank})
+def test_cli_check_text_and_json(clean_images, tmp_path, capsys):
+    s, src = make_session("clitest", clean_images, tmp_path, {"lens_cap": blank})
     images.import_images(s, src, check_set=False)
     assert cli.main(["images", "check", "clitest"]) == 0
     out = capsys.readouterr().out
@@ -240,8 +264,8 @@ def test_cli_check_text_and_json(clean_folder, tmp_path, capsys):
     assert got["findings"] == [] and got["settings"]["blank_spread"] == 0.1
 
 
-def test_sheet_and_notebook_show_the_warnings(clean_folder, tmp_path):
-    s, src = make_session("shown", clean_folder, tmp_path, {"lens_cap": blank})
+def test_sheet_and_notebook_show_the_warnings(clean_images, tmp_path):
+    s, src = make_session("shown", clean_images, tmp_path, {"lens_cap": blank})
     images.import_images(s, src)
     img = sheet.contact_sheet(s, thumb=128)
     a = np.asarray(img).astype(int)
@@ -257,7 +281,7 @@ def test_sheet_and_notebook_show_the_warnings(clean_folder, tmp_path):
 
 def label(text: str, size: int = 20) -> np.ndarray:
     img = Image.new("L", (600, 40), 255)
-    ImageDraw.Draw(img).text((4, 4), text, fill=0, font=sheet._font(size))
+    ImageDraw.Draw(img).text((4, 4), text, fill=0, font=sheet.font(size))
     return np.asarray(img)
 
 

@@ -60,7 +60,8 @@ def readable(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _font(size: int):
+def font(size: int):
+    """DejaVu Sans at this size."""
     from PIL import ImageFont
 
     return ImageFont.truetype(str(font_path()), size)
@@ -68,7 +69,7 @@ def _font(size: int):
 
 def draw_text(draw, xy, text: str, fill, size: int) -> None:
     """Draw ``text`` readably (see readable) in DejaVu Sans."""
-    draw.text(xy, readable(text), fill=fill, font=_font(size))
+    draw.text(xy, readable(text), fill=fill, font=font(size))
 
 
 def tile(original: Path, caption: str | None, crop_box, entities: list[dict], thumb: int,
