@@ -5,8 +5,9 @@ warning, never a refusal, and says what was measured, which threshold (a CheckSe
 field) it crossed and what to do:
 
 - blank: an image that is blank or nearly one colour;
-- blurred: an image with much less fine detail than the rest of the set;
-- duplicates: near-duplicates by perceptual hash (a burst), with the one to keep;
+- blurred: an image with much less fine detail than the rest of the set (from 3 images);
+- duplicates: near-duplicates by perceptual hash (a burst), with the one to keep (the
+  sharpest, then the largest); blank images are left out of this and the blur check;
 - small: an image smaller than the training size, which training would upscale;
 - subject: a subject (Kosmos-2's subject box, else the largest face) that fills too
   little of the crop;
