@@ -14,7 +14,7 @@ from skimage import data
 
 from fastsd import cli
 from fastsd import session as sessions
-from fastsd.dataset import captions, check, images, samples, sheet, store, widgets
+from fastsd.dataset import captions, check, images, samples, sheet, widgets
 
 # ---------------------------------------------------------------------------- bit depth
 
@@ -39,7 +39,7 @@ def tones(grey: bool) -> np.ndarray:
 
 
 def decoded(data: bytes, name: str = "x.png") -> np.ndarray:
-    img, _ = images.load_image(data, name)
+    img, _ = images.decode_image(data, name)
     assert img.mode == "RGB"
     return np.asarray(img).astype(int)
 
@@ -169,7 +169,7 @@ def make_session(name, clean_images, tmp_path, extra: dict, keep=CLEAN):
     after an earlier import) and a folder of ``extra`` photos to import next."""
     s = sessions.create(name, resolution=256, class_word="cell")
     shutil.copytree(clean_images, s.instance_images, dirs_exist_ok=True)  # keeps mtimes
-    for p in store.originals(s):
+    for p in images.originals(s):
         if p.stem not in keep:
             p.unlink()
     src = tmp_path / name

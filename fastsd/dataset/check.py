@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fastsd import drive
-from fastsd.dataset import crop, store
+from fastsd.dataset import captions, crop
+from fastsd.dataset.originals import PREVIEWS, originals, preview
 
 log = logging.getLogger("fastsd")
 
@@ -161,20 +162,20 @@ def _face(preview_path: Path, m: dict) -> list[int] | None:
     return [round(v * k) for v in box]
 
 
-def measures(session, originals: list[Path], need_face=frozenset()) -> dict[str, dict]:
+def measures(session, paths: list[Path], need_face=frozenset()) -> dict[str, dict]:
     """{stem: measures} of these originals, from the cache where it is up to date."""
-    path = session.instance_images / store.PREVIEWS / MEASURES
+    path = session.instance_images / PREVIEWS / MEASURES
     cache = drive.read_json(path) if path.is_file() else {}
     out, changed = {}, False
-    for original in originals:
-        preview = store.preview(session, original)
-        stamp = preview.stat().st_mtime_ns
+    for original in paths:
+        prev = preview(session, original)
+        stamp = prev.stat().st_mtime_ns
         m = cache.get(original.stem)
         if not m or m.get("stamp") != stamp or m.get("version") != MEASURE_VERSION:
-            m = {**measure(preview, original), "stamp": stamp}
+            m = {**measure(prev, original), "stamp": stamp}
             changed = True
         if original.stem in need_face and "face" not in m:
-            m["face"] = _face(preview, m)
+            m["face"] = _face(prev, m)
             changed = True
         out[original.stem] = cache[original.stem] = m
     if changed:
@@ -207,7 +208,7 @@ def _groups(stems: list[str], hashes: dict, distance: int) -> list[list[str]]:
 
 def _subject(session, stem: str, m: dict) -> tuple[list[int] | None, str, str]:
     """(box, what it is, the threshold that applies)."""
-    box = crop.subject_box(session, stem)
+    box = captions.subject_box(session, stem)
     if box is not None:
         return list(box), "Kosmos-2's subject box", "min_subject"
     return m.get("face"), "the largest face", "min_face"
@@ -220,16 +221,16 @@ def _subject_share(box, crop_box) -> float:
     return inside / ((crop_box[2] - crop_box[0]) * (crop_box[3] - crop_box[1]))
 
 
-def check_images(session, originals: list[Path],
+def check_images(session, paths: list[Path],
                  settings: CheckSettings | None = None) -> CheckReport:
     """Check these originals of the session as a set (the whole set: check_session)."""
     import imagehash
 
     st = settings or CheckSettings()
     size = int(st.size or session.settings.get("resolution", 512))
-    stems = [p.stem for p in originals]
-    need_face = {s for s in stems if crop.subject_box(session, s) is None}
-    ms = measures(session, originals, need_face)
+    stems = [p.stem for p in paths]
+    need_face = {s for s in stems if captions.subject_box(session, s) is None}
+    ms = measures(session, paths, need_face)
     report = CheckReport(n_images=len(stems), settings=st)
     add = report.findings.append
 
@@ -312,7 +313,7 @@ def check_images(session, originals: list[Path],
 
 def check_session(session, settings: CheckSettings | None = None) -> CheckReport:
     """Check every original of the session; the report is also saved to outputs/check.json."""
-    report = check_images(session, store.originals(session), settings)
+    report = check_images(session, originals(session), settings)
     drive.atomic_write_json(session.outputs / REPORT, report.to_dict())
     for f in report.findings:
         log.debug("%s: %s", f.check, f.message)

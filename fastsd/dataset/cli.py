@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
-
-def _load(args):
-    from fastsd import session
-
-    return session.load(args.session, Path(args.home) if args.home else None)
+from fastsd.cli_common import add_home, load_session as _load, print_json
 
 
 def _import(args) -> None:
@@ -47,15 +41,16 @@ def _report(args) -> None:
         print(f"Contact sheet: {s.outputs / sheet.SHEET}")
 
 
-def _check(args) -> int:
+def _check(args) -> None:
     from fastsd.dataset import check
 
     given = {name: getattr(args, name) for name in check.settings_fields()
              if getattr(args, name, None) is not None}
     report = check.check_session(_load(args), check.CheckSettings(**given))
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
-          else report.to_text())
-    return 0
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.to_text())
 
 
 def _set(args) -> None:
@@ -74,13 +69,12 @@ def _replace(args) -> None:
 def _show(args) -> None:
     from fastsd.dataset import captions
 
-    print(json.dumps(captions.show(_load(args)), indent=2, ensure_ascii=False))
+    print_json(captions.show(_load(args)))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from fastsd.caption.cli import register_auto
-    from fastsd.cli import add_home
-
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `fastsd images ...` and `fastsd captions ...`; returns the captions verbs, to
+    which the captioner adds `auto`."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("images", help="import, crop and check a session's instance images")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -139,4 +133,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_show)
     for c in verbs.choices.values():
         add_home(c)
-    register_auto(verbs)
+    return verbs

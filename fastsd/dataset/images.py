@@ -14,7 +14,6 @@ import hashlib
 import html
 import io
 import logging
-import re
 import shutil
 import struct
 import tempfile
@@ -24,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from fastsd import drive
-from fastsd.dataset import check
-from fastsd.dataset.store import (IMAGE_EXTS, ORIGINALS, originals,  # noqa: F401 (re-exported)
-                                  originals_dir, write_preview)
-from fastsd.errors import DataError, OfflineError
+from fastsd import drive, fetch
+from fastsd.dataset import captions, check
+from fastsd.dataset.originals import IMAGE_EXTS, originals, originals_dir  # noqa: F401
+from fastsd.dataset.originals import write_preview
+from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
 
@@ -112,7 +111,7 @@ def _size(row: Row) -> str:
 
 
 class Skip(Exception):
-    """Raised by load_image with the reason a file is skipped."""
+    """Raised by decode_image with the reason a file is skipped."""
 
 
 # What Pillow's decoders raise on damaged data (struct.error, EOFError and IndexError from
@@ -307,7 +306,7 @@ def _deep_decode(data: bytes, img):
     return out.transpose(getattr(Image.Transpose, method)) if method else out
 
 
-def load_image(data: bytes, name: str):
+def decode_image(data: bytes, name: str):
     """Decode and normalise one image, or raise Skip with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -379,8 +378,6 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
     image among the files is that image's caption (written unless one exists). Then the
     whole set is checked (``check_set``), and the warnings are part of the report.
     """
-    from fastsd.dataset import captions
-
     folder = originals_dir(session)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX
@@ -403,7 +400,7 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
                           f"{path.suffix or 'none'})")
             continue
         try:
-            img, note = load_image(_read(display, path), path.name)
+            img, note = decode_image(_read(display, path), path.name)
         except Skip as e:
             rows[i] = Row(display, "skipped", str(e))
             stem_of.setdefault(path.stem, ("", "skipped"))
@@ -499,66 +496,6 @@ def extract_zip(zip_path: Path, dest: Path,
     return out
 
 
-# --------------------------------------------------------------------------- Drive links
-
-_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
-
-
-def parse_drive_link(link: str) -> tuple[str, str]:
-    """("file" or "folder", id) of a Google Drive share link."""
-    link = link.strip()
-    for pattern, kind in ((r"/folders/([A-Za-z0-9_-]+)", "folder"),
-                          (r"/file/d/([A-Za-z0-9_-]+)", "file"),
-                          (r"[?&]id=([A-Za-z0-9_-]+)", "file")):
-        m = re.search(pattern, link)
-        if m:
-            return kind, m.group(1)
-    if _DRIVE_ID.match(link):
-        return "file", link
-    raise DataError(f"{link!r} is not a Google Drive share link. Use the link from Drive's "
-                    "'Share' > 'Copy link' (a file or a folder), shared with 'Anyone with "
-                    "the link'.")
-
-
-def _check_online(host: str = "drive.google.com") -> None:
-    from fastsd.env import reachable
-
-    if not reachable(host, 443):
-        raise OfflineError(f"Cannot reach {host}, so the shared link cannot be downloaded. "
-                           "Check the runtime's internet connection, or download the "
-                           "files yourself and give their local path (or upload them).")
-
-
-def download_drive_link(link: str, dest: Path) -> Path:
-    """Download a shared Drive file or folder into ``dest`` with gdown."""
-    kind, file_id = parse_drive_link(link)
-    _check_online()
-    import gdown
-    from gdown.exceptions import DownloadError
-    from requests import RequestException
-
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        if kind == "folder":
-            got = gdown.download_folder(id=file_id, output=str(dest), quiet=True, timeout=60,
-                                        retries=2)
-        else:
-            got = gdown.download(id=file_id, output=str(dest) + "/", quiet=True, timeout=60,
-                                 retries=2)
-    except DownloadError as e:
-        raise DataError(f"Downloading {link} from Google Drive failed: {e}. Check that it is "
-                        "shared with 'Anyone with the link' and run the cell again, or "
-                        "download the files yourself and give their local path.") from e
-    except RequestException as e:
-        raise OfflineError(f"Downloading {link} failed ({e}). Check the connection and run "
-                           "the cell again, or download the files yourself and give "
-                           "their local path (or upload them).") from e
-    if not got:
-        raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
-                        "'Anyone with the link', then run the cell again.")
-    return dest
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -576,10 +513,10 @@ def import_images(session, source: str | Path | dict[str, bytes],
             return import_files(session, _walk(tmp_path), check_set=check_set)
         text = str(source)
         if text.startswith(("http://", "https://")):
-            if "drive.google.com" not in text and "docs.google.com" not in text:
+            if not fetch.is_drive_link(text):
                 raise DataError(f"{text} is not a Google Drive link. Download the photos and "
                                 "import the folder or zip instead.")
-            folder = download_drive_link(text, tmp_path / "download")
+            folder = fetch.drive_link(text, tmp_path / "download")
             files = _walk(folder)
             refused: list[Row] = []
             zips = [p for _, p in files if p.suffix.lower() == ".zip"]

@@ -115,20 +115,20 @@ def contact_sheet(session, thumb: int = 192, columns: int | None = None, report=
     """
     from PIL import Image, ImageDraw
 
-    from fastsd.dataset import captions, check, crop, store
+    from fastsd.dataset import captions, check, crop
+    from fastsd.dataset.originals import originals, preview
 
-    originals = store.originals(session)
-    if not originals:
+    found = originals(session)
+    if not found:
         raise DataError("The session has no images yet: import some first.")
     report = report if report is not None else check.check_session(session)
-    sizes = {stem: m["size"] for stem, m in check.measures(session, originals).items()}
+    sizes = {stem: m["size"] for stem, m in check.measures(session, found).items()}
     record_path = session.instance_images / crop.CROPS
     crops = drive.read_json(record_path) if record_path.is_file() else {}
     tiles = []
-    for p in originals:
-        js = session.captions / f"{p.stem}.json"
-        entities = drive.read_json(js).get("entities", []) if js.is_file() else []
-        tiles.append(tile(store.preview(session, p), captions.read(session, p.stem),
+    for p in found:
+        entities = (captions.read_record(session, p.stem) or {}).get("entities", [])
+        tiles.append(tile(preview(session, p), captions.read(session, p.stem),
                           crops.get(p.stem, {}).get("box"), entities, thumb,
                           [f.check for f in report.for_image(p.stem) if f.check != "too_few"],
                           sizes[p.stem]))

@@ -12,7 +12,8 @@ import io
 import logging
 
 from fastsd import env
-from fastsd.dataset import captions, check, images, sheet, store
+from fastsd.dataset import captions, check, images, sheet
+from fastsd.dataset.originals import originals, preview
 
 log = logging.getLogger("fastsd")
 
@@ -85,9 +86,9 @@ class CaptionEditor:
         self.session = session
         self.areas: dict[str, w.Textarea] = {}
         rows = []
-        for path in store.originals(session):
+        for path in originals(session):
             crop = session.instance_images / f"{path.stem}.png"
-            with Image.open(crop if crop.is_file() else store.preview(session, path)) as im:
+            with Image.open(crop if crop.is_file() else preview(session, path)) as im:
                 im = im.convert("RGB")
                 im.thumbnail((thumb, thumb))
                 buf = io.BytesIO()

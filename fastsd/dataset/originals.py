@@ -1,9 +1,10 @@
-"""Where a session's images live: the imported originals and their downsized previews.
+"""Where a session's imported originals live: ``instance_images/originals/``, and their
+previews: ``instance_images/previews/``.
 
-``instance_images/originals/STEM.png`` is each imported image, whole. Import also writes
-``instance_images/previews/STEM.png``, a copy whose longest side is at most PREVIEW_SIDE
-pixels (about the scale training sees), so the set check, the contact sheet and the
-notebook widgets never decode a 12 Mpx original again.
+The import writes them (:mod:`fastsd.dataset.images`); captions, crops and the contact
+sheet read them through :func:`originals`. A preview is a copy whose longest side is at
+most PREVIEW_SIDE pixels (about the scale training sees), so the set check, the contact
+sheet and the notebook widgets never decode a 12 Mpx original again.
 """
 
 from __future__ import annotations
