@@ -40,3 +40,11 @@ class OfflineError(FastSDError):
 
 class DataError(FastSDError, ValueError):
     """The user's data (images, captions, settings) cannot be used as given."""
+
+
+class TunnelError(FastSDError):
+    """No public URL could be opened, or an open one stopped answering."""
+
+
+class LaunchError(FastSDError):
+    """A background server (ours, AUTOMATIC1111 or Forge) did not start or stopped."""
