@@ -1,0 +1,1 @@
+"""The web UI: generation engine, A1111-compatible API, page, auth and launching."""
