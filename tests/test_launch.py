@@ -187,3 +187,43 @@ def test_launch_with_a_tunnel_shows_its_url_and_keeps_it_open(log_path, monkeypa
     assert launch.answers(server.local_url, AUTH) == 200  # the server kept running
     server.stop()
     assert tunnel.check(urls[1], AUTH, timeout=2).startswith("no answer")
+
+
+def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path):
+    """In a real Jupyter kernel: the launch cell returns while the server still starts,
+    the next cell runs at once, and the cell's display ends with the link."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    port = free_port()
+    cells = [
+        "import time\nfrom fastsd.webui import launch\n"
+        f"t0 = time.monotonic()\nserver = launch.launch({command(port, delay=3.0)!r}, {port}, "
+        f"{str(log_path)!r}, auth={AUTH!r})\nreturned_in = time.monotonic() - t0",
+        "ready_after_launch = server.ready\nsquare = 12 * 12\nprint(ready_after_launch, square)",
+        "server.wait_ready(60)\nprint(launch.answers(server.local_url, server.auth))",
+        "server.stop()\nprint(server.alive())",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+
+    def shown() -> str:  # the launch cell's display, as updated in place
+        return "".join(o["data"].get("text/html", "") for o in nb.cells[0].outputs
+                       if o.output_type == "display_data")
+
+    with client.setup_kernel():
+        client.execute_cell(nb.cells[0], 0)
+        assert "Starting the web UI" in shown()  # what the cell showed as it returned
+        for i in (1, 2):
+            client.execute_cell(nb.cells[i], i)
+        ready = shown()
+        client.execute_cell(nb.cells[3], 3)
+    text = [[o.get("text", "") for o in c.outputs if o.output_type == "stream"]
+            for c in nb.cells]
+    assert text[1] == ["False 144\n"]  # the kernel ran a cell while the server started
+    assert text[2] == ["200\n"] and text[3] == ["False\n"]
+    assert "The web UI is ready" in ready and f'href="http://127.0.0.1:{port}"' in ready
+    assert "<svg" in ready  # the QR code
+    assert "Stopped the server" in shown()
+    assert launch.port_free(port)
