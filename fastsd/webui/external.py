@@ -3,7 +3,7 @@
 The chosen UI is cloned at a pinned commit onto local disk (never Drive: its thousands of
 small files would crawl through Drive's FUSE), its model folders point at the session's
 models and the workspace's models on Drive, and it runs in the background through
-:func:`fastsd.webui.launch.launch` with ``--api``, a password for the page and the API,
+:func:`fastsd.webui.background.launch` with ``--api``, a password for the page and the API,
 the chosen tunnel and a health check. A failure to start is reported with the end of its
 log.
 
@@ -26,10 +26,9 @@ from pathlib import Path
 
 from fastsd import drive, env
 from fastsd.errors import LaunchError
-from fastsd.webui import launch as launcher
+from fastsd.webui import background
 
 GIT_TIMEOUT = 300.0
-HEALTH_PATH = "/sdapi/v1/sd-models"  # 401 without the password, 200 with it (--api-auth)
 SESSION_LINK = "fastsd-session-{name}"
 
 
@@ -173,9 +172,9 @@ def command(folder: Path, user: str, args: list[str], python: str | None = None)
 def start(ui: str, port: int, auth: tuple[str, str], *, session_models: Path | None = None,
           session_name: str | None = None, log_path: Path, workspace: Path,
           tunnel: str | None = "auto", folder: Path | None = None, clone: bool = True,
-          cpu: bool | None = None, ready_timeout: float = launcher.READY_TIMEOUT,
-          tunnel_timeout: float | None = None) -> launcher.Server:
-    """Clone (once) and start ``ui`` in the background; see :func:`launcher.launch`."""
+          cpu: bool | None = None, ready_timeout: float = background.READY_TIMEOUT,
+          tunnel_timeout: float | None = None) -> background.Server:
+    """Clone (once) and start ``ui`` in the background; see :func:`background.launch`."""
     spec = get(ui)
     folder = check_local(Path(folder) if folder else local_root() / spec.folder, workspace)
     if clone:
@@ -189,8 +188,8 @@ def start(ui: str, port: int, auth: tuple[str, str], *, session_models: Path | N
         cpu = not _has_cuda()
     args = ui_args(folder, port, workspace_models, write_auth_file(folder, auth), cpu=cpu)
     extra = {} if tunnel_timeout is None else {"tunnel_timeout": tunnel_timeout}
-    return launcher.launch(command(folder, auth[0], args), port, log_path, auth=auth,
-                           tunnel=tunnel, cwd=folder, health_path=HEALTH_PATH,
+    return background.launch(command(folder, auth[0], args), port, log_path, auth=auth,
+                           tunnel=tunnel, cwd=folder, health_path=background.HEALTH_PATH,
                            ready_timeout=ready_timeout, **extra)
 
 
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", required=True)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
-    password = os.environ.pop(launcher.PASSWORD_ENV, "")
+    password = os.environ.pop(background.PASSWORD_ENV, "")
     if not password:
         print("error: no password was given to the web UI", flush=True)
         return 2

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastsd import drive, session as sessions
 from fastsd.errors import LaunchError
-from fastsd.webui import external, launch
+from fastsd.webui import background, external
 
 log = logging.getLogger("fastsd")
 
@@ -37,7 +37,7 @@ def saved_password(root: Path | None = None) -> str:
         text = path.read_text(encoding="utf-8").strip()
         if text:
             return text
-    password = launch.new_password()
+    password = background.new_password()
     drive.atomic_write_text(path, password + "\n")
     path.chmod(0o600)
     log.info("Generated a web UI password and saved it in %s", path)
@@ -52,7 +52,7 @@ def show_password(root: Path | None = None) -> None:
 def serve_command(port: int, user: str, session: str | None = None,
                   model: str | None = None, home: Path | None = None) -> list[str]:
     """``fastsd serve`` on loopback: a tunnel, not the server, faces the internet. The
-    password reaches it through the environment (launch.PASSWORD_ENV), never argv."""
+    password reaches it through the environment (background.PASSWORD_ENV), never argv."""
     cmd = [sys.executable, "-m", "fastsd.cli", "serve", "--port", str(port), "--user", user]
     if session:
         cmd += ["--session", session]
@@ -66,7 +66,7 @@ def serve_command(port: int, user: str, session: str | None = None,
 def start(session: str | None = None, *, model: str | None = None, ui: str = "fastsd",
           tunnel: str | None = "auto", port: int = DEFAULT_PORT, user: str = DEFAULT_USER,
           password: str | None = None, home: Path | None = None,
-          ready_timeout: float = launch.READY_TIMEOUT) -> launch.Server:
+          ready_timeout: float = background.READY_TIMEOUT) -> background.Server:
     """Start the web UI in the background and return at once (the cell ends; the link and
     QR code appear in it when the server answers). A second call with the same settings
     reuses the running server; other settings replace it.
@@ -79,14 +79,15 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     root = Path(home) if home else drive.workspace()
     s = sessions.load(session, root) if session else None
     logs = (s.path if s else root) / "logs"
-    auth = (user, password or os.environ.get(launch.PASSWORD_ENV) or saved_password(root))
+    auth = (user, password or os.environ.get(background.PASSWORD_ENV) or saved_password(root))
     if not password:
         log.info("The web UI's password is in %s (fastsd.webui.start.show_password() "
                  "prints it).", password_file(root))
     if ui == "fastsd":
         cmd = serve_command(port, user, s.name if s else None, model, root)
-        return launch.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
-                             ready_timeout=ready_timeout)
+        return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
+                                 health_path=background.HEALTH_PATH,
+                                 ready_timeout=ready_timeout)
     return external.start(ui, port, auth, session_models=s.models if s else None,
                           session_name=s.name if s else None, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
@@ -94,4 +95,4 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
 
 def stop() -> bool:
     """Stop the web UI running on this machine, if any."""
-    return launch.stop()
+    return background.stop()

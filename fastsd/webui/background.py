@@ -40,6 +40,9 @@ STATE_FILE = "server.json"
 PASSWORD_ENV = "FASTSD_WEBUI_PASSWORD"  # how a child server gets its password (never argv)
 READY_TIMEOUT = 600.0  # loading a big model from Drive can take minutes
 STOP_TIMEOUT = 20.0
+# A route both our server and AUTOMATIC1111/Forge (--api) serve: 401 without the
+# password, 200 with it.
+HEALTH_PATH = "/sdapi/v1/samplers"
 
 _current: "Server | None" = None  # the server this kernel launched, with its tunnel
 
