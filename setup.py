@@ -22,6 +22,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", *requirements()],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "nbclient>=0.10", "nbformat>=5.10",
-                            "ipykernel>=6.29", "playwright==1.65.2"]},
+                            "ipykernel>=6.29", "webuiapi==0.9.17",
+                            "playwright==1.65.2"]},
     entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
 )

@@ -18,7 +18,7 @@ from fastsd import __version__
 from fastsd.errors import FastSDError
 
 # Modules with a register(subparsers) function, in the order their commands are listed.
-AREAS = ("fastsd.dataset.cli", "fastsd.train.cli", "fastsd.convert.cli")
+AREAS = ("fastsd.dataset.cli", "fastsd.train.cli", "fastsd.convert.cli", "fastsd.webui.cli")
 
 
 def _print_json(obj) -> None:
