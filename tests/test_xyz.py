@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from fastsd.webui import xyz
+from fastsd.webui import infotext, xyz
 
 
 @dataclass
@@ -87,7 +88,7 @@ def test_cells_vary_each_axis_and_share_one_seed():
     assert {c.params.seed for c in xyz.cells(free, Params())} == {-1}
 
 
-def test_grid_is_laid_out_labelled_and_saved_with_parameters(tmp_path):
+def test_grid_is_laid_out_and_labelled():
     plot = xyz.Plot(x=xyz.make_axis("Steps", "10,20"), y=xyz.make_axis("CFG Scale", "3,9"))
     done = []
     result = xyz.run(plot, Params(seed=5), paint, progress=lambda i, n: done.append((i, n)))
@@ -102,19 +103,62 @@ def test_grid_is_laid_out_labelled_and_saved_with_parameters(tmp_path):
         assert grid.getpixel((left + x * 64 + 32, top + y * 64 + 32)) == image.getpixel((0, 0))
     label_band = grid.crop((left, 0, grid.width, top)).convert("L")
     assert min(label_band.getdata()) < 128  # text was drawn above the columns
-    paths = xyz.save(result, tmp_path / "outputs" / "grids", "a photo of sks dog, Seed: 5",
-                     stamp="t")
-    assert [p.name for p in paths] == ["xyz-t.png"]
-    with Image.open(paths[0]) as saved:
-        assert saved.text["parameters"] == "a photo of sks dog, Seed: 5"
-        assert json.loads(saved.text["xyz"])["x"] == {"type": "Steps", "values": [10, 20]}
-    meta = json.loads((tmp_path / "outputs" / "grids" / "xyz-t.json").read_text())
-    assert meta["cells"][3].endswith("Steps: 20") and meta["axes"]["y"]["values"] == [3.0, 9.0]
+    row_band = grid.crop((0, top, left, grid.height)).convert("L")
+    assert min(row_band.getdata()) < 128  # and left of the rows
 
 
-def test_a_z_axis_makes_one_grid_per_value(tmp_path):
+def test_a_z_axis_makes_one_grid_per_value():
     plot = xyz.Plot(x=xyz.make_axis("Steps", "1,2"), z=xyz.make_axis("Sampler", "Euler,DDIM"))
     result = xyz.run(plot, Params(seed=1), paint)
-    assert len(result.grids) == 2
-    assert [p.name for p in xyz.save(result, tmp_path, "x", stamp="t")] == ["xyz-t-1.png",
-                                                                           "xyz-t-2.png"]
+    assert len(result.grids) == 2 and len(result.images) == 4
+
+
+@pytest.fixture
+def server(tiny_sd1, workspace):
+    from fastsd.webui import launch
+
+    s = launch.serve(model=str(tiny_sd1), port=0, user="artist", password="pw", root=workspace)
+    yield s
+    s.stop()
+    launch.shutdown()
+
+
+def test_the_api_runs_a_plot_as_automatic1111s_script(server, workspace):
+    """The webuiapi client (a real AUTOMATIC1111 client) asks for a 2x2 plot."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+    api.set_auth("artist", "pw")
+    args = [xyz.TXT2IMG_AXES.index("Seed"), "1, 2", [], xyz.TXT2IMG_AXES.index("Steps"),
+            "1, 2", [], 0, "", [], "True", "False", "False", "False"]
+    r = api.txt2img(prompt="a photo of sks dog", width=64, height=64, steps=2, seed=7,
+                    sampler_name="Euler", script_name="X/Y/Z plot", script_args=args)
+    assert r.info["grids"] == 1 and len(r.images) == 5  # the grid, then the four cells
+    grid, cells = r.images[0], r.images[1:]
+    assert grid.width > 128 and grid.height > 128 and all(c.size == (64, 64) for c in cells)
+    texts = r.info["infotexts"]
+    assert [("Seed: 1" in t, "Steps: 1," in t) for t in texts[1:]] == [
+        (True, True), (False, True), (True, False), (False, False)]
+    assert "Seed: 2" in texts[2] and "Steps: 2," in texts[3]
+    saved = [Path(p) for p in r.info["saved_files"]]
+    assert len(saved) == 5 and all(p.is_file() for p in saved)
+    assert saved[0].is_relative_to(workspace)
+    with Image.open(saved[0]) as png:
+        plot = json.loads(infotext.parse(png.text["parameters"])["X/Y/Z plot"])
+    assert plot["x"] == {"type": "Seed", "values": [1, 2]}
+    assert plot["y"] == {"type": "Steps", "values": [1, 2]}
+    assert api.get_scripts()["txt2img"] == ["x/y/z plot"]
+
+
+def test_a_bad_plot_through_the_api_is_a_422(server):
+    import httpx
+
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 1,
+            "script_name": "x/y/z plot", "script_args": [11, "0.1,0.2"]}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("artist", "pw"),
+                   timeout=60)
+    assert r.status_code == 422 and "Sigma Churn" in r.json()["detail"]
+    body["script_name"] = "outpainting mk2"
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("artist", "pw"),
+                   timeout=60)
+    assert r.status_code == 422 and "Unknown script" in r.json()["detail"]

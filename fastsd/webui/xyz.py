@@ -6,8 +6,11 @@ The axes are seed, steps, CFG scale, sampler and prompt search/replace. The page
 (``"script_name": "x/y/z plot"`` and ``script_args``, the axis types given by their index
 in AUTOMATIC1111's list or by name), through :func:`from_script_args`.
 
-It works on any dataclass of generation settings with AUTOMATIC1111's field names
-(``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``cfg_scale``, ``sampler_name``).
+:func:`run` works on any dataclass of generation settings with AUTOMATIC1111's field
+names (``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``cfg_scale``,
+``sampler_name``); :func:`run_job` runs a plot as one job of the server's queue, and its
+grids and cells are saved like any generated image, each PNG with its parameters (a grid's
+also name its axes).
 """
 
 from __future__ import annotations
@@ -18,13 +21,10 @@ import io
 import json
 import random
 import re
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from fastsd import drive
-from fastsd.errors import DataError
+from fastsd.webui.params import InvalidRequest
 
 SCRIPT_NAME = "x/y/z plot"
 MAX_CELLS = 64  # a grid larger than this is refused: it would hold the GPU for long
@@ -41,8 +41,8 @@ IMG2IMG_AXES = ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG S
 SUPPORTED = ("Nothing", "Seed", "Steps", "CFG Scale", "Prompt S/R", "Sampler")
 
 
-class PlotError(DataError):
-    """An X/Y/Z plot that cannot be run as given."""
+class PlotError(InvalidRequest):
+    """An X/Y/Z plot that cannot be run as given (the API answers 422)."""
 
 
 @dataclass
@@ -257,7 +257,6 @@ class PlotResult:
     images: list[Any]  # every cell's image, in cells() order
     infotexts: list[str]
     plot: Plot
-    saved: list[Path] = field(default_factory=list)
 
 
 def run(plot: Plot, base: Any, generate: Callable[[Any], tuple[Any, str]],
@@ -341,25 +340,74 @@ def grid_image(images: list[Any], nx: int, ny: int, xlabels: list[str], ylabels:
     return grid
 
 
-def save(result: PlotResult, folder: Path, base_infotext: str, stamp: str | None = None) -> list[Path]:
-    """Save each grid as PNG into ``folder`` with its parameters (the base settings'
-    infotext in the PNG's ``parameters`` text, the axes in ``xyz``) and a JSON beside it."""
-    from PIL.PngImagePlugin import PngInfo
+SCRIPT_NAMES = (SCRIPT_NAME, "xyz plot", "x/y/z", "xyz")
 
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    folder = Path(folder)
-    paths = []
-    for z, grid in enumerate(result.grids):
-        name = f"xyz-{stamp}" + (f"-{z + 1}" if len(result.grids) > 1 else "")
-        meta = {"axes": result.plot.to_dict(), "base": base_infotext,
-                "cells": result.infotexts}
-        info = PngInfo()
-        info.add_text("parameters", base_infotext)
-        info.add_text("xyz", json.dumps(meta["axes"]))
-        buf = io.BytesIO()
-        grid.save(buf, format="PNG", pnginfo=info)
-        path = drive.atomic_write_bytes(folder / f"{name}.png", buf.getvalue())
-        drive.atomic_write_json(folder / f"{name}.json", meta)
-        paths.append(path)
-    result.saved = paths
-    return paths
+
+def script_of(body: Any, img2img: bool = False) -> tuple[Plot | None, Any]:
+    """The plot an API body asks for through ``script_name``/``script_args`` (or None),
+    and the body without those two fields."""
+    if not isinstance(body, dict) or not body.get("script_name"):
+        return None, body
+    name = str(body["script_name"]).strip().lower()
+    if name not in SCRIPT_NAMES:
+        raise PlotError(f"Unknown script {body['script_name']!r}: the only script is "
+                        f"{SCRIPT_NAME!r}.")
+    rest = {k: v for k, v in body.items() if k not in ("script_name", "script_args")}
+    return from_script_args(body.get("script_args"), "img2img" if img2img else "txt2img"), rest
+
+
+def count(plot: Plot) -> int:
+    nx, ny, nz = plot.shape()
+    return nx * ny * nz
+
+
+def run_job(engine: Any, control: Any, plot: Plot, base: Any):
+    """Run ``plot`` on ``engine`` as one job: every cell (one image each), then the grids.
+
+    Returns the engine's Result with the grids first, then the cells (as AUTOMATIC1111
+    answers); ``info["grids"]`` says how many grids lead. An interrupted plot returns the
+    cells made so far and no grid.
+    """
+    from fastsd.webui import infotext
+    from fastsd.webui.engine import Result
+
+    one = dataclasses.replace(base, batch_size=1, n_iter=1)
+    seeds: list[int] = []
+
+    def generate(params):
+        if control.interrupt:
+            raise _Interrupted
+        r = engine.generate(params, control)
+        if not r.images:
+            raise _Interrupted
+        seeds.append(r.seeds[0])
+        return r.images[0], r.infotexts[0]
+
+    made: list[tuple[Any, str]] = []
+
+    def keep(params):
+        out = generate(params)
+        made.append(out)
+        return out
+
+    try:
+        result = run(plot, one, keep)
+    except _Interrupted:
+        info = {"infotexts": [t for _, t in made], "all_seeds": seeds, "grids": 0,
+                "xyz": plot.to_dict()}
+        return Result([im for im, _ in made], seeds, [t for _, t in made], info, base,
+                      interrupted=True)
+    axes = json.dumps(plot.to_dict(), separators=(",", ":"))
+    first = infotext.parse(result.infotexts[0])
+    settings = {k: v for k, v in first.items() if k not in ("Prompt", "Negative prompt")}
+    grid_text = infotext.format(first.get("Prompt", ""), first.get("Negative prompt", ""),
+                                {**settings, "X/Y/Z plot": axes})
+    n = len(result.grids)
+    info = {"infotexts": [grid_text] * n + result.infotexts, "all_seeds": seeds[:1] * n + seeds,
+            "grids": n, "xyz": plot.to_dict(), "prompt": base.prompt}
+    return Result([*result.grids, *result.images], seeds[:1] * n + seeds,
+                  [grid_text] * n + result.infotexts, info, base)
+
+
+class _Interrupted(Exception):
+    pass
