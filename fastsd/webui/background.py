@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterator
 
 from fastsd import drive, tunnel as tunnels
 from fastsd.errors import LaunchError, TunnelError
+from fastsd.webui.auth import PASSWORD_ENV, generate_password
 
 log = logging.getLogger("fastsd")
 
 RUN_DIR_ENV = "FASTSD_RUN_DIR"
 STATE_FILE = "server.json"
-PASSWORD_ENV = "FASTSD_WEBUI_PASSWORD"  # how a child server gets its password (never argv)
 READY_TIMEOUT = 600.0  # loading a big model from Drive can take minutes
 STOP_TIMEOUT = 20.0
 # A route both our server and AUTOMATIC1111/Forge (--api) serve: 401 without the
@@ -51,10 +51,6 @@ def run_dir() -> Path:
     path = Path(os.environ.get(RUN_DIR_ENV) or Path(tempfile.gettempdir()) / "fastsd-run")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def new_password() -> str:
-    return secrets.token_urlsafe(12)
 
 
 def _fingerprint(command: list[str], port: int, auth: tunnels.Auth | None, salt: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from fastsd import drive, env
 from fastsd.errors import LaunchError
 from fastsd.webui import background
+from fastsd.webui.auth import PASSWORD_ENV
 
 GIT_TIMEOUT = 300.0
 SESSION_LINK = "fastsd-session-{name}"
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", required=True)
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
-    password = os.environ.pop(background.PASSWORD_ENV, "")
+    password = os.environ.pop(PASSWORD_ENV, "")
     if not password:
         print("error: no password was given to the web UI", flush=True)
         return 2

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from fastsd.webui import xyz
 
 log = logging.getLogger("fastsd")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per progress poll
 
 PAGE_PATH = "/"
 GALLERY_LIMIT = 120
@@ -208,15 +209,24 @@ def png_parameters(path: str | Path) -> str:
         return im.info.get("parameters", "") if hasattr(im, "info") else ""
 
 
-# Infotext keys (AUTOMATIC1111's) -> the page's fields, in the order reuse() returns them.
-REUSE_FIELDS = ("Prompt", "Negative prompt", "Sampler", "Steps", "CFG scale", "Size-1",
-                "Size-2", "Seed")
-
-
-def parse_infotext(text: str) -> dict:
+def reuse_values(text: str) -> list:
+    """The Generate tab's prompt, negative prompt, sampler, steps, CFG, width, height and
+    seed from an image's parameters text (None where it does not say)."""
     from fastsd.webui import infotext
 
-    return infotext.parse(text)
+    p = infotext.parse(text)
+    size = str(p.get("Size", "")).split("x")
+    w, h = (int(size[0]), int(size[1])) if len(size) == 2 and all(
+        v.strip().isdigit() for v in size) else (None, None)
+
+    def number(key: str, kind=float):
+        try:
+            return kind(p[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    return [p.get("Prompt", ""), p.get("Negative prompt", ""), p.get("Sampler"),
+            number("Steps", int), number("CFG scale"), w, h, number("Seed", int)]
 
 
 # --------------------------------------------------------------------------- the page
@@ -271,9 +281,9 @@ def build(api: Api, outputs: Path, title: str = "fastsd"):
                     yield bar, preview, gr.update(), gr.update()
                     continue
                 info = json.loads(result.get("info") or "{}")
-                grids = [b64_image(i) for i in result.get("images", [])][:max(
-                    1, len(info.get("grids", [])) or 1)]
-                yield bar, None, grids, "\n".join(info.get("grids", []))
+                n = int(info.get("grids") or 0)
+                grids = [b64_image(i) for i in result.get("images", [])[:n]]
+                yield bar, None, grids, "\n".join(info.get("saved_files", [])[:n])
         except ApiError as e:
             raise gr.Error(str(e))
 
@@ -300,15 +310,8 @@ def build(api: Api, outputs: Path, title: str = "fastsd"):
     def reuse(text):
         if not text:
             raise gr.Error("Pick an image with parameters first.")
-        p = parse_infotext(text)
-        size = str(p.get("Size", "")).split("x")
-        values = {"Prompt": p.get("Prompt", ""), "Negative prompt": p.get("Negative prompt", ""),
-                  "Sampler": p.get("Sampler"), "Steps": p.get("Steps"),
-                  "CFG scale": p.get("CFG scale"),
-                  "Size-1": size[0] if len(size) == 2 else None,
-                  "Size-2": size[1] if len(size) == 2 else None, "Seed": p.get("Seed")}
-        out = [gr.update(value=values[k]) if values[k] not in (None, "") else gr.update()
-               for k in REUSE_FIELDS]
+        out = [gr.update(value=v) if v not in (None, "") else gr.update()
+               for v in reuse_values(text)]
         return [*out, gr.update(selected="generate")]
 
     with gr.Blocks(title=title) as page:

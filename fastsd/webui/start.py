@@ -17,6 +17,7 @@ from pathlib import Path
 from fastsd import drive, session as sessions
 from fastsd.errors import LaunchError
 from fastsd.webui import background, external
+from fastsd.webui.auth import PASSWORD_ENV, generate_password
 
 log = logging.getLogger("fastsd")
 
@@ -37,7 +38,7 @@ def saved_password(root: Path | None = None) -> str:
         text = path.read_text(encoding="utf-8").strip()
         if text:
             return text
-    password = background.new_password()
+    password = generate_password()
     drive.atomic_write_text(path, password + "\n")
     path.chmod(0o600)
     log.info("Generated a web UI password and saved it in %s", path)
@@ -52,7 +53,7 @@ def show_password(root: Path | None = None) -> None:
 def serve_command(port: int, user: str, session: str | None = None,
                   model: str | None = None, home: Path | None = None) -> list[str]:
     """``fastsd serve`` on loopback: a tunnel, not the server, faces the internet. The
-    password reaches it through the environment (background.PASSWORD_ENV), never argv."""
+    password reaches it through the environment (PASSWORD_ENV), never argv."""
     cmd = [sys.executable, "-m", "fastsd.cli", "serve", "--port", str(port), "--user", user]
     if session:
         cmd += ["--session", session]
@@ -79,7 +80,7 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     root = Path(home) if home else drive.workspace()
     s = sessions.load(session, root) if session else None
     logs = (s.path if s else root) / "logs"
-    auth = (user, password or os.environ.get(background.PASSWORD_ENV) or saved_password(root))
+    auth = (user, password or os.environ.get(PASSWORD_ENV) or saved_password(root))
     if not password:
         log.info("The web UI's password is in %s (fastsd.webui.start.show_password() "
                  "prints it).", password_file(root))
