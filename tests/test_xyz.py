@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from fastsd.webui import infotext, xyz
+from webui_server import server  # noqa: F401 (a fixture)
 
 
 @dataclass
@@ -111,16 +112,6 @@ def test_a_z_axis_makes_one_grid_per_value():
     plot = xyz.Plot(x=xyz.make_axis("Steps", "1,2"), z=xyz.make_axis("Sampler", "Euler,DDIM"))
     result = xyz.run(plot, Params(seed=1), paint)
     assert len(result.grids) == 2 and len(result.images) == 4
-
-
-@pytest.fixture
-def server(tiny_sd1, workspace):
-    from fastsd.webui import launch
-
-    s = launch.serve(model=str(tiny_sd1), port=0, user="artist", password="pw", root=workspace)
-    yield s
-    s.stop()
-    launch.shutdown()
 
 
 def test_the_api_runs_a_plot_as_automatic1111s_script(server, workspace):
