@@ -36,7 +36,7 @@ def main() -> None:
         os.environ["FASTSD_HOME"] = tmp
         server = launch.serve(model="tiny-sd1", root=root, port=0)
         worker = server.app.state.worker
-        pipe = worker.engine._pipe("txt2img")
+        pipe = worker.engine.pipeline("txt2img")
         body = {"prompt": "a photo of sks cat", "negative_prompt": "", "steps": STEPS,
                 "width": SIZE, "height": SIZE, "cfg_scale": 7, "sampler_name": "Euler a"}
 

@@ -294,7 +294,7 @@ def test_old_model_leaves_memory_on_switch(server):
     import weakref
 
     engine = server.app.state.worker.engine
-    before = weakref.ref(engine._pipes["base"].unet)
+    before = weakref.ref(engine.pipeline().unet)
     title = engine.checkpoint.title
     other = next(c.title for c in engine.catalog.checkpoints() if c.title != title)
     for name in (other, title):
@@ -322,8 +322,11 @@ def test_a_broken_model_fails_clearly_and_the_old_one_stays(api, server, home, t
 
 
 def test_single_file_model_is_converted_once_and_loads(api, server, home, tiny_sd2):
+    from conftest import cache_family_configs
+
     from fastsd.convert import to_single_file
 
+    cache_family_configs(home, "sd2", tiny_sd2)  # as a first online run fetched them
     to_single_file(tiny_sd2, home / "models" / "single.safetensors", fp16=False)
     api.refresh_checkpoints()
     first = api.util_get_current_model()
