@@ -24,6 +24,7 @@ demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
 test: $(STAMP) chromium
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # The browser tests drive Debian's chromium (never a downloaded browser).

@@ -42,6 +42,10 @@ class DataError(FastSDError, ValueError):
     """The user's data (images, captions, settings) cannot be used as given."""
 
 
+class ConfirmationNeeded(FastSDError):
+    """A destructive action was asked for without its confirmation."""
+
+
 class TunnelError(FastSDError):
     """No public URL could be opened, or an open one stopped answering."""
 

@@ -7,6 +7,7 @@ import dataclasses
 import types
 import typing
 
+from fastsd.cli_common import add_home, load_session
 from fastsd.train.settings import TrainSettings
 
 
@@ -49,23 +50,16 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from fastsd import session
     from fastsd.train.trainer import train
 
-    root = Path(args.home) if args.home else None
-    s = session.load(args.session, root)
-    result = train(s, settings_from_args(args), resume=args.resume, restart=args.restart,
-                   root=root)
+    result = train(load_session(args), settings_from_args(args), resume=args.resume,
+                   restart=args.restart)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd train` to the `fastsd` parser."""
-    from fastsd.cli import add_home
-
     p = sub.add_parser(
         "train", help="train a session's subject: UNet, then text encoder; resumable",
         formatter_class=_Formatter,

@@ -71,7 +71,7 @@ class Lora:
 def _is_checkpoint_file(path: Path) -> bool:
     if path.suffix == ".ckpt":
         return True
-    from fastsd.models.detect import detect_file
+    from fastsd.convert.detect import detect_file
 
     try:
         return detect_file(path).kind == "checkpoint"

@@ -7,14 +7,15 @@ import argparse
 
 def _serve(args) -> None:
     import os
-    from pathlib import Path
 
     from fastsd.webui import launch
     from fastsd.webui.auth import PASSWORD_ENV
     from fastsd.webui.memory import MemoryPolicy
 
+    from fastsd.cli_common import home
+
     policy = MemoryPolicy(**{k: getattr(args, k) for k in MemoryPolicy.field_names()})
-    root = Path(args.home) if args.home else None
+    root = home(args)
     password = args.password or os.environ.get(PASSWORD_ENV) or None
     server = launch.serve(args.session, args.model, listen=args.listen, port=args.port,
                           user=args.user, password=password, root=root, policy=policy,
@@ -34,7 +35,7 @@ def _serve(args) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd serve` to the `fastsd` parser."""
-    from fastsd.cli import add_home
+    from fastsd.cli_common import add_home
     from fastsd.webui.memory import MemoryPolicy
 
     p = sub.add_parser(

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastsd import __version__, drive, env
+from fastsd import __version__, drive, env, models
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui import infotext, memory, samplers
 from fastsd.webui.catalog import Catalog, Checkpoint
 from fastsd.webui.params import GenerationParams
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -122,11 +123,11 @@ class Engine:
     """One pipeline on one device. Not thread-safe: a single worker calls it."""
 
     def __init__(self, catalog: Catalog, policy: memory.MemoryPolicy | None = None,
-                 device: str | None = None, converted: Path | None = None):
+                 device: str | None = None, workspace: Workspace | None = None):
         self.catalog = catalog
         self.policy = policy or memory.MemoryPolicy()
         self.device = device
-        self.converted = converted  # where single files are converted to diffusers, once
+        self.workspace = workspace  # single files are converted once into its converted/
         self.checkpoint: Checkpoint | None = None
         self.family = "sd1"
         self.inpainting = False
@@ -151,35 +152,11 @@ class Engine:
         memory.free_memory()
 
     def folder_of(self, ckpt: Checkpoint) -> Path:
-        """The diffusers folder of a checkpoint; a single file is converted once."""
+        """The diffusers folder of a checkpoint; a single file goes through the workspace's
+        one model resolver (converted once, kept in the workspace's converted/)."""
         if ckpt.folder is not None:
             return ckpt.folder
-        assert ckpt.file is not None and self.converted is not None
-        out = self.converted / f"{ckpt.file.stem}-{ckpt.hash}"
-        if not (out / "model_index.json").is_file():
-            from fastsd.convert import to_diffusers
-
-            log.info("Converting %s to a diffusers folder (once) in %s", ckpt.file.name, out)
-            config = self._config_for(ckpt.file)
-            to_diffusers(ckpt.file, out, config=config)
-        return out
-
-    def _config_for(self, file: Path) -> Path | None:
-        """A listed diffusers folder of the file's family, whose configs describe it (so no
-        download is needed); None lets the converter fetch the family's configs."""
-        from fastsd.models.detect import detect_file, detect_folder
-
-        want = detect_file(file)
-        for c in self.catalog.checkpoints():
-            if c.folder is None:
-                continue
-            try:
-                d = detect_folder(c.folder)
-            except ModelError:
-                continue
-            if (d.family, d.inpainting) == (want.family, want.inpainting):
-                return c.folder
-        return None
+        return models.resolve_model(ckpt.path, self.workspace)
 
     def load(self, name: str | Checkpoint) -> Checkpoint:
         """Load a catalog checkpoint (by title or name). The old model leaves the device first;
@@ -205,7 +182,7 @@ class Engine:
         import torch
         from diffusers import DiffusionPipeline
 
-        from fastsd.models.detect import detect_folder
+        from fastsd.convert.detect import detect_folder
 
         det = detect_folder(folder)
         if not det.convertible:
@@ -229,7 +206,7 @@ class Engine:
                  device, time.perf_counter() - start,
                  ", ".join(k for k, v in policy.to_dict().items() if v) or "plain fp32")
 
-    def _pipe(self, mode: str):
+    def pipeline(self, mode: str = "txt2img"):
         """The pipeline for a mode, sharing the loaded components."""
         from diffusers import (AutoPipelineForImage2Image, AutoPipelineForInpainting,
                                AutoPipelineForText2Image)
@@ -331,7 +308,7 @@ class Engine:
 
         sampler, schedule = samplers.resolve(p.sampler_name, p.scheduler)
         mode = p.mode
-        pipe = self._pipe(mode)
+        pipe = self.pipeline(mode)
         pipe.scheduler = samplers.build(self._pipes["base"].scheduler.config, sampler, schedule)
         prompt, warnings = self._apply_loras(pipe, p.prompt)
         negative = p.negative_prompt  # A1111 reads LoRA tags in the positive prompt only

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsd import drive, models, session as sessions
+from fastsd import models, session as sessions
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui.api import ServerInfo, create_app
 from fastsd.webui.auth import BasicAuth, generate_password, required
@@ -25,6 +25,7 @@ from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.outputs import Outputs
 from fastsd.webui.params import GenerationParams
 from fastsd.webui.worker import DEFAULT_MAX_QUEUE, Worker
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -46,41 +47,41 @@ def trained_model(session: sessions.Session) -> Path | None:
     return found[-1] if found else None
 
 
-def _model_path(model: str, root: Path | None) -> Path:
+def _model_path(model: str, ws: Workspace) -> Path:
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in SINGLE_SUFFIXES:
-        return path
-    return models.resolve(model, root)
+        return path  # listed as a single file; the engine converts it through the resolver
+    return models.resolve_model(model, ws)
 
 
 def default_checkpoint(catalog: Catalog, session, model: str | None,
-                       root: Path | None) -> Checkpoint:
+                       ws: Workspace) -> Checkpoint:
     """What to load first: ``model`` when given, else the session's trained model, else the
     session's base model."""
     if model:
         try:
             return catalog.find(model)
         except ModelError:
-            return catalog.add(_model_path(model, root))
+            return catalog.add(_model_path(model, ws))
     if session is None:
         raise ModelError("Name a model (--model) or a session (--session) to generate with.")
     trained = trained_model(session)
     if trained is None:
         log.warning("Session %s has no trained model yet; using its base model %s",
                     session.name, session.settings["base_model"])
-        return catalog.add(models.resolve(session.settings["base_model"], root))
+        return catalog.add(models.resolve_model(session.settings["base_model"], ws))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
 
 
-def worker_for(session=None, model: str | None = None, root: Path | None = None,
+def worker_for(session=None, model: str | None = None, root: Workspace | Path | None = None,
                policy: MemoryPolicy | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE) -> tuple[Worker, Outputs]:
     """The process's worker, made (or remade for another session) and loaded with the
     default model, and where its images are saved."""
     s = _session(session, root)
-    workspace = root or drive.workspace()
-    folders = ([Path(s.models)] if s else []) + [workspace / "models"]
+    ws = s.workspace if s else Workspace.current(root)
+    folders = ([Path(s.models)] if s else []) + [ws.models]
     key = (tuple(folders), policy, max_queue)
     with _lock:
         worker = _current.get("worker")
@@ -89,14 +90,14 @@ def worker_for(session=None, model: str | None = None, root: Path | None = None,
             worker.engine.unload()
             worker = None
         if worker is None:
-            engine = Engine(Catalog(folders), policy, converted=workspace / "models" / "converted")
+            engine = Engine(Catalog(folders), policy, workspace=ws)
             worker = Worker(engine, max_queue)
             _current.update(worker=worker, key=key,
-                            outputs=Outputs(Path(s.outputs) if s else workspace / "outputs"))
+                            outputs=Outputs(Path(s.outputs) if s else ws.root / "outputs"))
         outputs = _current["outputs"]
     engine = worker.engine
     if model or not engine.loaded:
-        ckpt = default_checkpoint(engine.catalog, s, model, root)
+        ckpt = default_checkpoint(engine.catalog, s, model, ws)
         if ckpt is not engine.checkpoint or not engine.loaded:
             worker.run(lambda e, _c: e.load(ckpt), "load model")
     return worker, outputs
@@ -177,7 +178,8 @@ class Server:
 
 def serve(session=None, model: str | None = None, *, listen: bool = False,
           port: int = DEFAULT_PORT, user: str | None = None, password: str | None = None,
-          tunnel: bool = False, root: Path | None = None, policy: MemoryPolicy | None = None,
+          tunnel: bool = False, root: Workspace | Path | None = None,
+          policy: MemoryPolicy | None = None,
           max_queue: int = DEFAULT_MAX_QUEUE, page: bool = False) -> Server:
     """Start the API server in the background and return it (``port=0``: any free port).
 
@@ -224,7 +226,7 @@ def _show(images: list) -> None:
 
 
 def generate(prompt: str = "", session=None, model: str | None = None, *,
-             root: Path | None = None, show: bool = True, save: bool = True,
+             root: Workspace | Path | None = None, show: bool = True, save: bool = True,
              **settings: Any) -> list:
     """Generate in-process from a session's trained model (or ``model``) and return the
     PIL images; in a notebook they are shown in the cell.
