@@ -45,14 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from fastsd import drive
-from fastsd.errors import TunnelError
+from fastsd import drive, fetch
+from fastsd.errors import FastSDError, TunnelError
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
 AUTO_ORDER = ("cloudflared", "ngrok", "gradio", "localtunnel", "colab")
 DEFAULT_TIMEOUT = 45.0  # seconds one provider may take to give a URL that answers
-DOWNLOAD_TIMEOUT = 20.0  # seconds without progress before a binary download is given up
 CHECK_TIMEOUT = 10.0  # seconds one health request may take
 # Headers that skip the interstitial pages localtunnel and ngrok show to browsers.
 CHECK_HEADERS = {"User-Agent": "fastsd-health/1", "bypass-tunnel-reminder": "1",
@@ -123,6 +123,13 @@ def request_status(url: str, auth: Auth | None, timeout: float = CHECK_TIMEOUT) 
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def _get(url: str, timeout: float) -> bytes:
+    """The body of a small API answer (localtunnel's); files go through fastsd.fetch."""
+    req = urllib.request.Request(url, headers={"User-Agent": "fastsd"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (fixed hosts)
+        return r.read(1 << 20)
 
 
 def check(url: str, auth: Auth, path: str = "/", timeout: float = CHECK_TIMEOUT) -> str | None:
@@ -227,35 +234,32 @@ NGROK = Tool("ngrok", "stable", {
 }, member="ngrok")
 
 
-def tools_dir(root: Path | None = None) -> Path:
-    return (root or drive.workspace()) / "tools"
+def tools_dir(root: Workspace | Path | None = None) -> Path:
+    return Workspace.current(root).tools
 
 
-def _download(url: str, timeout: float) -> bytes:
-    req = urllib.request.Request(url, headers={"User-Agent": "fastsd"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (pinned URLs)
-        return r.read()
-
-
-def ensure_tool(tool: Tool, root: Path | None = None, timeout: float = DOWNLOAD_TIMEOUT) -> Path:
+def ensure_tool(tool: Tool, root: Workspace | Path | None = None) -> Path:
     """The path of ``tool``'s binary on local disk, downloaded into the workspace once.
 
     The workspace keeps ``tools/NAME/NAME`` and ``tools/NAME/version.json`` (version, URL,
     SHA-256, when). Drive may not run binaries, so a local copy is the one that runs.
+    The download goes through fastsd.fetch: offline, it fails within its connect timeout.
     """
     folder = tools_dir(root) / tool.name
     kept, record = folder / tool.name, folder / "version.json"
     if not (kept.is_file() and record.is_file()):
         url = tool.url()
+        download = folder / ("download-" + url.rsplit("/", 1)[-1])
         try:
-            data = _download(url, timeout)
-        except (OSError, ValueError) as e:
-            raise TunnelError(f"could not download {tool.name} from {url} ({_reason(e)}). "
-                              "This runtime needs internet access the first time; after "
-                              f"that the copy in {folder} is used.") from e
+            fetch.http_file(url, download)
+        except FastSDError as e:
+            raise TunnelError(f"could not download {tool.name}: {e} After the first download "
+                              f"the copy in {folder} is used.") from None
+        data = download.read_bytes()
         if tool.member:
             data = _extract(data, tool.member, url)
         drive.atomic_write_bytes(kept, data)
+        download.unlink()
         local = _local_copy(kept)
         version = _version_of(local) or tool.version
         drive.atomic_write_json(record, {"name": tool.name, "version": version, "url": url,
@@ -267,7 +271,7 @@ def ensure_tool(tool: Tool, root: Path | None = None, timeout: float = DOWNLOAD_
     return _local_copy(kept)
 
 
-def tool_version(tool: Tool, root: Path | None = None) -> str | None:
+def tool_version(tool: Tool, root: Workspace | Path | None = None) -> str | None:
     """The recorded version of ``tool`` in the workspace, or None when it was never fetched."""
     record = tools_dir(root) / tool.name / "version.json"
     return drive.read_json(record).get("version") if record.is_file() else None
@@ -368,7 +372,7 @@ class Provider:
     name = "?"
     checkable = True
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
         raise NotImplementedError
 
 
@@ -378,8 +382,8 @@ class Cloudflared(Provider):
     name = "cloudflared"
     URL = re.compile(r"https://[a-z0-9-]+\.trycloudflare\.com")
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
-        binary = ensure_tool(CLOUDFLARED, root, timeout=_left(deadline))
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
+        binary = ensure_tool(CLOUDFLARED, root)
         proc = _spawn([str(binary), "tunnel", "--no-autoupdate", "--url",
                        f"http://127.0.0.1:{port}"])
         out = _Output(proc)
@@ -416,7 +420,7 @@ class Ngrok(Provider):
 
     name = "ngrok"
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
         token = ngrok_token()
         if not token:
             raise TunnelError(f"no ngrok authtoken: add a Colab secret named {NGROK_SECRET} "
@@ -427,7 +431,7 @@ class Ngrok(Provider):
             from pyngrok.exception import PyngrokError
         except ImportError as e:
             raise TunnelError("pyngrok is not installed; run the install cell.") from e
-        binary = ensure_tool(NGROK, root, timeout=_left(deadline))
+        binary = ensure_tool(NGROK, root)
         private = Path(tempfile.mkdtemp(prefix="fastsd-ngrok-"))
         config = private / "ngrok.yml"
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -462,7 +466,7 @@ class GradioShare(Provider):
 
     name = "gradio"
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
         try:
             from gradio import networking, tunneling
         except ImportError as e:
@@ -511,9 +515,9 @@ class Localtunnel(Provider):
     def __init__(self, host: str = LOCALTUNNEL_HOST):
         self.host = host
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
         try:
-            info = json.loads(_download(f"{self.host}/?new", timeout=_left(deadline)))
+            info = json.loads(_get(f"{self.host}/?new", timeout=_left(deadline)))
             remote_port, url = int(info["port"]), str(info["url"])
             links = max(1, min(int(info.get("max_conn_count", 8)), 10))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -525,7 +529,7 @@ class Localtunnel(Provider):
                              daemon=True).start()
         note = ""
         with contextlib.suppress(OSError, ValueError):
-            ip = _download("https://loca.lt/mytunnelpassword", timeout=5).decode().strip()
+            ip = _get("https://loca.lt/mytunnelpassword", timeout=5).decode().strip()
             note = f"If the page asks for a tunnel password, it is {ip}"
         return Tunnel(self.name, url, port, note=note, _closers=[stop.set])
 
@@ -541,7 +545,7 @@ class ColabProxy(Provider):
     name = "colab"
     checkable = False
 
-    def open(self, port: int, deadline: float, root: Path | None) -> Tunnel:
+    def open(self, port: int, deadline: float, root: Workspace | Path | None) -> Tunnel:
         try:
             from google.colab import output  # type: ignore[import-not-found]
         except ImportError:
@@ -645,7 +649,8 @@ def providers_for(choice: str | Iterable[str],
 
 
 def open_tunnel(port: int, auth: Auth | None, provider: str | Iterable[str] = "auto",
-                timeout: float = DEFAULT_TIMEOUT, path: str = "/", root: Path | None = None,
+                timeout: float = DEFAULT_TIMEOUT, path: str = "/",
+                root: Workspace | Path | None = None,
                 providers: dict[str, Callable[[], Provider]] | None = None) -> Tunnel:
     """Open a tunnel to ``127.0.0.1:port`` that answers a health check through it.
 

@@ -83,7 +83,7 @@ def test_clone_offline_fails_fast_and_leaves_nothing(tmp_path):
     assert not list((tmp_path / "ui").iterdir())
 
 
-# A stand-in for the UI's background.py: prints its command line as AUTOMATIC1111 does, then
+# A stand-in for the UI's launch.py: prints its command line as AUTOMATIC1111 does, then
 # fails the way a broken install does.
 FAILING_UI = """
 import sys
@@ -96,7 +96,7 @@ sys.exit(1)
 def test_a_ui_that_fails_to_start_says_why_and_never_logs_the_password(tmp_path, workspace):
     folder = tmp_path / "webui"
     folder.mkdir()
-    (folder / "background.py").write_text(FAILING_UI)
+    (folder / "launch.py").write_text(FAILING_UI)
     log = workspace / "sessions" / "dog" / "logs" / "a1111.log"
     server = external.start("a1111", 7869, AUTH, log_path=log, workspace=workspace,
                             folder=folder, clone=False, tunnel=None, cpu=True)

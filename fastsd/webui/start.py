@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fastsd import drive, session as sessions
+from fastsd.workspace import Workspace
 from fastsd.errors import LaunchError
 from fastsd.webui import background, external
 from fastsd.webui.auth import PASSWORD_ENV, generate_password
@@ -27,11 +28,11 @@ PASSWORD_FILE = "webui-password.txt"
 UIS = ("fastsd", *external.UIS)
 
 
-def password_file(root: Path | None = None) -> Path:
-    return (root or drive.workspace()) / PASSWORD_FILE
+def password_file(root: Workspace | Path | None = None) -> Path:
+    return Workspace.current(root).root / PASSWORD_FILE
 
 
-def saved_password(root: Path | None = None) -> str:
+def saved_password(root: Workspace | Path | None = None) -> str:
     """The workspace's web UI password, generated and saved the first time."""
     path = password_file(root)
     if path.is_file():
@@ -45,7 +46,7 @@ def saved_password(root: Path | None = None) -> str:
     return password
 
 
-def show_password(root: Path | None = None) -> None:
+def show_password(root: Workspace | Path | None = None) -> None:
     """Print the saved web UI password (only when the user asks for it)."""
     print(saved_password(root))
 
@@ -77,7 +78,7 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     """
     if ui not in UIS:
         raise LaunchError(f"Unknown web UI {ui!r}: choose one of {', '.join(UIS)}.")
-    root = Path(home) if home else drive.workspace()
+    root = Workspace.current(home).root
     s = sessions.load(session, root) if session else None
     logs = (s.path if s else root) / "logs"
     auth = (user, password or os.environ.get(PASSWORD_ENV) or saved_password(root))
