@@ -440,7 +440,7 @@ class Ngrok(Provider):
         cfg = conf.PyngrokConfig(ngrok_path=str(binary), config_path=str(config),
                                  startup_timeout=max(1, int(_left(deadline))),
                                  request_timeout=min(CHECK_TIMEOUT, _left(deadline)),
-                                 monitor_thread=False)
+                                 monitor_thread=True)  # drains its log pipe
         cfg.auth_token = None  # PyngrokConfig reads $NGROK_AUTHTOKEN onto the command line
         cleanup = [lambda: shutil.rmtree(private, ignore_errors=True)]
         try:

@@ -220,6 +220,24 @@ def test_keeper_reopens_a_dead_tunnel_while_the_server_keeps_running(server):
     assert tunnel.check(new.url, AUTH, timeout=2).startswith("no answer")
 
 
+def test_auth_cannot_be_turned_off_while_a_tunnel_is_open(server):
+    providers = {"local": LocalForward}
+
+    def reopen():
+        return tunnel.open_tunnel(server.port, AUTH, "local", BOUND, providers=providers)
+
+    first = reopen()
+    keeper = tunnel.Keeper(first, AUTH, reopen, interval=0.3, failures=1).start()
+    try:
+        server.auth_on = False  # the server starts answering without a password
+        assert wait_until(lambda: keeper.last_error is not None, timeout=30)
+        assert "without a password" in keeper.last_error
+        assert tunnel.check(first.url, AUTH, timeout=2).startswith("no answer")  # closed
+        assert keeper.reopened == 0
+    finally:
+        keeper.stop()
+
+
 def test_link_and_qr_code():
     url = "https://quiet-river.trycloudflare.com"
     html = tunnel.link_html(url, note="tunnel password 1.2.3.4")

@@ -236,8 +236,10 @@ def build(api: Api, outputs: Path, title: str = "fastsd"):
     """The Gradio Blocks of the page."""
     import gradio as gr
 
-    def models_update():
+    def models_update(rescan: bool = False):
         try:
+            if rescan:  # models copied into the session or workspace since the start
+                api.call("POST", "refresh-checkpoints")
             choices, value = api.models(), api.current_model()
         except Exception as e:
             raise gr.Error(f"Could not list the models: {e}")
@@ -397,7 +399,7 @@ def build(api: Api, outputs: Path, title: str = "fastsd"):
         page.load(lambda: gr.update(choices=api.samplers(), value=api.samplers()[0]), None,
                   sampler)
         page.load(refresh_gallery, None, [gallery, picked, params])
-        model_refresh.click(models_update, None, model)
+        model_refresh.click(lambda: models_update(True), None, model)
         model.change(pick_model, model, model_status)
         gen = go.click(generate, [*settings, bsize, bcount, editor, denoise, blur, only_masked],
                        [bar, preview, result, info])
