@@ -227,3 +227,14 @@ def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path
     assert "<svg" in ready  # the QR code
     assert "Stopped the server" in shown()
     assert background.port_free(port)
+
+
+def test_when_no_tunnel_opens_the_server_still_runs_and_every_reason_is_given(log_path):
+    port = free_port()
+    server = background.launch(command(port), port, log_path, auth=AUTH,
+                               tunnel=["localtunnel", "colab"], tunnel_timeout=10)
+    with pytest.raises(LaunchError) as e:
+        server.wait_ready(60)
+    assert "localtunnel: failed" in str(e.value) and "colab: failed" in str(e.value)
+    assert server.alive() and background.answers(server.local_url, AUTH) == 200
+    assert server.public_url is None

@@ -384,13 +384,18 @@ def _watch(server: Server, tunnel: str | None, tunnel_timeout: float, ready_time
             server.keeper = tunnels.Keeper(t, auth, reopen, changed, interval=keep_interval,
                                            path=path).start()
             server.save_state()
-            for a in t.attempts[:-1]:
-                log.info("Tunnel %s", a)
-        server._show("The web UI is ready:", server.url,
-                     server.tunnel.note if server.tunnel else "")
+        note = server.tunnel.note if server.tunnel else ""
+        passed = [str(a) for a in (server.tunnel.attempts[:-1] if server.tunnel else [])]
+        if passed:
+            note = " ".join([note, "Passed over:", "; ".join(passed)]).strip()
+        server._show("The web UI is ready:", server.url, note)
         if on_url:
             on_url(server.url)
-    except (LaunchError, TunnelError) as e:
+    except TunnelError as e:
+        server.error = str(e)
+        server._show(f"The web UI runs on this machine ({server.local_url}), but no public "
+                     f"URL could be opened: {e}")
+    except LaunchError as e:
         server.error = str(e)
         server._show(f"The web UI did not start: {e}")
     finally:
