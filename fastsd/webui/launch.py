@@ -202,8 +202,13 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
     if page:
         from fastsd.webui import page as web_page
 
-        page_api = web_page.Api("", (auth.username, auth.password) if auth else None)
-        web_page.mount(app, page_api, outputs.root, title=f"fastsd: {s.name}" if s else "fastsd")
+        try:
+            api = web_page.Api("", (auth.username, auth.password) if auth else None)
+            web_page.mount(app, api, outputs.root, title=f"fastsd: {s.name}" if s else "fastsd")
+            page_api = api
+        except ImportError as e:
+            log.warning("The web page needs gradio (%s); serving the API only. Run the "
+                        "install cell to get it.", e)
     server = Server(app, host, port, auth).start()
     if page_api is not None:
         page_api.base = server.url  # the page calls the API through loopback
