@@ -612,3 +612,34 @@ def test_generate_in_process_shares_the_worker(server, home):
                             "width": SIZE, "height": SIZE})
     from_api = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert close(from_api, images[0]) and not close(from_api, images[1])
+
+
+def test_an_inpainting_model_serves_every_mode(api, server, home, tiny_sd1):
+    """A 9-channel inpainting UNet (as in SD 1.5 inpainting) does txt2img, img2img and
+    inpainting through its own pipeline."""
+    from diffusers import UNet2DConditionModel
+
+    folder = home / "models" / "tiny-inpaint"
+    shutil.copytree(tiny_sd1, folder)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    api.refresh_checkpoints()
+    first = api.util_get_current_model()
+    try:
+        api.set_options({"sd_model_checkpoint": "tiny-inpaint"})
+        assert api.util_get_current_model().startswith("tiny-inpaint [")
+        kw = dict(prompt="a cat", width=SIZE, height=SIZE, seed=2, steps=2)
+        t = api.txt2img(**kw)
+        assert t.image.size == (SIZE, SIZE) and t.info["is_using_inpainting_conditioning"]
+        i = api.img2img(images=[gradient(6)], denoising_strength=0.5, **kw)
+        assert i.image.size == (SIZE, SIZE)
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        mask.paste(255, (0, 0, 32, SIZE))
+        m = api.img2img(images=[gradient(6)], mask_image=mask, mask_blur=0,
+                        inpaint_full_res=False, denoising_strength=1.0, **kw)
+        assert np.array_equal(arr(m.image)[:, 40:], arr(gradient(6))[:, 40:])
+        assert (arr(m.image)[:, :24] != arr(gradient(6))[:, :24]).mean() > 0.5
+    finally:
+        api.set_options({"sd_model_checkpoint": first})
+        shutil.rmtree(folder)
+        api.refresh_checkpoints()
