@@ -46,13 +46,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, tiny_sd1, tiny_sd2) -> Path:
+def home(tmp_path_factory, tiny_sd1, tiny_sd2, tiny_sdxl) -> Path:
     """A workspace with a session whose trained model is the tiny SD 1.x, and tiny SD 2.x
-    in the workspace's models/ to switch to."""
+    and SDXL in the workspace's models/ to switch to."""
     root = tmp_path_factory.mktemp("webui-home")
     s = sessions.create("subject", root, base_model="tiny-sd1", resolution=64)
     shutil.copytree(tiny_sd1, s.models / "subject")  # as the trainer writes it
     shutil.copytree(tiny_sd2, root / "models" / "tiny-sd2")
+    shutil.copytree(tiny_sdxl, root / "models" / "tiny-sdxl")
     return root
 
 
@@ -289,6 +290,45 @@ def test_options_switch_models_and_refuse_unknown_names(api, server):
     assert api.util_get_current_model() == first
 
 
+def test_sdxl_txt2img_img2img_and_inpainting(api, server):
+    first = api.util_get_current_model()
+    try:
+        api.util_set_model("tiny-sdxl")
+        assert api.util_get_current_model().startswith("tiny-sdxl [")
+        kw = dict(prompt="a cat", width=SIZE, height=SIZE, seed=2, steps=2)
+        t = api.txt2img(**kw)
+        assert t.image.size == (SIZE, SIZE) and t.info["sd_model_name"] == "tiny-sdxl"
+        i = api.img2img(images=[gradient(5)], denoising_strength=0.5, **kw)
+        assert not np.array_equal(arr(i.image), arr(t.image))
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        mask.paste(255, (0, 0, 32, SIZE))
+        m = api.img2img(images=[gradient(5)], mask_image=mask, mask_blur=0,
+                        inpaint_full_res=False, denoising_strength=1.0, **kw)
+        assert np.array_equal(arr(m.image)[:, 40:], arr(gradient(5))[:, 40:])
+    finally:
+        api.set_options({"sd_model_checkpoint": first})
+
+
+def test_memory_options_reload_the_model_with_them(api, server):
+    engine = server.app.state.worker.engine
+    try:
+        r = requests.post(url(server, "options"), json={"fastsd_attention_slicing": True,
+                                                        "fastsd_vae_tiling": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = api.get_options()
+        assert got["fastsd_attention_slicing"] is True and got["fastsd_vae_tiling"] is True
+        procs = {type(p).__name__ for p in engine.pipeline().unet.attn_processors.values()}
+        assert procs == {"SlicedAttnProcessor"} and engine.pipeline().vae.use_tiling
+        assert len(api.txt2img(prompt="x", width=SIZE, height=SIZE, steps=2).images) == 1
+        bad = requests.post(url(server, "options"), json={"fastsd_cpu_offload": "yes"},
+                            timeout=30)
+        assert bad.status_code == 422 and "true, false or null" in bad.json()["detail"]
+    finally:
+        requests.post(url(server, "options"), json={"fastsd_attention_slicing": None,
+                                                    "fastsd_vae_tiling": None}, timeout=120)
+    assert api.get_options()["fastsd_attention_slicing"] is False  # automatic, on CPU: off
+
+
 def test_old_model_leaves_memory_on_switch(server):
     import gc
     import weakref
@@ -505,12 +545,17 @@ def test_load_32_concurrent_txt2img(server, home, record_property, capsys):
 
 def test_auth_on_every_route(server):
     auth = BasicAuth("artist", "s3cret-pw")
-    guarded = launch.Server(create_app(server.app.state.worker, auth=auth), "127.0.0.1",
-                            0).start()
+    from starlette.responses import PlainTextResponse
+
+    app = create_app(server.app.state.worker, auth=auth)
+    # a page mounted later on the same app (as the web page is) is behind the same auth
+    app.mount("/page", PlainTextResponse("the page"))
+    guarded = launch.Server(app, "127.0.0.1", 0).start()
     try:
         base = f"{guarded.url}/sdapi/v1"
         for method, path in (("get", "options"), ("get", "progress"), ("post", "txt2img"),
-                             ("get", "sd-models"), ("post", "interrupt"), ("get", "/docs")):
+                             ("get", "sd-models"), ("post", "interrupt"), ("get", "/docs"),
+                             ("get", "/page")):
             r = requests.request(method, f"{base}/{path}" if path[0] != "/" else
                                  guarded.url + path, json=GOOD, timeout=30)
             assert r.status_code == 401, path
@@ -520,6 +565,8 @@ def test_auth_on_every_route(server):
         client = webuiapi.WebUIApi(baseurl=base, username="artist", password="s3cret-pw",
                                    sampler="Euler", steps=2)
         assert len(client.txt2img(prompt="x", width=SIZE, height=SIZE).images) == 1
+        page = requests.get(f"{guarded.url}/page", auth=("artist", "s3cret-pw"), timeout=30)
+        assert page.status_code == 200 and page.text == "the page"
         # repeated failures from one address are answered more and more slowly
         hdr = {"X-Forwarded-For": "203.0.113.9"}
         for _ in range(3):
@@ -565,3 +612,34 @@ def test_generate_in_process_shares_the_worker(server, home):
                             "width": SIZE, "height": SIZE})
     from_api = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert close(from_api, images[0]) and not close(from_api, images[1])
+
+
+def test_an_inpainting_model_serves_every_mode(api, server, home, tiny_sd1):
+    """A 9-channel inpainting UNet (as in SD 1.5 inpainting) does txt2img, img2img and
+    inpainting through its own pipeline."""
+    from diffusers import UNet2DConditionModel
+
+    folder = home / "models" / "tiny-inpaint"
+    shutil.copytree(tiny_sd1, folder)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"), in_channels=9)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    api.refresh_checkpoints()
+    first = api.util_get_current_model()
+    try:
+        api.set_options({"sd_model_checkpoint": "tiny-inpaint"})
+        assert api.util_get_current_model().startswith("tiny-inpaint [")
+        kw = dict(prompt="a cat", width=SIZE, height=SIZE, seed=2, steps=2)
+        t = api.txt2img(**kw)
+        assert t.image.size == (SIZE, SIZE) and t.info["is_using_inpainting_conditioning"]
+        i = api.img2img(images=[gradient(6)], denoising_strength=0.5, **kw)
+        assert i.image.size == (SIZE, SIZE)
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        mask.paste(255, (0, 0, 32, SIZE))
+        m = api.img2img(images=[gradient(6)], mask_image=mask, mask_blur=0,
+                        inpaint_full_res=False, denoising_strength=1.0, **kw)
+        assert np.array_equal(arr(m.image)[:, 40:], arr(gradient(6))[:, 40:])
+        assert (arr(m.image)[:, :24] != arr(gradient(6))[:, :24]).mean() > 0.5
+    finally:
+        api.set_options({"sd_model_checkpoint": first})
+        shutil.rmtree(folder)
+        api.refresh_checkpoints()

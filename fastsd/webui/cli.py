@@ -40,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve", help="serve the AUTOMATIC1111-compatible API on a session's model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Start the generation engine and its AUTOMATIC1111-compatible HTTP API "
         "(/sdapi/v1) on the session's trained model, or on --model. Images are saved to the "
         "session's outputs/. Listening beyond localhost turns on HTTP Basic auth.")
@@ -50,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "id, a diffusers folder or a .safetensors/.ckpt file")
     p.add_argument("--listen", action="store_true",
                    help="listen on all interfaces (0.0.0.0); turns on auth")
-    p.add_argument("--port", type=int, default=7860, help="port (0: any free port)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: any free port)")
     p.add_argument("--user", default=None, help="HTTP Basic auth user (default: fastsd)")
     p.add_argument("--password", default=None,
                    help="HTTP Basic auth password (default: $FASTSD_WEBUI_PASSWORD, else "
@@ -58,11 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page", action=argparse.BooleanOptionalAction, default=True,
                    help="serve the web page at / (needs gradio)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="jobs that may wait; more get 503")
+                   help="jobs that may wait; more get 503 (default: 64)")
     for name in MemoryPolicy.field_names():
         p.add_argument("--" + name.replace("_", "-"), dest=name,
                        action=argparse.BooleanOptionalAction, default=None,
-                       help=f"force {name.replace('_', ' ')} on or off (default: chosen from "
-                       "free VRAM)")
+                       help=f"force {name.replace('_', ' ').replace('vae', 'VAE')} on or off "
+                       "(default: chosen from free VRAM)")
     add_home(p)
     p.set_defaults(func=_serve)

@@ -289,13 +289,14 @@ class Engine:
                 "fastsd_cpu_offload in the options.") from None
         except (FastSDError, KeyboardInterrupt):
             raise
-        except RuntimeError as e:
-            if "out of memory" in str(e).lower():
+        except Exception as e:  # reported to the request that caused it, with its cause
+            if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
                 self._after_oom()
                 raise OutOfMemory(f"Out of device memory: {str(e)[:200]}. Try a smaller size or "
                                   "batch size.") from None
+            log.exception("Generation failed")
             raise GenerationFailed(f"Generation failed: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:300]}") from e
+                                   f"{(str(e).splitlines() or [''])[0][:300]}") from e
 
     def _after_oom(self) -> None:
         for pipe in self._pipes.values():

@@ -129,21 +129,20 @@ class Worker:
 
     # ------------------------------------------------------------------ control
 
-    def interrupt(self) -> bool:
-        """Stop the running job after its current step; its images so far are returned."""
+    def _signal(self, flag: str) -> bool:
         with self._lock:
             if self._current is None:
                 return False
-            self._current.control.interrupt = True
+            setattr(self._current.control, flag, True)
             return True
+
+    def interrupt(self) -> bool:
+        """Stop the running job after its current step; its images so far are returned."""
+        return self._signal("interrupt")
 
     def skip(self) -> bool:
         """End the running job's current batch and go on with its next."""
-        with self._lock:
-            if self._current is None:
-                return False
-            self._current.control.skip = True
-            return True
+        return self._signal("skip")
 
     def progress(self, preview: bool = True) -> dict[str, Any]:
         """A1111's /progress object for the running job."""
