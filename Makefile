@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean fuse
 
 venv: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): setup.py requirements-colab.txt
 demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
-test: $(STAMP)
+# The Drive stand-in (tests/colab) is a FUSE passthrough: it needs Debian's fuse3.
+fuse:
+	@command -v fusermount3 >/dev/null && /sbin/ldconfig -p | grep -q libfuse3.so.3 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3)
+
+test: $(STAMP) fuse
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -22,6 +22,6 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", *requirements()],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "nbclient>=0.10", "nbformat>=5.10",
-                            "ipykernel>=6.29"]},
+                            "ipykernel>=6.29", "mfusepy==3.1.1"]},
     entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
 )

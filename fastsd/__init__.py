@@ -1,9 +1,11 @@
 """fastsd: DreamBooth fine-tuning of Stable Diffusion from a Colab or Jupyter notebook.
 
 Importing fastsd is instant: torch, diffusers and transformers are imported only by the
-functions that need them.
+functions that need them. In a notebook kernel it shows each FastSDError as its message.
 """
 
 __version__ = "0.1.0"
 
-from fastsd.errors import FastSDError  # noqa: E402,F401
+from fastsd.errors import FastSDError, show_in_notebook  # noqa: E402,F401
+
+show_in_notebook()

@@ -15,6 +15,7 @@ endpoint is not connected``). Everything fastsd writes there goes through this m
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from fastsd.errors import DriveError
 
 log = logging.getLogger("fastsd")
 
-COLAB_MOUNT = Path("/content/gdrive")
+COLAB_MOUNT = Path(os.environ.get("FASTSD_DRIVE_MOUNT") or "/content/gdrive")
 WORKSPACE_NAME = "Fast-Dreambooth"
 DEFAULT_RETRIES = 5
 DEFAULT_DELAY = 1.0
@@ -53,7 +54,7 @@ def workspace(shared_drive: str | None = None, mount: bool = True) -> Path:
         if mount:
             mount_drive()
         root = COLAB_MOUNT / ("Shareddrives/" + shared_drive if shared_drive else "MyDrive")
-        if not root.is_dir():
+        if not retry(root.is_dir, f"Opening {root}"):
             raise DriveError(
                 f"{root} does not exist. "
                 + ("Check the Shared Drive's name and that this Google account can open it."
@@ -63,43 +64,131 @@ def workspace(shared_drive: str | None = None, mount: bool = True) -> Path:
     else:
         path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        retry(lambda: path.mkdir(parents=True, exist_ok=True), f"Creating {path}")
+    except DriveFull:
+        raise
     except OSError as e:
         raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
                          "Set FASTSD_HOME to a folder you can write to.") from e
     return path
 
 
-def mount_drive() -> Path:
-    """Mount Google Drive on Colab at /content/gdrive (a no-op when already mounted)."""
-    if (COLAB_MOUNT / "MyDrive").is_dir():
+def is_mounted() -> bool:
+    """Whether Drive is mounted and answering. A dead FUSE mount raises OSError (Errno 107
+    on Python 3.11+) instead of returning False: that counts as not mounted."""
+    try:
+        return (COLAB_MOUNT / "MyDrive").is_dir()
+    except OSError:
+        return False
+
+
+def _dead() -> bool:
+    """Whether the mount point is a mount that stopped answering (a Drive drop)."""
+    try:
+        os.stat(COLAB_MOUNT)
+        os.listdir(COLAB_MOUNT)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return os.path.ismount(COLAB_MOUNT) and not is_mounted()
+
+
+def mount_drive(force: bool = False) -> Path:
+    """Mount Google Drive on Colab at /content/gdrive (a no-op when it is mounted and
+    answering). A dropped mount is remounted with ``force_remount=True``."""
+    if not force and is_mounted():
         return COLAB_MOUNT
     try:
         from google.colab import drive  # type: ignore[import-not-found]
     except ImportError as e:
         raise DriveError("Google Drive can only be mounted inside Colab. "
                          "Elsewhere, set FASTSD_HOME to a local folder.") from e
-    drive.mount(str(COLAB_MOUNT))
+    remount = force or _dead()
+    if remount:
+        log.warning("Google Drive stopped answering; mounting it again.")
+    try:
+        drive.mount(str(COLAB_MOUNT), force_remount=remount)
+    except Exception as e:  # Colab raises ValueError, TimeoutError, MessageError...
+        raise DriveError(f"Mounting Google Drive at {COLAB_MOUNT} failed: {e}. Run the "
+                         "Drive cell again; if it keeps failing, restart the runtime "
+                         "(Runtime > Restart session).") from e
+    if not is_mounted():
+        raise DriveError(f"Google Drive did not appear at {COLAB_MOUNT} after mounting. "
+                         "Run the Drive cell again.")
+    _clean_orphans()
     return COLAB_MOUNT
 
 
+def _on_drive(path: Path) -> bool:
+    try:
+        return Path(path).is_relative_to(COLAB_MOUNT)
+    except ValueError:
+        return False
+
+
+def ensure_mounted() -> None:
+    """On Colab, remount Drive if it dropped; elsewhere nothing."""
+    from fastsd import env
+
+    if env.runtime() == "colab" and not is_mounted():
+        mount_drive(force=True)
+
+
 # --------------------------------------------------------------------------- retries
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DriveFull(DriveError):
+    """Drive (or the local disk) has no room left for a write."""
+
+
+def space_hogs(root: Path | None = None, limit: int = 5) -> list[tuple[Path, int]]:
+    """The biggest checkpoints and models in the workspace, largest first, as
+    (path, bytes): what to delete when Drive is full."""
+    root = root or workspace(mount=False)
+    found: list[tuple[Path, int]] = []
+    with contextlib.suppress(OSError):
+        for folder in [*root.glob("sessions/*/checkpoints/*"), *root.glob("sessions/*/models/*"),
+                       *root.glob("models/*"), *root.glob("wheels/*")]:
+            if is_temporary(folder):
+                continue
+            files = [folder] if folder.is_file() else [p for p in folder.rglob("*") if p.is_file()]
+            found.append((folder, sum(p.stat().st_size for p in files)))
+    return sorted(found, key=lambda x: -x[1])[:limit]
+
+
+def _full_message(what: str, e: OSError) -> str:
+    hogs = space_hogs()
+    lines = "\n".join(f"  {p}  ({n / 1e9:.2f} GB)" for p, n in hogs)
+    return (f"{what} failed: no space left ({e.strerror or e}). Free some room, then run this "
+            "cell again. The biggest fastsd folders are:\n" + (lines or "  (none)") +
+            "\nDelete old checkpoints with `fastsd session prune-checkpoints NAME` or in the "
+            "Drive web page, then empty Drive's trash (drive.google.com/drive/trash): Drive "
+            "keeps deleted files there, and they count against the quota until it is emptied.")
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int | None = None,
           delay: float | None = None) -> T:
     """Call ``fn`` until it returns, retrying on OSError with a growing pause.
 
-    When the attempts run out a DriveError says what failed and what to do.
+    On Colab a dropped Drive is remounted (``force_remount=True``) before the next try.
+    A full Drive fails at once with what to delete. When the attempts run out a
+    DriveError says what failed and what to do.
     """
     attempts = DEFAULT_RETRIES if attempts is None else attempts
     delay = DEFAULT_DELAY if delay is None else delay
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                DriveError):
             raise
         except OSError as e:
+            if e.errno in NO_SPACE:
+                raise DriveFull(_full_message(what, e)) from e
             if attempt == attempts:
                 raise DriveError(
                     f"{what} failed {attempts} times; the last error was: {e}. Google Drive "
@@ -110,10 +199,27 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None,
             log.warning("%s failed (%s); retrying in %.1fs (%d/%d)", what, e, pause,
                         attempt, attempts - 1)
             time.sleep(pause)
+            with contextlib.suppress(DriveError):
+                ensure_mounted()
     raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- atomic writes
+
+
+_orphans: list[Path] = []  # temporaries a drop kept us from removing
+
+
+def is_temporary(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a half-written temporary (readers must skip it)."""
+    return Path(path).name.startswith(_TMP_MARK)
+
+
+def _clean_orphans() -> None:
+    while _orphans:
+        p = _orphans.pop()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -148,16 +254,24 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            _orphans.append(tmp)  # the mount dropped: removed once it is back
         raise
     _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_writer(path, "wb") as f:
-        f.write(data)
-    return Path(path)
+    """Write ``data`` whole or not at all, retrying (and remounting) on a Drive drop."""
+    path = Path(path)
+
+    def write() -> None:
+        with atomic_writer(path, "wb") as f:
+            f.write(data)
+
+    retry(write, f"Writing {path.name}")
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -169,13 +283,26 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    path = Path(path)
+    return json.loads(retry(lambda: path.read_text(encoding="utf-8"), f"Reading {path.name}"))
 
 
-def clean_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Remove temporaries a killed write left behind in ``folder`` (not recursive)."""
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A file's bytes, read whole into memory (retrying on a Drive drop). Use it instead of
+    a memory map for anything on Drive: a mapped page read after a drop is a SIGBUS."""
+    path = Path(path)
+    return retry(path.read_bytes, f"Reading {path.name}")
+
+
+def clean_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -> int:
+    """Remove temporaries a killed write left behind in ``folder``."""
     n = 0
-    for p in Path(folder).glob(f"{_TMP_MARK}*"):
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in list(folder.rglob(f"{_TMP_MARK}*") if recursive else folder.glob(f"{_TMP_MARK}*")):
+        if not p.exists():  # inside a temporary folder removed just before
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -232,7 +359,12 @@ def atomic_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             retry(lambda: os.replace(tmp, dst), f"Renaming {tmp.name}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.rmtree(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            _orphans.append(tmp)  # the mount dropped: removed once it is back
         raise
     _fsync_dir(dst.parent)
 
@@ -247,7 +379,12 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DriveError(f"Cannot copy {src}: it is not a folder.")
-    with atomic_folder(dst) as tmp:
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            copy_file(f, tmp / f.relative_to(src), attempts, delay)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not is_temporary(p))
+
+    def copy_all() -> None:
+        with atomic_folder(dst) as tmp:
+            for f in files:
+                copy_file(f, tmp / f.relative_to(src), attempts, delay)
+
+    retry(copy_all, f"Copying {src.name} to {dst.parent}", attempts, delay)
     return dst

@@ -145,7 +145,8 @@ class Session:
 
     def summary(self) -> dict:
         def count(folder: Path) -> int:
-            return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+            return sum(1 for p in folder.iterdir() if p.is_file() and not drive.is_temporary(p)
+                       ) if folder.is_dir() else 0
 
         return {"name": self.name, "path": str(self.path), "settings": self.settings,
                 **{f: count(self.path / f) for f in FOLDERS}}
