@@ -311,6 +311,29 @@ def clean_temporaries(folder: str | os.PathLike[str], recursive: bool = False) -
     return n
 
 
+_trash_noted = False
+
+
+def delete(path: str | os.PathLike[str]) -> None:
+    """Delete a file or folder (retrying after a Drive drop). On Drive, say once that the
+    space comes back only when Drive's trash is emptied."""
+    global _trash_noted
+    path = Path(path)
+
+    def remove() -> None:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    retry(remove, f"Deleting {path.name}")
+    if _on_drive(path) and not _trash_noted:
+        _trash_noted = True
+        log.info("Deleted %s. Google Drive keeps deleted files in its trash, where they still "
+                 "count against your quota, until you empty it: "
+                 "https://drive.google.com/drive/trash", path.name)
+
+
 # --------------------------------------------------------------------------- copies
 
 

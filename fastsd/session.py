@@ -230,5 +230,5 @@ def delete(name: str, root: Path | None = None, confirm: bool = False) -> Path:
     if real.parent != base or path.is_symlink():
         raise InvalidName(f"{path} is a link or lies outside {base}; not deleting it. "
                           "Remove it by hand if you are sure.")
-    shutil.rmtree(real)
+    drive.delete(real)
     return real
