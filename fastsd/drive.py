@@ -199,8 +199,10 @@ def retry(fn: Callable[[], T], what: str, attempts: int | None = None,
             log.warning("%s failed (%s); retrying in %.1fs (%d/%d)", what, e, pause,
                         attempt, attempts - 1)
             time.sleep(pause)
-            with contextlib.suppress(DriveError):
+            try:
                 ensure_mounted()
+            except DriveError as m:  # the next attempt fails too, and says so
+                log.warning("%s", m)
     raise AssertionError("unreachable")
 
 
