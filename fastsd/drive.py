@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -243,10 +244,8 @@ def _open_dest(path: Path, mode: str = "wb") -> IO[Any]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on a clean exit fsync it and rename it over
-    ``path``. On an error the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
+def _write_beside(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A temporary file beside ``path``, fsynced and renamed over it on a clean exit."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -262,6 +261,36 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
             _orphans.append(tmp)  # the mount dropped: removed once it is back
         raise
     _fsync_dir(path.parent)
+
+
+def _drive_path(path: Path) -> bool:
+    """Whether ``path`` lies on Colab's Drive mount (where writes are staged locally)."""
+    from fastsd import env
+
+    return _on_drive(path) and env.runtime() == "colab"
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file; on a clean exit it becomes ``path`` whole. On an error
+    ``path`` is untouched and the temporary is removed.
+
+    On Colab's Drive the file is written to the local disk first and then copied to Drive
+    with :func:`copy_file` (which remounts and retries after a drop), so a drop mid-write
+    loses nothing: the local copy is removed only once the Drive copy is whole."""
+    path = Path(path)
+    if not _drive_path(path):
+        with _write_beside(path, mode) as f:
+            yield f
+        return
+    fd, local = tempfile.mkstemp(prefix=_TMP_MARK, suffix="-" + path.name)
+    os.close(fd)
+    try:
+        with _open_dest(Path(local), mode) as f:
+            yield f
+        copy_file(local, path)
+    finally:
+        Path(local).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -340,7 +369,7 @@ def delete(path: str | os.PathLike[str]) -> None:
 
 
 def _copy_once(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fin, atomic_writer(dst, "wb") as fout:
+    with open(src, "rb") as fin, _write_beside(dst, "wb") as fout:
         while chunk := fin.read(_CHUNK):
             fout.write(chunk)
     if dst.stat().st_size != src.stat().st_size:
@@ -392,6 +421,31 @@ def atomic_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
             _orphans.append(tmp)  # the mount dropped: removed once it is back
         raise
     _fsync_dir(dst.parent)
+
+
+def local_copy(path: str | os.PathLike[str]) -> Path:
+    """A local copy of a file or folder that lies on Colab's Drive (elsewhere ``path``
+    itself), for anything read while a long job runs: a memory-mapped page read after a
+    Drive drop kills the process with SIGBUS. Copies are kept in the temp folder, keyed by
+    the files' sizes and times, and reused."""
+    import hashlib
+
+    path = Path(path)
+    if not _drive_path(path):
+        return path
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(str(path).encode())
+    for f in files:
+        st = retry(f.stat, f"Reading {f.name}")
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}"
+                 .encode())
+    dst = Path(tempfile.gettempdir()) / "fastsd-local" / h.hexdigest()[:16] / path.name
+    if not dst.exists():
+        if path.is_dir():
+            copy_tree(path, dst)
+        else:
+            copy_file(path, dst)
+    return dst
 
 
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],

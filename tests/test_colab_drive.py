@@ -17,8 +17,22 @@ from fastsd import drive
 from fastsd.errors import DriveError
 
 COLAB = Path(__file__).resolve().parent / "colab"
-sys.path.insert(0, str(COLAB))
-import standin  # noqa: E402
+
+
+def _load(name: str):
+    """A module of tests/colab, without putting that folder (and so google.colab) on
+    sys.path for every other test."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, COLAB / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+standin = _load('standin')
 
 
 @pytest.fixture

@@ -121,13 +121,14 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
 
     reply, out = kernel.run("""
         result = train_in_child(S, settings, resume=True, root=ROOT)
-        print("DONE", result["global_step"], result["model_dir"])
+        print("DONE", result.global_step, result.model_dir, result.loss_curve is not None)
         print("TORCH IN KERNEL", "torch" in sys.modules)
     """)
     text = text_of(out)
     assert reply["status"] == "ok", out
     assert "Resuming from step-" in text
-    assert f"DONE {SETTINGS['unet_steps'] + SETTINGS['text_steps']}" in text
+    assert f"DONE {SETTINGS['unet_steps'] + SETTINGS['text_steps']} {s.models / 'stop'} True" \
+        in text
     assert "TORCH IN KERNEL False" in text, "training must not load torch into the kernel"
     assert (s.models / "stop" / "model_index.json").is_file()
 

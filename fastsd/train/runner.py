@@ -23,7 +23,6 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 from fastsd.errors import FastSDError
 
@@ -31,6 +30,16 @@ log = logging.getLogger("fastsd")
 
 EVENT_MARK = "@@fastsd-event "
 OOM_MARKS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "MPS backend out of memory")
+
+
+@dataclasses.dataclass
+class ChildResult:
+    """What the child trained: like TrainResult, read back from the session's folders."""
+
+    model_dir: Path
+    global_step: int
+    single_file: Path | None
+    loss_curve: Path | None
 
 
 class TrainingStopped(FastSDError):
@@ -139,10 +148,10 @@ def _oom_message(settings) -> str:
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
                    root: Path | None = None, grace: float = 120.0,
-                   env: dict | None = None) -> dict[str, Any]:
+                   env: dict | None = None) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
 
-    Returns the trainer's last ("done") event: ``global_step`` and ``model_dir``. Stop
+    Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
     error in the child raises TrainingFailed (OutOfMemory with what to lower).
     """
@@ -206,4 +215,9 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
         raise TrainingFailed(f"Training stopped with exit code {code}. The last lines it "
                              "wrote:\n" + "\n".join(list(tail)[-8:]) + "\nCheckpoints are "
                              "kept: fix the cause, then run the cell again with Resume.")
-    return done or last
+    done = done or last
+    model_dir = Path(done["model_dir"])
+    single = model_dir.parent / f"{model_dir.name}.safetensors"
+    curve = Path(session.outputs) / "loss.png"
+    return ChildResult(model_dir, int(done["global_step"]), single if single.is_file() else None,
+                       curve if curve.is_file() else None)
