@@ -78,6 +78,9 @@ def is_mounted() -> bool:
     """Whether Drive is mounted and answering. A dead FUSE mount raises OSError (Errno 107
     on Python 3.11+) instead of returning False: that counts as not mounted."""
     try:
+        # statvfs always asks the FUSE daemon; a stat may be answered from the kernel's
+        # attribute cache for a while after the daemon died.
+        os.statvfs(COLAB_MOUNT / "MyDrive")
         return (COLAB_MOUNT / "MyDrive").is_dir()
     except OSError:
         return False

@@ -53,6 +53,12 @@ def fuse_drive(tmp_path, monkeypatch):
     standin.unmount(mount)
     for name in [m for m in sys.modules if m.startswith("google.colab")]:
         del sys.modules[name]  # later tests run outside "Colab" again
+    google = sys.modules.get("google")
+    if google is not None and any(str(COLAB) in p for p in getattr(google, "__path__", [])):
+        del sys.modules["google"]
+    import importlib
+
+    importlib.invalidate_caches()
 
 
 def temporaries(root: Path) -> list[str]:
@@ -262,10 +268,14 @@ def test_errors_after_remount_fails_are_messages(fuse_drive, monkeypatch):
         drive.retry(lambda: (root / "x").write_text("x"), "Writing x", attempts=2, delay=0)
 
 
+TRAIN = dict(unet_steps=4, text_steps=2, checkpoint_every=2, keep_checkpoints=2, unet_lr=1e-4,
+             text_lr=1e-4, batch_size=2, flip=True, crop="random", prior_preservation=False)
+
+
 @pytest.mark.timeout(900)
 def test_training_with_a_drop_mid_checkpoint_ends_bit_identical(
         fuse_drive, monkeypatch, tmp_path, tiny_sd1):
-    from test_train_resume import SETTINGS, final_tensors, make_subject_session
+    from test_train_resume import final_tensors, make_subject_session
 
     from fastsd import session
     from fastsd.train import TrainSettings, checkpoint, train
@@ -275,7 +285,7 @@ def test_training_with_a_drop_mid_checkpoint_ends_bit_identical(
         if not (root / "models" / "tiny-sd1").exists():
             (root / "models" / "tiny-sd1").symlink_to(tiny_sd1)
         make_subject_session(name, root)
-        train(session.load(name, root), TrainSettings(**SETTINGS), root=root)
+        train(session.load(name, root), TrainSettings(**TRAIN), root=root)
         return session.load(name, root)
 
     ref = final_tensors(run(tmp_path / "local", "ref"))
@@ -296,3 +306,33 @@ def test_training_with_a_drop_mid_checkpoint_ends_bit_identical(
     assert not [k for k in got if not got[k].equal(ref[k])], "not bit-identical after the drop"
     assert checkpoint.latest(s.checkpoints) is not None
     assert temporaries(root) == []
+
+
+def test_a_streamed_write_to_drive_survives_a_drop(fuse_drive, monkeypatch):
+    """The single-file export, sample images and originals stream through atomic_writer:
+    staged on local disk, then copied to Drive with remount and retry."""
+    target = drive.workspace() / "models" / "subject.safetensors"
+    chunks = [os.urandom(1 << 20) for _ in range(4)]
+    monkeypatch.setattr(drive, "_open_dest", kill_after_writes(2))  # 1: local stage, 2: Drive
+    with drive.atomic_writer(target) as f:
+        for c in chunks:
+            f.write(c)
+    assert target.read_bytes() == b"".join(chunks)
+    assert remounts() == [True] and temporaries(drive.workspace()) == []
+
+
+def test_models_are_read_from_a_local_copy_never_mapped_from_drive(fuse_drive, tmp_path):
+    import mmap
+
+    model = drive.workspace() / "models" / "m"
+    (model / "unet").mkdir(parents=True)
+    data = os.urandom(1 << 20)
+    (model / "unet" / "w.safetensors").write_bytes(data)
+    local = drive.local_copy(model)
+    assert not local.is_relative_to(fuse_drive) and local.name == "m"
+    assert drive.local_copy(model) == local, "reused while the files are unchanged"
+    standin.kill()  # Drive drops while the model is in use
+    with open(local / "unet" / "w.safetensors", "rb") as f, \
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        assert mm[:] == data  # from Drive this read would be a SIGBUS
+    assert drive.local_copy(tmp_path) == tmp_path, "off Drive, the path itself"

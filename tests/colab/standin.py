@@ -50,7 +50,7 @@ def pid() -> int | None:
 
 def alive(mountpoint: Path) -> bool:
     try:
-        os.stat(mountpoint / "MyDrive")
+        os.statvfs(mountpoint / "MyDrive")  # always answered by the daemon, never cached
     except OSError:
         return False
     return os.path.ismount(mountpoint)
