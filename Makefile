@@ -29,6 +29,7 @@ fuse:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3)
 
 test: $(STAMP) fuse
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

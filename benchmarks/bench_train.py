@@ -71,7 +71,7 @@ def run_ours(home: Path, res: int) -> dict:
             marks["end"] = time.perf_counter()
 
     train(s, TrainSettings(unet_steps=STEPS, text_steps=0, unet_lr=LR, unet_schedule="constant",
-                           batch_size=BATCH, resolution=res, checkpoint_every=0), root=home,
+                           batch_size=BATCH, resolution=res, checkpoint_every=0),
           restart=True,
           on_event=hook)
     return {"loop_s": marks["end"] - marks["start"], "setup_s": marks["start"] - t0}
@@ -92,7 +92,7 @@ def run_baseline(home: Path, res: int) -> dict:
 
     t0 = time.perf_counter()
     s = session.load("bench", home)
-    model = models.resolve("tiny-sd1", home)
+    model = models.resolve_model("tiny-sd1", home)
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
     vae = AutoencoderKL.from_pretrained(model / "vae")

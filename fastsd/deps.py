@@ -36,6 +36,7 @@ from pathlib import Path
 
 from fastsd import drive
 from fastsd.errors import FastSDError, OfflineError
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -129,7 +130,7 @@ class Fingerprint:
 def wheelhouse(root: Path | None = None, fingerprint: Fingerprint | None = None) -> Path:
     """WORKSPACE/wheels/<fingerprint>/."""
     fp = fingerprint or Fingerprint.here(read_requirements())
-    return (root or drive.workspace()) / "wheels" / fp.key
+    return Workspace.current(root).wheels / fp.key
 
 
 def problem(house: Path, fingerprint: Fingerprint) -> str | None:
@@ -434,9 +435,8 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None) -> l
         else:
             checks.append(Check("Drive", "not mounted", False, "Run the Drive cell."))
     try:
-        ws = root or drive.workspace(mount=False)
         fp = Fingerprint.here(requirements)
-        house = ws / "wheels" / fp.key
+        house = Workspace.current(root, mount=False).wheels / fp.key
         why = problem(house, fp)
         checks.append(Check("wheelhouse", f"{house}" + (f" (not usable: {why})" if why else ""),
                             why is None, "" if why is None else "The install cell rebuilds it."))

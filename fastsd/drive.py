@@ -1,7 +1,7 @@
 """Google Drive, or the local folder that stands in for it, and safe writes onto it.
 
-On Colab the workspace is ``/content/gdrive/MyDrive/Fast-Dreambooth`` (or a folder on a
-Shared Drive); elsewhere it is ``$FASTSD_HOME`` (default ``~/fastsd``).
+On Colab, Drive is mounted at ``/content/gdrive``; elsewhere a local folder stands in for it
+(the workspace, :mod:`fastsd.workspace`, says which).
 
 Colab's Drive is a FUSE mount that drops now and then (``OSError: [Errno 107] Transport
 endpoint is not connected``). Everything fastsd writes there goes through this module:
@@ -31,7 +31,6 @@ from fastsd.errors import DriveError
 log = logging.getLogger("fastsd")
 
 COLAB_MOUNT = Path(os.environ.get("FASTSD_DRIVE_MOUNT") or "/content/gdrive")
-WORKSPACE_NAME = "Fast-Dreambooth"
 DEFAULT_RETRIES = 5
 DEFAULT_DELAY = 1.0
 _CHUNK = 4 << 20
@@ -40,38 +39,7 @@ _TMP_MARK = ".fastsd-tmp-"
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------- workspace
-
-
-def workspace(shared_drive: str | None = None, mount: bool = True) -> Path:
-    """The folder that holds sessions and models, created if missing.
-
-    On Colab, Drive is mounted first (when ``mount``). ``shared_drive`` names a Shared
-    Drive to use instead of My Drive. Elsewhere ``$FASTSD_HOME`` is used.
-    """
-    from fastsd import env
-
-    if env.runtime() == "colab":
-        if mount:
-            mount_drive()
-        root = COLAB_MOUNT / ("Shareddrives/" + shared_drive if shared_drive else "MyDrive")
-        if not retry(root.is_dir, f"Opening {root}"):
-            raise DriveError(
-                f"{root} does not exist. "
-                + ("Check the Shared Drive's name and that this Google account can open it."
-                   if shared_drive else "Run the Drive cell again to mount Google Drive.")
-            )
-        path = root / WORKSPACE_NAME
-    else:
-        path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
-    try:
-        retry(lambda: path.mkdir(parents=True, exist_ok=True), f"Creating {path}")
-    except DriveFull:
-        raise
-    except OSError as e:
-        raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
-                         "Set FASTSD_HOME to a folder you can write to.") from e
-    return path
+COLAB_MOUNT = Path(os.environ.get("FASTSD_DRIVE_MOUNT") or "/content/gdrive")
 
 
 def is_mounted() -> bool:
@@ -149,10 +117,24 @@ class DriveFull(DriveError):
     """Drive (or the local disk) has no room left for a write."""
 
 
+_workspaces: set[Path] = set()  # workspace roots in use (told by fastsd.workspace)
+
+
+def note_workspace(root: Path) -> None:
+    """Remember a workspace root, to say what to delete there when Drive is full."""
+    _workspaces.add(Path(root))
+
+
 def space_hogs(root: Path | None = None, limit: int = 5) -> list[tuple[Path, int]]:
-    """The biggest checkpoints and models in the workspace, largest first, as
+    """The biggest checkpoints and models in the workspace(s), largest first, as
     (path, bytes): what to delete when Drive is full."""
-    root = root or workspace(mount=False)
+    found: list[tuple[Path, int]] = []
+    for r in [root] if root else sorted(_workspaces):
+        found += _hogs(r)
+    return sorted(found, key=lambda x: -x[1])[:limit]
+
+
+def _hogs(root: Path) -> list[tuple[Path, int]]:
     found: list[tuple[Path, int]] = []
     with contextlib.suppress(OSError):
         for folder in [*root.glob("sessions/*/checkpoints/*"), *root.glob("sessions/*/models/*"),
@@ -161,7 +143,7 @@ def space_hogs(root: Path | None = None, limit: int = 5) -> list[tuple[Path, int
                 continue
             files = [folder] if folder.is_file() else [p for p in folder.rglob("*") if p.is_file()]
             found.append((folder, sum(p.stat().st_size for p in files)))
-    return sorted(found, key=lambda x: -x[1])[:limit]
+    return found
 
 
 def _full_message(what: str, e: OSError) -> str:

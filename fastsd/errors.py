@@ -42,6 +42,10 @@ class DataError(FastSDError, ValueError):
     """The user's data (images, captions, settings) cannot be used as given."""
 
 
+class ConfirmationNeeded(FastSDError):
+    """A destructive action was asked for without its confirmation."""
+
+
 def _notebook_handler(shell, etype, value, tb, tb_offset=None):
     """Show a FastSDError as its message in red, the traceback folded away beneath it."""
     import html

@@ -15,6 +15,7 @@ import pytest
 
 from fastsd import drive
 from fastsd.errors import DriveError
+from fastsd.workspace import Workspace
 
 COLAB = Path(__file__).resolve().parent / "colab"
 
@@ -110,14 +111,14 @@ def kill_after_writes(n: int):
 
 
 def test_a_dead_mount_counts_as_not_mounted_and_is_remounted(fuse_drive):
-    ws = drive.workspace()
+    ws = Workspace.current().root
     (ws / "a.txt").write_text("kept")
     standin.kill()
     with pytest.raises(OSError) as e:
         (fuse_drive / "MyDrive").is_dir()
     assert e.value.errno == errno.ENOTCONN  # the real Errno 107, as on Colab
     assert drive.is_mounted() is False
-    assert drive.workspace() == ws  # remounts instead of raising
+    assert Workspace.current().root == ws  # remounts instead of raising
     assert remounts() == [True], "a dropped mount is remounted with force_remount=True"
     assert (ws / "a.txt").read_text() == "kept"
 
@@ -125,7 +126,7 @@ def test_a_dead_mount_counts_as_not_mounted_and_is_remounted(fuse_drive):
 def test_session_create_during_a_drop_completes(fuse_drive, monkeypatch):
     from fastsd import session
 
-    root = drive.workspace()
+    root = Workspace.current().root
     monkeypatch.setattr(drive, "_open_dest", kill_after_writes(1))
     s = session.create("dropped", root, base_model="tiny-sd1")
     assert session.load("dropped", root).settings["base_model"] == "tiny-sd1"
@@ -134,7 +135,7 @@ def test_session_create_during_a_drop_completes(fuse_drive, monkeypatch):
 
 
 def test_single_file_write_during_a_drop_completes(fuse_drive, monkeypatch):
-    root = drive.workspace()
+    root = Workspace.current().root
     data = os.urandom(3 << 20)
     monkeypatch.setattr(drive, "_open_dest", kill_after_writes(1))
     drive.atomic_write_bytes(root / "one.bin", data)
@@ -149,16 +150,16 @@ def test_checkpoint_copy_during_a_drop_completes_and_keeps_the_local_copy(
     files = {f"f{i}.bin": os.urandom(1 << 20) for i in range(3)}
     for k, v in files.items():
         (src / k).write_bytes(v)
-    dest = drive.workspace() / "sessions" / "x" / "checkpoints" / "step-0000002"
+    dest = Workspace.current().root / "sessions" / "x" / "checkpoints" / "step-0000002"
     monkeypatch.setattr(drive, "_open_dest", kill_after_writes(2))
     drive.copy_tree(src, dest)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
     assert {p.name: p.read_bytes() for p in src.iterdir()} == files
-    assert temporaries(drive.workspace()) == []
+    assert temporaries(Workspace.current().root) == []
 
 
 def test_a_full_drive_says_what_to_delete(fuse_drive):
-    root = drive.workspace()
+    root = Workspace.current().root
     old = root / "sessions" / "old" / "checkpoints" / "step-0000500"
     old.mkdir(parents=True)
     (old / "unet.safetensors").write_bytes(os.urandom(200_000))
@@ -173,7 +174,7 @@ def test_a_full_drive_says_what_to_delete(fuse_drive):
 def test_deleting_on_drive_mentions_the_trash(fuse_drive, caplog):
     from fastsd import session
 
-    root = drive.workspace()
+    root = Workspace.current().root
     session.create("gone", root, base_model="tiny-sd1")
     monkey = drive._trash_noted
     drive._trash_noted = False
@@ -197,7 +198,7 @@ def test_image_import_killed_mid_original_then_rerun_gives_each_photo_once(
     from fastsd.dataset import crop, images
 
     photos = _photos(tmp_path)
-    root = drive.workspace()
+    root = Workspace.current().root
     s = session.create("imp", root, base_model="tiny-sd1", resolution=64)
     real = drive._open_dest
     monkeypatch.setattr(drive, "_open_dest", kill_after_writes(3))  # while an original is written
@@ -218,7 +219,7 @@ def test_a_temporary_left_by_a_drop_is_never_taken_for_an_image(fuse_drive, tmp_
     from fastsd.dataset import crop, images
 
     photos = _photos(tmp_path, 2)
-    s = session.create("tmpimg", drive.workspace(), base_model="tiny-sd1", resolution=64)
+    s = session.create("tmpimg", Workspace.current().root, base_model="tiny-sd1", resolution=64)
     folder = images.originals_dir(s)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".fastsd-tmp-1234abcd-photo_07.png").write_bytes(b"\x89PNG half")
@@ -226,7 +227,7 @@ def test_a_temporary_left_by_a_drop_is_never_taken_for_an_image(fuse_drive, tmp_
     images.import_images(s, str(photos[0].parent))
     crop.crop_session(s)
     assert sorted(p.stem for p in crop.training_images(s)) == sorted(p.stem for p in photos)
-    assert temporaries(drive.workspace()) == [], "the import's recovery removes it"
+    assert temporaries(Workspace.current().root) == [], "the import's recovery removes it"
 
 
 def test_a_drop_between_an_original_and_the_index_does_not_duplicate_it(
@@ -235,7 +236,7 @@ def test_a_drop_between_an_original_and_the_index_does_not_duplicate_it(
     from fastsd.dataset import images
 
     photos = _photos(tmp_path, 3)
-    s = session.create("idx", drive.workspace(), base_model="tiny-sd1", resolution=64)
+    s = session.create("idx", Workspace.current().root, base_model="tiny-sd1", resolution=64)
     real = drive.atomic_write_json
 
     def runtime_dies_before_the_index(path, obj):
@@ -262,7 +263,7 @@ def test_errors_after_remount_fails_are_messages(fuse_drive, monkeypatch):
         raise ValueError("mount failed")
 
     monkeypatch.setattr(gdrive, "mount", broken)
-    root = drive.workspace()
+    root = Workspace.current().root
     standin.kill()
     with pytest.raises(DriveError, match="failed 2 times.*re-run the Drive cell"):
         drive.retry(lambda: (root / "x").write_text("x"), "Writing x", attempts=2, delay=0)
@@ -285,11 +286,11 @@ def test_training_with_a_drop_mid_checkpoint_ends_bit_identical(
         if not (root / "models" / "tiny-sd1").exists():
             (root / "models" / "tiny-sd1").symlink_to(tiny_sd1)
         make_subject_session(name, root)
-        train(session.load(name, root), TrainSettings(**TRAIN), root=root)
+        train(session.load(name, root), TrainSettings(**TRAIN))
         return session.load(name, root)
 
     ref = final_tensors(run(tmp_path / "local", "ref"))
-    root = drive.workspace()
+    root = Workspace.current().root
     real = drive._open_dest
     kill = kill_after_writes(2)
 
@@ -311,20 +312,20 @@ def test_training_with_a_drop_mid_checkpoint_ends_bit_identical(
 def test_a_streamed_write_to_drive_survives_a_drop(fuse_drive, monkeypatch):
     """The single-file export, sample images and originals stream through atomic_writer:
     staged on local disk, then copied to Drive with remount and retry."""
-    target = drive.workspace() / "models" / "subject.safetensors"
+    target = Workspace.current().root / "models" / "subject.safetensors"
     chunks = [os.urandom(1 << 20) for _ in range(4)]
     monkeypatch.setattr(drive, "_open_dest", kill_after_writes(2))  # 1: local stage, 2: Drive
     with drive.atomic_writer(target) as f:
         for c in chunks:
             f.write(c)
     assert target.read_bytes() == b"".join(chunks)
-    assert remounts() == [True] and temporaries(drive.workspace()) == []
+    assert remounts() == [True] and temporaries(Workspace.current().root) == []
 
 
 def test_models_are_read_from_a_local_copy_never_mapped_from_drive(fuse_drive, tmp_path):
     import mmap
 
-    model = drive.workspace() / "models" / "m"
+    model = Workspace.current().root / "models" / "m"
     (model / "unet").mkdir(parents=True)
     data = os.urandom(1 << 20)
     (model / "unet" / "w.safetensors").write_bytes(data)

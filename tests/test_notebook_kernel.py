@@ -109,7 +109,7 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
             interrupted.append(True)
             kernel.km.interrupt_kernel()  # the Stop button
 
-    reply, out = kernel.run("result = train_in_child(S, settings, root=ROOT, grace=60)",
+    reply, out = kernel.run("result = train_in_child(S, settings, grace=60)",
                             on_output=stop_at_first_checkpoint)
     assert interrupted, text_of(out)
     assert reply["status"] == "error"
@@ -120,7 +120,7 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
     assert not (s.models / "stop").exists(), "stopped before the end: no model yet"
 
     reply, out = kernel.run("""
-        result = train_in_child(S, settings, resume=True, root=ROOT)
+        result = train_in_child(S, settings, resume=True)
         print("DONE", result.global_step, result.model_dir, result.loss_curve is not None)
         print("TORCH IN KERNEL", "torch" in sys.modules)
     """)

@@ -102,7 +102,7 @@ def _child(home: str, name: str, kill: str | None, resume: bool) -> None:
     from fastsd.train import TrainSettings, train
 
     hook = _install_kill(kill) if kill else None
-    train(session.load(name, Path(home)), TrainSettings(**SETTINGS), root=Path(home),
+    train(session.load(name, Path(home)), TrainSettings(**SETTINGS),
           on_event=hook)
 
 

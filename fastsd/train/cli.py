@@ -7,6 +7,7 @@ import dataclasses
 import types
 import typing
 
+from fastsd.cli_common import add_home, load_session
 from fastsd.train.settings import TrainSettings
 
 
@@ -49,26 +50,19 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from fastsd import session
     from fastsd.train.trainer import train
 
-    root = Path(args.home) if args.home else None
-    s = session.load(args.session, root)
     hook = None
     if args.events:
         from fastsd.train.runner import event_printer as hook
-    result = train(s, settings_from_args(args), resume=args.resume, restart=args.restart,
-                   root=root, on_event=hook)
+    result = train(load_session(args), settings_from_args(args), resume=args.resume,
+                   restart=args.restart, on_event=hook)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd train` to the `fastsd` parser."""
-    from fastsd.cli import add_home
-
     p = sub.add_parser(
         "train", help="train a session's subject: UNet, then text encoder; resumable",
         formatter_class=_Formatter,

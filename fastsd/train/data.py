@@ -177,7 +177,7 @@ class LatentCache:
             self._tmp = None
 
 
-def load_image(path: Path, resolution: int, crop: str):
+def training_pixels(path: Path, resolution: int, crop: str):
     """The image as a (3, H, W) tensor in [-1, 1], its original (h, w) and the top-left
     corner of the crop (SDXL's crop conditioning).
 

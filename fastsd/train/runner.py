@@ -147,7 +147,7 @@ def _oom_message(settings) -> str:
 
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
-                   root: Path | None = None, grace: float = 120.0,
+                   grace: float = 120.0,
                    env: dict | None = None) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
 
@@ -157,8 +157,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     """
     from tqdm.auto import tqdm
 
-    home = Path(root) if root else Path(session.path).parent.parent
-    cmd = command(session.name, settings, resume=resume, restart=restart, home=home)
+    cmd = command(session.name, settings, resume=resume, restart=restart,
+                  home=session.workspace.root)
     log.debug("starting %s", " ".join(cmd))
     # The child's own bars are off: its events drive one bar here.
     child_env = {**(os.environ if env is None else env), "TQDM_DISABLE": "1",

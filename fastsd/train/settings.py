@@ -118,10 +118,6 @@ class TrainSettings:
         p = "unet_" if name == "unet" else "text_"
         return {k: getattr(self, p + k) for k in ("steps", "lr", "schedule", "warmup")}
 
-    @property
-    def total_steps(self) -> int:
-        return self.unet_steps + self.text_steps
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

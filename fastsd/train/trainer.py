@@ -89,7 +89,7 @@ def load_parts(model_dir: Path) -> Parts:
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from fastsd.models.detect import detect_folder
+    from fastsd.convert.detect import detect_folder
 
     model_dir = drive.local_copy(model_dir)  # never memory-mapped from Drive (SIGBUS)
     index = drive.read_json(Path(model_dir) / "model_index.json")
@@ -257,8 +257,7 @@ def _select_settings(session, settings: TrainSettings | None, ckpt) -> TrainSett
 
 
 def train(session, settings: TrainSettings | None = None, *, resume: bool = False,
-          restart: bool = False, root: Path | None = None,
-          on_event: Event | None = None) -> TrainResult:
+          restart: bool = False, on_event: Event | None = None) -> TrainResult:
     """Train ``session``'s subject into its base model, in two stages, resumably.
 
     ``resume`` continues from the newest whole checkpoint in the session (with the
@@ -274,7 +273,6 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
     from tqdm.auto import tqdm
 
     emit = on_event or (lambda name, info: None)
-    root = Path(root) if root else session.path.parent.parent
     ckroot = Path(session.checkpoints)
 
     # ---- settings, device, checkpoint to resume from
@@ -306,7 +304,7 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
 
     # ---- model
     examples = data.instance_examples(session)  # no images: say so before loading anything
-    model_dir = models.resolve(session.settings["base_model"], root)
+    model_dir = models.resolve_model(session.settings["base_model"], session.workspace)
     parts = load_parts(model_dir)
     for m in [parts.vae, *parts.modules().values()]:
         m.requires_grad_(False)
@@ -350,7 +348,7 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
         for kind, exs in (("i", examples), ("c", class_ex)):
             for j, ex in enumerate(tqdm(exs, desc=f"{'instance' if kind == 'i' else 'class'}"
                                         " latents", unit="img", leave=False)):
-                pixels, size, top_left = data.load_image(ex.image, res, settings.crop)
+                pixels, size, top_left = data.training_pixels(ex.image, res, settings.crop)
                 meta[kind, j] = (size, top_left)
                 for flip in flips:
                     x = pixels.flip(-1) if flip else pixels
@@ -604,15 +602,10 @@ def export_model(parts: Parts, dest: Path, precision: str) -> Path:
     return dest
 
 
-def export_single_file(model_dir: Path, step: int) -> Path | None:
+def export_single_file(model_dir: Path, step: int) -> Path:
     """The trained model as one .safetensors file beside its folder (via fastsd.convert)."""
-    from fastsd import convert
+    from fastsd.convert import to_single_file
 
-    to_single_file = getattr(convert, "to_single_file", None)
-    if to_single_file is None:
-        log.warning("The single-file converter is not available in this fastsd yet; only "
-                    "the diffusers model was saved. Convert it later with 'fastsd convert'.")
-        return None
     out = model_dir.parent / f"{model_dir.name}.safetensors"
     to_single_file(model_dir, out, fp16=True, ckpt=False, global_step=step)
     return out
