@@ -151,9 +151,10 @@ def _full_message(what: str, e: OSError) -> str:
     lines = "\n".join(f"  {p}  ({n / 1e9:.2f} GB)" for p, n in hogs)
     return (f"{what} failed: no space left ({e.strerror or e}). Free some room, then run this "
             "cell again. The biggest fastsd folders are:\n" + (lines or "  (none)") +
-            "\nDelete old checkpoints with `fastsd session prune-checkpoints NAME` or in the "
-            "Drive web page, then empty Drive's trash (drive.google.com/drive/trash): Drive "
-            "keeps deleted files there, and they count against the quota until it is emptied.")
+            "\nDelete the old checkpoint or model folders you no longer need (in the Drive web "
+            "page, or a whole session with `fastsd session delete NAME --yes`), then empty "
+            "Drive's trash (drive.google.com/drive/trash): Drive keeps deleted files there, and "
+            "they count against the quota until it is emptied.")
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int | None = None,
