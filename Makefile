@@ -9,7 +9,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
+<<<<<<< HEAD
 .PHONY: demo test bench venv clean fuse
+=======
+.PHONY: demo test bench venv clean chromium
+>>>>>>> main
 
 venv: $(STAMP)
 
@@ -23,14 +27,24 @@ $(STAMP): setup.py requirements-colab.txt
 demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
+<<<<<<< HEAD
 # The Drive stand-in (tests/colab) is a FUSE passthrough: it needs Debian's fuse3.
 fuse:
 	@command -v fusermount3 >/dev/null && /sbin/ldconfig -p | grep -q libfuse3.so.3 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3)
 
 test: $(STAMP) fuse
+=======
+test: $(STAMP) chromium
+>>>>>>> main
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
+
+# The browser tests drive Debian's chromium (never a downloaded browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

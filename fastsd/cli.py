@@ -19,6 +19,7 @@ from fastsd.dataset import cli as dataset_cli
 from fastsd.errors import FastSDError
 from fastsd.kosmos import cli as kosmos_cli
 from fastsd.train import cli as train_cli
+from fastsd.webui import cli as webui_cli
 
 
 # --------------------------------------------------------------------------- session
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     kosmos_cli.register_auto(dataset_cli.register(sub))
     train_cli.register(sub)
     convert_cli.register(sub)
+    webui_cli.register(sub)
     return parser
 
 

@@ -46,6 +46,14 @@ class ConfirmationNeeded(FastSDError):
     """A destructive action was asked for without its confirmation."""
 
 
+class TunnelError(FastSDError):
+    """No public URL could be opened, or an open one stopped answering."""
+
+
+class LaunchError(FastSDError):
+    """A background server (ours, AUTOMATIC1111 or Forge) did not start or stopped."""
+
+
 def _notebook_handler(shell, etype, value, tb, tb_offset=None):
     """Show a FastSDError as its message in red, the traceback folded away beneath it."""
     import html
