@@ -91,6 +91,7 @@ def load_parts(model_dir: Path) -> Parts:
 
     from fastsd.convert.detect import detect_folder
 
+    model_dir = drive.local_copy(model_dir)  # never memory-mapped from Drive (SIGBUS)
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
