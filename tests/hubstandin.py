@@ -109,11 +109,14 @@ class Hub:
                     return
                 path = unquote(urlparse(self.path).path)
                 body = self._body()
+                if path == "/api/validate-yaml":  # the model card's front matter
+                    return self._json(200, {"errors": [], "warnings": []})
                 if path == "/api/repos/create":
                     req = json.loads(body)
                     repo = f"{req.get('organization') or 'user'}/{req['name']}"
                     hub.repos.setdefault(repo, {})
-                    hub.private[repo] = bool(req.get("private"))
+                    hub.private[repo] = req.get("visibility") == "private" or \
+                        bool(req.get("private"))
                     return self._json(200, {"url": f"{hub.url}/{repo}", "name": repo})
                 parts = path.strip("/").split("/")
                 if len(parts) >= 6 and parts[4] == "preupload":
