@@ -10,7 +10,7 @@ import pytest
 
 from fastsd import models
 from fastsd.errors import DriveError
-from fastsd.models import stage as staging
+from fastsd.models import staging
 
 
 def test_a_model_not_on_drive_is_loaded_where_it_is(tiny_sd1):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastsd import fetch
 from fastsd.errors import ModelError
-from fastsd.models.stage import stage  # noqa: F401  (models.stage(path) -> local path)
+from fastsd.models.staging import stage  # noqa: F401  (models.stage(path) -> local path)
 from fastsd.workspace import Workspace
 
 TINY_PREFIX = "tiny-"
