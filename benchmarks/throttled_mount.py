@@ -19,9 +19,11 @@ import mfusepy as fuse
 
 
 class Throttled(fuse.Operations):
+    use_ns = True
+
     def __init__(self, root: str, bps: float, latency: float) -> None:
         self.root, self.bps, self.latency = os.path.realpath(root), bps, latency
-        self.lock = threading.Lock()  # one request at a time: a single Drive connection
+        self.gate = threading.Lock()  # one request at a time: a single Drive connection
 
     def _p(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -31,8 +33,9 @@ class Throttled(fuse.Operations):
             st = os.lstat(self._p(path))
         except FileNotFoundError:
             raise fuse.FuseOSError(errno.ENOENT) from None
-        return {k: getattr(st, k) for k in ("st_mode", "st_nlink", "st_size", "st_uid",
-                                            "st_gid", "st_atime", "st_mtime", "st_ctime")}
+        return {"st_mode": st.st_mode, "st_nlink": st.st_nlink, "st_size": st.st_size,
+                "st_uid": st.st_uid, "st_gid": st.st_gid, "st_atime": st.st_atime_ns,
+                "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns}
 
     def readdir(self, path, fh):
         return [".", "..", *os.listdir(self._p(path))]
@@ -43,7 +46,7 @@ class Throttled(fuse.Operations):
         return os.open(self._p(path), os.O_RDONLY)
 
     def read(self, path, size, offset, fh):
-        with self.lock:
+        with self.gate:
             data = os.pread(fh, size, offset)
             time.sleep(self.latency + len(data) / self.bps)
         return data

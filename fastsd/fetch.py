@@ -221,8 +221,10 @@ def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None
         check_space(dest, sum(wanted.values()) - have, f"Downloading {what}")
         snapshot_download(repo_id, revision=info.sha or revision, allow_patterns=list(wanted),
                           local_dir=dest, token=token or False)
-    except LocalEntryNotFoundError:
-        raise offline_error(what, dest, "model") from None
+    except LocalEntryNotFoundError as e:  # the Hub answered the listing, then a file failed
+        raise OfflineError(f"Downloading {what} ({repo_id}) stopped: "
+                           f"{redact(str(e).splitlines()[0])[:300]}. Check the connection and "
+                           "run this again to resume where it stopped.") from None
     except HfHubHTTPError as e:
         code = getattr(e.response, "status_code", "?")
         raise OfflineError(f"Downloading {what} ({repo_id}) from the Hugging Face Hub failed "

@@ -20,6 +20,8 @@ class Hub:
         self.private: dict[str, bool] = {}
         self.auth: list[str] = []  # the Authorization headers seen
         self.fail_with: tuple[int, str] | None = None  # (status, body) for every API call
+        self.missing: set[str] = set()  # files listed but answered 404 on download
+        self.gets: list[str] = []  # files downloaded (GET, not HEAD)
         self.url = ""
 
     def serve(self):
@@ -84,7 +86,7 @@ class Hub:
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo, name = "/".join(parts[:2]), "/".join(parts[4:])
                     data = hub.repos.get(repo, {}).get(name)
-                    if data is None:
+                    if data is None or name in hub.missing:
                         return self._json(404, {"error": "Entry not found"})
                     start = 0
                     rng = self.headers.get("Range")
@@ -100,6 +102,7 @@ class Hub:
                     self.send_header("X-Repo-Commit", "a" * 40)
                     self.end_headers()
                     if self.command != "HEAD":
+                        hub.gets.append(name)
                         self.wfile.write(body)
                     return
                 self._json(404, {"error": "not found"})

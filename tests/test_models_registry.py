@@ -285,3 +285,49 @@ def test_a_controlnet_downloads_into_the_shared_models_folder(hub, workspace, ti
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("fastsd")) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
     assert registry.is_whole(out)
+
+
+def test_the_notebooks_model_list_is_the_registry():
+    import re
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parent.parent / "notebooks" /
+                     "fast_dreambooth.ipynb").read_text())
+    line = next(ln for c in nb["cells"] for ln in c["source"] if ln.startswith("Base_Model ="))
+    options = json.loads(re.search(r"#@param (\[.*?\])", line).group(1))
+    names = registry.entries()
+    assert set(options) <= set(names)
+    assert {n for n, e in names.items() if not e.tiny} <= set(options)
+    assert json.loads(line.split("=", 1)[1].split("#")[0]) in options
+
+
+def test_an_interrupted_download_resumes_without_fetching_whole_files_again(hub, workspace,
+                                                                           tiny_sd1):
+    entry = registry.get("sd21-base")
+    publish_tiny_as(hub, entry.repo, tiny_sd1)
+    unet = "unet/diffusion_pytorch_model.fp16.safetensors"
+    hub.missing = {unet}  # listed, but the connection fails on it
+    with pytest.raises(OfflineError, match="run this again to resume"):
+        models.resolve_model("sd21-base")
+    out = workspace / "models" / "sd21-base"
+    assert not out.exists()  # never taken for whole
+    partial = workspace / "models" / registry.PARTIAL / "sd21-base"
+    assert (partial / "text_encoder" / "model.fp16.safetensors").is_file()
+    hub.missing, hub.gets = set(), []
+    assert models.resolve_model("sd21-base") == out and registry.is_whole(out)
+    assert [g for g in hub.gets if g.endswith(".safetensors")] == [unet]  # only the missing one
+
+
+def test_the_token_from_colab_secrets(workspace, monkeypatch):
+    import sys
+    import types
+
+    colab = types.ModuleType("google.colab")
+    userdata = types.ModuleType("google.colab.userdata")
+    userdata.get = lambda key: {"HF_TOKEN": "hf_fromsecrets12345"}[key]
+    colab.userdata = userdata
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert fetch.hf_token(workspace) == "hf_fromsecrets12345"
