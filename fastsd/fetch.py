@@ -195,9 +195,10 @@ def network_errors() -> tuple[type[BaseException], ...]:
 
 
 def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None = None,
-                what: str = "model", token: str | None = None) -> dict[str, int]:
+                what: str = "model", token: str | None = None) -> tuple[dict[str, int], str]:
     """Download the files of the Hub repo ``repo_id`` that match ``allow`` into the plain
-    folder ``dest`` (no cache symlinks, which Drive lacks); returns {file: size}.
+    folder ``dest`` (no cache symlinks, which Drive lacks); returns ({file: size}, the
+    commit they come from).
 
     The total size is checked against the free space of ``dest`` before anything is
     fetched; an interrupted download resumes from what ``dest`` already holds; a file is
@@ -241,7 +242,7 @@ def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None
     if short:
         raise OfflineError(f"Downloading {what} stopped before {short[0]} was whole. Run this "
                            "again to resume.")
-    return wanted
+    return wanted, info.sha or revision or ""
 
 
 def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = None,

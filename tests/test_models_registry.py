@@ -200,6 +200,8 @@ def test_a_registry_model_downloads_as_a_plain_fp16_folder_once(hub, workspace, 
     publish_tiny_as(hub, entry.repo, tiny_sd1)
     out = models.resolve_model("sd21-base")
     assert out == workspace / "models" / "sd21-base" and registry.is_whole(out)
+    marker = json.loads((out / registry.MARKER).read_text())
+    assert marker["commits"] == {entry.repo: "a" * 40}  # the commit the Hub served
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert "unet/diffusion_pytorch_model.safetensors" in names  # the fp16 file, plain name
     assert not any("safety_checker" in n or "pruned" in n or ".fp16." in n for n in names)

@@ -148,17 +148,20 @@ def ensure(name: str, ws: Workspace | Path | None = None) -> Path:
     partial = ws.models / PARTIAL / entry.name
     token = fetch.hf_token(ws)
     got: dict[str, int] = {}
+    commits = {}
     for repo, revision, allow, sub in plan(entry).parts:
         what = f"{entry.title} ({repo})"
-        for f, n in fetch.hf_download(repo, partial / sub if sub else partial, list(allow),
-                                      revision, what, token).items():
+        files, commits[repo] = fetch.hf_download(repo, partial / sub if sub else partial,
+                                                 list(allow), revision, what, token)
+        for f, n in files.items():
             got[f"{sub}/{f}" if sub else f] = n
-    finish(partial, out, entry, got)
+    finish(partial, out, entry, got, commits)
     shutil.rmtree(ws.models / PARTIAL / entry.name, ignore_errors=True)
     return out
 
 
-def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int]) -> Path:
+def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
+           commits: dict[str, str]) -> Path:
     """Move a whole download into ``out`` as a plain diffusers folder: fp16 variant files
     under the plain names every loader reads, model_index.json without the parts left
     out; the marker last."""
@@ -180,7 +183,8 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int]) -> Path:
         drive.atomic_write_json(index_path, index)
         files["model_index.json"] = index_path.stat().st_size
         drive.atomic_write_json(tmp / MARKER, {"name": entry.name, "repo": entry.repo,
-                                               "revision": entry.revision, "files": files})
+                                               "revision": entry.revision, "commits": commits,
+                                               "files": files})
     log.info("Downloaded %s into %s", entry.title, out)
     return out
 
@@ -227,11 +231,11 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     partial = ws.models / PARTIAL / f"controlnet-{family}-{name}"
     what = f"the {family} ControlNet {name} ({c.repo})"
     token = fetch.hf_token(ws)
-    got = fetch.hf_download(c.repo, partial, ["config.json", "*.fp16.safetensors"], None,
-                            what, token)
+    got, commit = fetch.hf_download(c.repo, partial, ["config.json", "*.fp16.safetensors"],
+                                    None, what, token)
     if not any(f.endswith(".safetensors") for f in got):  # no fp16 variant in this repo
         got.update(fetch.hf_download(c.repo, partial, ["diffusion_pytorch_model.safetensors"],
-                                     None, what, token))
+                                     None, what, token)[0])
     files = {}
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
@@ -239,6 +243,6 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
             shutil.move(str(partial / f), str(tmp / plain))
             files[plain] = n
         drive.atomic_write_json(tmp / MARKER, {"name": c.name, "repo": c.repo,
-                                               "files": files})
+                                               "commits": {c.repo: commit}, "files": files})
     shutil.rmtree(partial, ignore_errors=True)
     return out
