@@ -175,9 +175,11 @@ def hf_snapshot(repo_id: str, cache: Path, allow: list[str] | None = None,
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        offline = use_cache_only()
         return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=allow,
                                       ignore_patterns=ignore, revision=revision,
-                                      local_files_only=use_cache_only()))
+                                      local_files_only=offline,
+                                      token=None if offline else hf_token()))
     except LocalEntryNotFoundError:
         raise offline_error(repo_id, cache, what) from None
 
@@ -207,6 +209,7 @@ def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     from huggingface_hub.utils import filter_repo_objects
+
     if use_cache_only():
         raise offline_error(what, dest, "model")
     try:
@@ -252,8 +255,10 @@ def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = Non
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        offline = use_cache_only()
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
-                                    local_files_only=use_cache_only()))
+                                    local_files_only=offline,
+                                    token=None if offline else hf_token()))
     except LocalEntryNotFoundError:
         raise offline_error(f"{repo_id}/{filename}", cache, what) from None
 
