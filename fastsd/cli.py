@@ -19,6 +19,7 @@ from fastsd.errors import FastSDError
 from fastsd.kosmos import cli as kosmos_cli
 from fastsd.models import cli as models_cli
 from fastsd.train import cli as train_cli
+from fastsd.webui import cli as webui_cli
 
 
 # --------------------------------------------------------------------------- session
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.register(sub)
     convert_cli.register(sub)
     models_cli.register(sub)
+    webui_cli.register(sub)
     return parser
 
 

@@ -91,6 +91,34 @@ def step_convert(s: session.Session) -> None:
     log.info("diffusers' single-file loader reads it back, every tensor checked")
 
 
+def step_serve(s: session.Session) -> dict:
+    """Serve the trained model through the AUTOMATIC1111-compatible API, make one txt2img
+    request through it as any A1111 client would, and stop the server (webui)."""
+    import base64
+    import json
+    import urllib.request
+
+    from fastsd.webui import launch
+
+    server = launch.serve(s, port=0)
+    try:
+        body = json.dumps({"prompt": "a photo of sks cat", "steps": 4, "width": 64,
+                           "height": 64, "seed": 1, "sampler_name": "Euler a"}).encode()
+        req = urllib.request.Request(f"{server.url}/sdapi/v1/txt2img", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())
+    finally:
+        server.stop()
+        launch.shutdown()
+    info = json.loads(answer["info"])
+    png = base64.b64decode(answer["images"][0])
+    log.info("The API at %s answered txt2img with a %d-byte PNG (seed %d, model %s), saved "
+             "as %s", server.url, len(png), info["seed"], info["sd_model_name"],
+             info["saved_files"][0])
+    return info
+
+
 def run(root: Workspace | Path | None = None, family: str = "sd1",
         name: str = "demo") -> session.Session:
     root = Workspace.current(root)
@@ -104,5 +132,6 @@ def run(root: Workspace | Path | None = None, family: str = "sd1",
     step_captions(s)
     step_train(s)
     step_convert(s)
+    step_serve(s)
     print(f"Demo finished: session {s.name} at {s.path}")
     return s

@@ -2,6 +2,7 @@
 
 import json
 
+from PIL import Image
 from safetensors import safe_open
 
 from fastsd import cli
@@ -24,5 +25,8 @@ def test_demo_runs_every_step(workspace, capsys):
         assert f.metadata()["global_step"] == "6"
     assert (s / "outputs" / "loss.png").is_file()
     assert list((s / "checkpoints").iterdir()), "resumable checkpoints are kept"
+    # the server answered one txt2img request on the trained model, and saved its image
+    made = list((s / "outputs" / "txt2img-images").rglob("*-1.png"))
+    assert len(made) == 1 and "Model: demo," in Image.open(made[0]).info["parameters"]
     # Running it again starts over cleanly.
     assert cli.main(["demo"]) == 0

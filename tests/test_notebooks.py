@@ -55,7 +55,7 @@ def test_fast_dreambooth_runs_end_to_end(workspace, tmp_path):
               "Resolution": 64, "Source": str(photos[0].parent),
               "Caption_Model": "tiny-kosmos2", "UNet_Steps": 4, "UNet_Learning_Rate": 1e-4,
               "Text_Encoder_Steps": 2, "Text_Encoder_Learning_Rate": 5e-5,
-              "Checkpoint_Every": 2, "Precision": "fp32"}
+              "Checkpoint_Every": 2, "Precision": "fp32", "Steps": 2, "Images": 1, "Seed": 7}
     assert fill_in(nb, values) == set(values)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -69,3 +69,8 @@ def test_fast_dreambooth_runs_end_to_end(workspace, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.outputs)
     assert "Session nb_test" in text and "Single file:" in text
+    # cell 7 showed an image made by the trained model, and saved it
+    assert "Seed: 7," in text and "Model: nb_test," in text
+    shown = [o for o in nb.cells[-1].outputs if "image/png" in o.get("data", {})]
+    assert len(shown) == 1
+    assert len(list((s / "outputs" / "txt2img-images").rglob("*-7.png"))) == 1

@@ -1,0 +1,67 @@
+"""`fastsd serve`: the AUTOMATIC1111-compatible API on a session's trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _serve(args) -> None:
+    import os
+
+    from fastsd.webui import launch
+    from fastsd.webui.auth import PASSWORD_ENV
+    from fastsd.webui.memory import MemoryPolicy
+
+    from fastsd.cli_common import home
+
+    policy = MemoryPolicy(**{k: getattr(args, k) for k in MemoryPolicy.field_names()})
+    root = home(args)
+    password = args.password or os.environ.get(PASSWORD_ENV) or None
+    server = launch.serve(args.session, args.model, listen=args.listen, port=args.port,
+                          user=args.user, password=password, root=root, policy=policy,
+                          max_queue=args.max_queue, page=args.page)
+    print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)"
+          + (f", page: {server.url}/" if args.page else ""))
+    if server.auth is not None:
+        shown = server.auth.password if not password else "(the one you gave)"
+        print(f"HTTP Basic auth: user {server.auth.username!r}, password {shown}")
+    print("Press Ctrl-C to stop.", flush=True)
+    try:
+        server.wait()
+    finally:
+        server.stop()
+        launch.shutdown()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `fastsd serve` to the `fastsd` parser."""
+    from fastsd.cli_common import add_home
+    from fastsd.webui.memory import MemoryPolicy
+
+    p = sub.add_parser(
+        "serve", help="serve the AUTOMATIC1111-compatible API on a session's model",
+        description="Start the generation engine and its AUTOMATIC1111-compatible HTTP API "
+        "(/sdapi/v1) on the session's trained model, or on --model. Images are saved to the "
+        "session's outputs/. Listening beyond localhost turns on HTTP Basic auth.")
+    p.add_argument("--session", help="session whose trained model to load and whose "
+                   "outputs/ to save to")
+    p.add_argument("--model", help="model to load instead: a tiny model, a Hugging Face repo "
+                   "id, a diffusers folder or a .safetensors/.ckpt file")
+    p.add_argument("--listen", action="store_true",
+                   help="listen on all interfaces (0.0.0.0); turns on auth")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: any free port)")
+    p.add_argument("--user", default=None, help="HTTP Basic auth user (default: fastsd)")
+    p.add_argument("--password", default=None,
+                   help="HTTP Basic auth password (default: $FASTSD_WEBUI_PASSWORD, else "
+                   "generated and shown once)")
+    p.add_argument("--page", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the web page at / (needs gradio)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="jobs that may wait; more get 503 (default: 64)")
+    for name in MemoryPolicy.field_names():
+        p.add_argument("--" + name.replace("_", "-"), dest=name,
+                       action=argparse.BooleanOptionalAction, default=None,
+                       help=f"force {name.replace('_', ' ').replace('vae', 'VAE')} on or off "
+                       "(default: chosen from free VRAM)")
+    add_home(p)
+    p.set_defaults(func=_serve)
