@@ -304,7 +304,7 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
 
     # ---- model
     examples = data.instance_examples(session)  # no images: say so before loading anything
-    model_dir = models.resolve_model(session.settings["base_model"], session.workspace)
+    model_dir = models.stage(models.resolve_model(session.settings["base_model"], session.workspace))
     parts = load_parts(model_dir)
     for m in [parts.vae, *parts.modules().values()]:
         m.requires_grad_(False)
