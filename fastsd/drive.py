@@ -184,6 +184,15 @@ def clean_temporaries(folder: str | os.PathLike[str]) -> int:
     return n
 
 
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Free space where ``path`` lives. On Colab, Drive's FUSE mount reports the Google
+    account's quota less what it uses; elsewhere the disk's free space."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
 # --------------------------------------------------------------------------- copies
 
 
