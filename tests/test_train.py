@@ -400,8 +400,8 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
                                       "--sample-prompt", "a", "--sample-prompt", "b"])
     from fastsd.train.cli import settings_from_args
 
-    st = settings_from_args(args)
-    assert st.unet_steps == 5 and st.flip and st.sample_prompts == ["a", "b"]
+    assert settings_from_args(args) == {"unet_steps": 5, "flip": True,
+                                        "sample_prompts": ["a", "b"]}
 
 
 def test_cli_trains_a_session(workspace, tiny_sd1, capsys):

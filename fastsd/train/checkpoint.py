@@ -158,6 +158,17 @@ class Writer:
             raise error
         return self.last
 
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A write under way is finished (it is a whole, consistent checkpoint) even when
+        the run stops on an error; its own error is raised only when there is no other."""
+        if exc_type is None:
+            self.wait()
+        elif self._thread is not None:
+            self._thread.join()
+
     def submit(self, root: Path, snap: Snapshot, keep: int) -> Path:
         self.wait()
         if not self.background:

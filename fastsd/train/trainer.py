@@ -51,7 +51,7 @@ class TrainResult:
     loss_curve: Path | None
     samples: list[Path] = field(default_factory=list)
     resumed_from: int | None = None
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- model parts
@@ -490,7 +490,7 @@ def train(session, settings: TrainSettings | dict | None = None, *, resume: bool
     run = prepare(session, settings, resume=resume, restart=restart,
                   accept_changed_data=accept_changed_data, root=root,
                   emit=on_event or (lambda name, info: None))
-    with run.stop, contextlib.closing(run.latents):
+    with run.stop, contextlib.closing(run.latents), run.writer:
         for si, stage in enumerate(run.settings.stage_order):
             if si >= run.state.stage and run.settings.stage(stage)["steps"]:
                 train_stage(run, si, stage)
@@ -572,8 +572,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
     path = run.save_checkpoint(objects())
     for m in trained.values():
         m.requires_grad_(False).eval()
-    del optimizer, schedule, wrapped, encoders
-    acc.free_memory()
+    acc.free_memory()  # accelerate lets go of the stage's optimizer and wrapped modules
     run.emit("stage_end", {**st.to_dict(), "stage_name": stage, "parts": parts})
     if run.stop.signum:
         run.stop_here(path)
@@ -611,6 +610,10 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     ckpt = None
     if resume:
         ckpt = checkpoint.latest(ckroot)
+        if ckpt is not None and ckpt.state.get("format") != checkpoint.FORMAT:
+            raise DataError(f"Checkpoint {ckpt.path} was written by another version of "
+                            "fastsd and cannot be resumed by this one. Start over with "
+                            "--restart (it deletes the old checkpoints).")
         stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
         if stored is None and not given:
             raise DataError(
@@ -750,7 +753,8 @@ def export(run: Run) -> TrainResult:
     result = TrainResult(Path(run.session.models) / (s.model_name or run.session.name), None,
                          st.global_step, st.losses, None, run.samples,
                          run.resumed_from, {"vae_encodes": run.latents.encodes,
-                                "prompt_encodes": run.prompts.encodes})
+                                            "prompt_encodes": run.prompts.encodes,
+                                            "checkpoint_stalls": run.checkpoint_waits})
     if acc.is_main_process:
         export_model(run.parts, result.model_dir, s.save_precision or "fp32")
         result.single_file = export_single_file(result.model_dir, st.global_step)
