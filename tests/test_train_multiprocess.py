@@ -22,8 +22,8 @@ OPTIONS = dict(unet_steps=4, text_steps=2, checkpoint_every=2, unet_lr=1e-4, tex
 def launch(home: Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "FASTSD_HOME": str(home), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(29500 + os.getpid() % 1000), *args]
     p = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True,
                        timeout=300)

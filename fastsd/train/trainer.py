@@ -268,12 +268,13 @@ class TrainState:
                    saved["global_step"], list(saved["losses"]), list(saved["modified"]),
                    dict(saved["stage_steps"]), saved["optimizer_stage"], rng)
 
-    def describe(self, order: tuple[str, ...]) -> str:
-        if self.stage >= len(order):
+    def describe(self, settings: TrainSettings) -> str:
+        left = [st for st in settings.stage_order[self.stage:] if settings.stage(st)["steps"]]
+        if not left:
             return (f"global step {self.global_step}, both stages done; only the export is "
                     "left")
-        return (f"global step {self.global_step}, {STAGE_TITLES[order[self.stage]]} stage "
-                f"step {self.stage_step}")
+        return (f"global step {self.global_step}, {STAGE_TITLES[left[0]]} stage "
+                f"step {self.stage_step if left[0] == settings.stage_order[self.stage] else 0}")
 
 
 # --------------------------------------------------------------------------- placement
@@ -600,6 +601,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     import numpy as np
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     root = Path(root) if root else session.path.parent.parent
     ckroot = Path(session.checkpoints)
@@ -640,6 +642,9 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     session.update(train=chosen.to_dict())  # first, so that a resume finds them
     s = chosen
 
+    # one process may train several times (a notebook runtime): accelerate keeps its state
+    # per process, and refuses another precision unless it is reset
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=not info.is_cuda)
     device = accelerator.device
     if info.is_cuda and (info.capability or (0, 0)) >= (8, 0):
@@ -696,7 +701,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
                                 max(len(class_ex), 1), changed_data)
         extended = resume_mod.apply_step_changes(
             state, TrainSettings.from_dict(ckpt.state["settings"]), s)
-        log.info("Resuming from %s: %s.", ckpt.path.name, state.describe(s.stage_order))
+        log.info("Resuming from %s: %s.", ckpt.path.name, state.describe(s))
 
     # ---- caches
     latents = data.encode_latents(parts.vae, examples, class_ex, srcs, s, device)
