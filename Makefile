@@ -24,6 +24,7 @@ demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

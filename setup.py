@@ -6,7 +6,8 @@ here = Path(__file__).parent
 
 
 def requirements() -> list[str]:
-    """The Colab pins, less the GPU/Colab-only packages the core does not import."""
+    """Every pin of requirements-colab.txt (comments dropped): what fastsd needs on top of
+    Colab's own torch."""
     lines = (here / "requirements-colab.txt").read_text().splitlines()
     return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
 
@@ -22,6 +23,6 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.1", *requirements()],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "nbclient>=0.10", "nbformat>=5.10",
-                            "ipykernel>=6.29"]},
+                            "ipykernel>=6.29", "import-linter==2.16"]},
     entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
 )

@@ -37,7 +37,7 @@ def photos(n: int):
 
 
 def caption_all(cap, pics, batch: int, prompt: str) -> list[dict]:
-    from fastsd.caption.auto import batches, record
+    from fastsd.kosmos.auto import batches, record
 
     out = []
     for group in batches(pics, batch):
@@ -47,7 +47,7 @@ def caption_all(cap, pics, batch: int, prompt: str) -> list[dict]:
 
 
 def measure() -> tuple[float, float, bool]:
-    from fastsd.caption.model import BRIEF_PROMPT, Captioner
+    from fastsd.kosmos.model import BRIEF_PROMPT, Captioner
     from fastsd.models import tiny_kosmos
 
     pics = photos(N_IMAGES)
@@ -84,7 +84,7 @@ def t4_estimate() -> str:
     import torch
     from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 
-    from fastsd.caption.model import vram_needed_gb
+    from fastsd.kosmos.model import vram_needed_gb
     from fastsd.env import GIB
 
     config = Kosmos2Config()  # the defaults are microsoft/kosmos-2-patch14-224

@@ -86,7 +86,7 @@ def child(kind: str, home: Path) -> None:
 
     r = train(s, dict(unet_steps=STEPS, text_steps=0, unet_lr=1e-5, unet_schedule="constant",
                       batch_size=1, resolution=64, checkpoint_every=EVERY if kind != "none" else 0,
-                      background_checkpoints=kind == "background"), restart=True, root=home,
+                      background_checkpoints=kind == "background"), restart=True,
               on_event=hook)
     stalls = r.stats["checkpoint_stalls"]
     ckpt = next(s.checkpoints.iterdir())

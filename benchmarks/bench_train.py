@@ -80,7 +80,7 @@ def run_ours(home: Path, fused: bool) -> dict:
 
     train(s, TrainSettings(unet_steps=STEPS, text_steps=0, unet_lr=LR, unet_schedule="constant",
                            batch_size=BATCH, resolution=RES, checkpoint_every=0,
-                           fused_adam=fused), root=home, restart=True, on_event=hook)
+                           fused_adam=fused), restart=True, on_event=hook)
     return {"loop_s": marks["end"] - marks["start"], "setup_s": marks["start"] - t0}
 
 
@@ -101,7 +101,7 @@ def run_baseline(home: Path, fused: bool, save: Path | None = None) -> dict:
     t0 = time.perf_counter()
     res = RES
     s = session.load("bench", home)
-    model = models.resolve("tiny-sd1", home)
+    model = models.resolve_model("tiny-sd1", home)
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
     vae = AutoencoderKL.from_pretrained(model / "vae")

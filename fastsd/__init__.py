@@ -2,6 +2,10 @@
 
 Importing fastsd is instant: torch, diffusers and transformers are imported only by the
 functions that need them.
+
+The package is in layers, each importing only from those below it (ARCHITECTURE.md):
+errors, env -> drive -> workspace -> session, fetch, deps -> cli_common -> convert ->
+models -> dataset -> kosmos -> train -> tunnel -> webui -> demo -> cli.
 """
 
 __version__ = "0.1.0"

@@ -1,32 +1,24 @@
 """The ``fastsd`` command: a thin layer over the same functions the notebooks call.
 
-Each area of the package adds its own subcommands through a ``register(subparsers)``
-function in its ``cli`` module, listed in AREAS. A FastSDError is shown as its message
-alone and exits with status 2.
+The top of the package: it registers each area's subcommands (each area's ``cli`` module
+has a ``register(subparsers)``), and areas share only :mod:`fastsd.cli_common`. A
+FastSDError is shown as its message alone and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import sys
 from pathlib import Path
 
 from fastsd import __version__
+from fastsd.cli_common import add_home, home, print_json
+from fastsd.convert import cli as convert_cli
+from fastsd.dataset import cli as dataset_cli
 from fastsd.errors import FastSDError
-
-# Modules with a register(subparsers) function, in the order their commands are listed.
-AREAS = ("fastsd.dataset.cli", "fastsd.train.cli", "fastsd.convert.cli")
-
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-def _root(args) -> Path | None:
-    return Path(args.home) if getattr(args, "home", None) else None
+from fastsd.kosmos import cli as kosmos_cli
+from fastsd.train import cli as train_cli
 
 
 # --------------------------------------------------------------------------- session
@@ -37,14 +29,14 @@ def _session_create(args) -> None:
     settings = {k: v for k, v in (("instance_token", args.token), ("class_word", args.cls),
                                   ("base_model", args.model), ("resolution", args.resolution))
                 if v is not None}
-    s = session.create(args.name, _root(args), **settings)
+    s = session.create(args.name, home(args), **settings)
     print(f"Created session {s.name} at {s.path}")
 
 
 def _session_list(args) -> None:
     from fastsd import session
 
-    names = session.list_sessions(_root(args))
+    names = session.list_sessions(home(args))
     print("\n".join(names) if names else "No sessions yet: create one with "
           "'fastsd session create NAME'.")
 
@@ -52,48 +44,39 @@ def _session_list(args) -> None:
 def _session_show(args) -> None:
     from fastsd import session
 
-    _print_json(session.load(args.name, _root(args)).summary())
+    print_json(session.load(args.name, home(args)).summary())
 
 
 def _session_delete(args) -> None:
     from fastsd import session
 
-    path = session.delete(args.name, _root(args), confirm=args.yes)
+    path = session.delete(args.name, home(args), confirm=args.yes)
     print(f"Deleted {path}")
 
 
 def _models_build_tiny(args) -> None:
     from fastsd.models import tiny
+    from fastsd.workspace import Workspace
 
     families = tiny.FAMILIES if args.family == "all" else (args.family,)
     for fam in families:
         out = Path(args.out) / f"tiny-{fam}" if args.out else None
         path = tiny.build(fam, out, args.seed) if out else tiny.ensure(
-            fam, _models_root(args), args.seed)
+            fam, Workspace.current(home(args)).models, args.seed)
         print(f"tiny-{fam}: {path}")
-
-
-def _models_root(args) -> Path:
-    from fastsd import drive
-
-    return (_root(args) or drive.workspace()) / "models"
 
 
 def _env(args) -> None:
     from fastsd import env
+    from fastsd.workspace import Workspace
 
-    _print_json(env.report(_root(args)))
+    print_json(env.report(Workspace.current(home(args), mount=False).root))
 
 
 def _demo(args) -> None:
     from fastsd import demo
 
-    demo.run(_root(args), family=args.family, name=args.name)
-
-
-def add_home(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", help="workspace folder (default: Drive on Colab, else "
-                   "$FASTSD_HOME or ~/fastsd)")
+    demo.run(home(args), family=args.family, name=args.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(p)
     p.set_defaults(func=_demo)
 
-    for area in AREAS:
-        importlib.import_module(area).register(sub)
+    kosmos_cli.register_auto(dataset_cli.register(sub))
+    train_cli.register(sub)
+    convert_cli.register(sub)
     return parser
 
 

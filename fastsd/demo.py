@@ -10,15 +10,16 @@ import logging
 import tempfile
 from pathlib import Path
 
-from fastsd import drive, models, session
+from fastsd import models, session
 from fastsd.dataset import samples
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
 DEMO_SUBJECT = ("chelsea", "astronaut", "coffee", "rocket")
 
 
-def step_session(root: Path, name: str, family: str) -> session.Session:
+def step_session(root: Workspace | Path, name: str, family: str) -> session.Session:
     if name in session.list_sessions(root):
         session.delete(name, root, confirm=True)
     s = session.create(name, root, base_model=f"tiny-{family}", instance_token="sks",
@@ -40,36 +41,36 @@ def step_images(s: session.Session, source: Path) -> None:
     log.info("Wrote %d template captions", captions.set_all(s))
 
 
-def step_captions(s: session.Session, root: Path) -> None:
+def step_captions(s: session.Session) -> None:
     """Caption the images with a tiny Kosmos-2 and re-crop around the subject boxes (caption).
 
     The tiny model is random, so its captions are gibberish (the template still adds the
     token and class word) and it rarely grounds a phrase; the real model's boxes drive
     the crop through this same call.
     """
-    from fastsd.caption import CaptionSettings, caption_session
+    from fastsd.kosmos import CaptionSettings, caption_session
     from fastsd.models import tiny_kosmos
 
     results = caption_session(s, CaptionSettings(model=tiny_kosmos.NAME, max_new_tokens=16),
-                              root)
+                              s.workspace)
     boxed = sum(r.subject_box is not None for r in results)
     log.info("Captioned %d images (%d with a subject box), e.g. %r", len(results), boxed,
              results[0].text if results else "")
 
 
-def step_train(s: session.Session, root: Path) -> None:
+def step_train(s: session.Session) -> None:
     """Train a few steps of each stage on the tiny model (train)."""
     from fastsd.train import TrainSettings, train
 
     r = train(s, TrainSettings(unet_steps=4, text_steps=2, unet_lr=1e-4, text_lr=5e-5,
                                checkpoint_every=2, sample_every=6, sample_steps=4,
-                               flip=True), root=root)
+                               flip=True))
     log.info("Trained %d steps (final loss %.3f): model %s, loss curve %s, samples %s",
              r.global_step, r.losses[-1], r.model_dir, r.loss_curve,
              ", ".join(p.name for p in r.samples))
 
 
-def step_convert(s: session.Session, root: Path) -> None:
+def step_convert(s: session.Session) -> None:
     """Check the trainer's single file and load it back through diffusers (convert)."""
     from fastsd.convert import inspect, to_diffusers, to_single_file
 
@@ -77,7 +78,8 @@ def step_convert(s: session.Session, root: Path) -> None:
                      key=lambda p: p.stat().st_mtime)
     # The trainer writes NAME/ and NAME.safetensors under session.models/; without them
     # (training skipped), the session's base model is converted instead.
-    src = trained[-1] if trained else models.resolve(s.settings["base_model"], root)
+    src = trained[-1] if trained else models.resolve_model(s.settings["base_model"],
+                                                                  s.workspace)
     single = s.models / f"{src.name}.safetensors"
     if not single.is_file():
         single = to_single_file(src, single)
@@ -89,17 +91,18 @@ def step_convert(s: session.Session, root: Path) -> None:
     log.info("diffusers' single-file loader reads it back, every tensor checked")
 
 
-def run(root: Path | None = None, family: str = "sd1", name: str = "demo") -> session.Session:
-    root = root or drive.workspace()
-    model = models.resolve(f"tiny-{family}", root)
+def run(root: Workspace | Path | None = None, family: str = "sd1",
+        name: str = "demo") -> session.Session:
+    root = Workspace.current(root)
+    model = models.resolve_model(f"tiny-{family}", root)
     log.info("Tiny %s model at %s", family, model)
     s = step_session(root, name, family)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "photos"
         samples.write(src, DEMO_SUBJECT)
         step_images(s, src)
-    step_captions(s, root)
-    step_train(s, root)
-    step_convert(s, root)
+    step_captions(s)
+    step_train(s)
+    step_convert(s)
     print(f"Demo finished: session {s.name} at {s.path}")
     return s

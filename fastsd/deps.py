@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastsd import drive
 from fastsd.errors import FastSDError, OfflineError
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -74,7 +75,7 @@ def wheelhouse(root: Path | None = None) -> Path:
     """WORKSPACE/wheels/<python tag>-<platform>/, e.g. ``cp312-linux_x86_64``."""
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     platform = sysconfig.get_platform().replace("-", "_").replace(".", "_")
-    return (root or drive.workspace()) / "wheels" / f"{tag}-{platform}"
+    return Workspace.current(root).wheels / f"{tag}-{platform}"
 
 
 def _pip(*args: str) -> subprocess.CompletedProcess:

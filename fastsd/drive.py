@@ -1,7 +1,7 @@
 """Google Drive, or the local folder that stands in for it, and safe writes onto it.
 
-On Colab the workspace is ``/content/gdrive/MyDrive/Fast-Dreambooth`` (or a folder on a
-Shared Drive); elsewhere it is ``$FASTSD_HOME`` (default ``~/fastsd``).
+On Colab, Drive is mounted at ``/content/gdrive``; elsewhere a local folder stands in for it
+(the workspace, :mod:`fastsd.workspace`, says which).
 
 Colab's Drive is a FUSE mount that drops now and then (``OSError: [Errno 107] Transport
 endpoint is not connected``). Everything fastsd writes there goes through this module:
@@ -29,7 +29,6 @@ from fastsd.errors import DriveError
 log = logging.getLogger("fastsd")
 
 COLAB_MOUNT = Path("/content/gdrive")
-WORKSPACE_NAME = "Fast-Dreambooth"
 DEFAULT_RETRIES = 5
 DEFAULT_DELAY = 1.0
 _CHUNK = 4 << 20
@@ -38,36 +37,7 @@ _TMP_MARK = ".fastsd-tmp-"
 T = TypeVar("T")
 
 
-# --------------------------------------------------------------------------- workspace
-
-
-def workspace(shared_drive: str | None = None, mount: bool = True) -> Path:
-    """The folder that holds sessions and models, created if missing.
-
-    On Colab, Drive is mounted first (when ``mount``). ``shared_drive`` names a Shared
-    Drive to use instead of My Drive. Elsewhere ``$FASTSD_HOME`` is used.
-    """
-    from fastsd import env
-
-    if env.runtime() == "colab":
-        if mount:
-            mount_drive()
-        root = COLAB_MOUNT / ("Shareddrives/" + shared_drive if shared_drive else "MyDrive")
-        if not root.is_dir():
-            raise DriveError(
-                f"{root} does not exist. "
-                + ("Check the Shared Drive's name and that this Google account can open it."
-                   if shared_drive else "Run the Drive cell again to mount Google Drive.")
-            )
-        path = root / WORKSPACE_NAME
-    else:
-        path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
-                         "Set FASTSD_HOME to a folder you can write to.") from e
-    return path
+# --------------------------------------------------------------------------- mount
 
 
 def mount_drive() -> Path:

@@ -62,17 +62,17 @@ def device_info() -> DeviceInfo:
     return DeviceInfo("cpu", platform.processor() or platform.machine() or "CPU")
 
 
-def report(workspace: Path | None = None) -> dict:
+def report(workspace: Path) -> dict:
     """What a user (or a bug report) needs to know about this runtime."""
     import platform
 
-    from fastsd import __version__, drive
+    from fastsd import __version__
 
     info: dict = {
         "fastsd": __version__,
         "python": platform.python_version(),
         "runtime": runtime(),
-        "workspace": str(workspace or drive.workspace(mount=False)),
+        "workspace": str(workspace),
     }
     for name in ("torch", "diffusers", "transformers", "accelerate"):
         try:

@@ -40,3 +40,7 @@ class OfflineError(FastSDError):
 
 class DataError(FastSDError, ValueError):
     """The user's data (images, captions, settings) cannot be used as given."""
+
+
+class ConfirmationNeeded(FastSDError):
+    """A destructive action was asked for without its confirmation."""

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastsd import drive
-from fastsd.errors import InvalidName, SchemaError, SessionExists, SessionNotFound
+from fastsd.errors import (ConfirmationNeeded, InvalidName, SchemaError, SessionExists,
+                           SessionNotFound)
+from fastsd.workspace import Workspace
+
+Root = Workspace | Path | None  # a workspace, its folder, or None for this runtime's
 
 log = logging.getLogger("fastsd")
 
 SCHEMA_VERSION = 2
-SESSIONS_DIR = "sessions"
 SESSION_FILE = "session.json"
 MAX_NAME = 64
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "sessions_template"
@@ -101,6 +104,7 @@ def migrate(data: dict) -> dict:
 class Session:
     name: str
     path: Path
+    workspace: Workspace
     settings: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
 
@@ -156,17 +160,14 @@ class Session:
                 **{f: count(self.path / f) for f in FOLDERS}}
 
 
-def sessions_root(root: Path | None = None) -> Path:
-    return (root or drive.workspace()) / SESSIONS_DIR
+def _session_path(name: str, ws: Workspace) -> Path:
+    return ws.sessions / validate_name(name)
 
 
-def _session_path(name: str, root: Path | None) -> Path:
-    return sessions_root(root) / validate_name(name)
-
-
-def create(name: str, root: Path | None = None, **settings: Any) -> Session:
+def create(name: str, root: Root = None, **settings: Any) -> Session:
     """Create a session from sessions_template/ with the given settings."""
-    path = _session_path(name, root)
+    ws = Workspace.current(root)
+    path = _session_path(name, ws)
     if path.exists():
         raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
                             "Load it, or choose another name.")
@@ -175,18 +176,19 @@ def create(name: str, root: Path | None = None, **settings: Any) -> Session:
         for f in FOLDERS:
             (tmp / f).mkdir(exist_ok=True)
             (tmp / f / ".keep").unlink(missing_ok=True)
-        session = Session(path.name, tmp, {**DEFAULT_SETTINGS, **settings}, time.time())
+        session = Session(path.name, tmp, ws, {**DEFAULT_SETTINGS, **settings}, time.time())
         session.save()
     session.path = path
     return session
 
 
-def load(name: str, root: Path | None = None) -> Session:
+def load(name: str, root: Root = None) -> Session:
     """Load a session, migrating an older session.json in place."""
-    path = _session_path(name, root)
+    ws = Workspace.current(root)
+    path = _session_path(name, ws)
     file = path / SESSION_FILE
     if not file.is_file():
-        known = ", ".join(list_sessions(root)) or "none yet"
+        known = ", ".join(list_sessions(ws)) or "none yet"
         raise SessionNotFound(f"No session named {path.name!r} in {path.parent} "
                               f"(sessions: {known}). Create it first.")
     try:
@@ -195,7 +197,7 @@ def load(name: str, root: Path | None = None) -> Session:
         raise SchemaError(f"{file} is not valid JSON ({e}). Restore it from Drive's version "
                           "history, or delete the session and create it again.") from e
     data = migrate(raw)
-    session = Session(path.name, path, {**DEFAULT_SETTINGS, **data.get("settings", {})},
+    session = Session(path.name, path, ws, {**DEFAULT_SETTINGS, **data.get("settings", {})},
                       data.get("created", 0.0))
     if _schema_version(raw) != SCHEMA_VERSION:
         log.info("Migrated session %s from schema %s to %s", session.name,
@@ -206,7 +208,7 @@ def load(name: str, root: Path | None = None) -> Session:
     return session
 
 
-def load_or_create(name: str, root: Path | None = None, **settings: Any) -> Session:
+def load_or_create(name: str, root: Root = None, **settings: Any) -> Session:
     try:
         session = load(name, root)
     except SessionNotFound:
@@ -214,22 +216,23 @@ def load_or_create(name: str, root: Path | None = None, **settings: Any) -> Sess
     return session.update(**settings) if settings else session
 
 
-def list_sessions(root: Path | None = None) -> list[str]:
-    base = sessions_root(root)
+def list_sessions(root: Root = None) -> list[str]:
+    base = Workspace.current(root).sessions
     if not base.is_dir():
         return []
     return sorted(p.name for p in base.iterdir() if (p / SESSION_FILE).is_file())
 
 
-def delete(name: str, root: Path | None = None, confirm: bool = False) -> Path:
+def delete(name: str, root: Root = None, confirm: bool = False) -> Path:
     """Delete a session folder. ``confirm=True`` is required; nothing outside it is touched."""
-    path = _session_path(name, root)
+    ws = Workspace.current(root)
+    path = _session_path(name, ws)
     if not confirm:
-        raise InvalidName(f"Deleting {path.name!r} removes its images, checkpoints and models. "
+        raise ConfirmationNeeded(f"Deleting {path.name!r} removes its images, checkpoints and models. "
                           "Pass confirm=True (CLI: --yes) to delete it.")
     if not (path / SESSION_FILE).is_file():
         raise SessionNotFound(f"No session named {path.name!r} in {path.parent}.")
-    base = sessions_root(root).resolve()
+    base = ws.sessions.resolve()
     real = path.resolve()
     if real.parent != base or path.is_symlink():
         raise InvalidName(f"{path} is a link or lies outside {base}; not deleting it. "

@@ -51,3 +51,29 @@ def tiny_sdxl(tiny_root: Path) -> Path:
 def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Path]:
     """Each tiny family in turn, as (family, folder)."""
     return request.param, _tiny(tiny_root, request.param)
+
+
+def cached_repo(cache: Path, repo_id: str, files: dict[str, str | bytes]) -> Path:
+    """Lay out a repo in a Hugging Face cache folder as huggingface_hub itself does."""
+    commit = "1" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    for name, data in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            (snap / name).write_bytes(data)
+        else:
+            (snap / name).write_text(data)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def cache_family_configs(home: Path, family: str, model: Path) -> Path:
+    """Put a tiny model's config files in the workspace's Hub cache under the name of the
+    family's config repo, as a first online run would have fetched the real ones."""
+    from fastsd.convert.from_single import CONFIG_FILES, CONFIG_REPOS
+
+    files = {str(p.relative_to(model)): p.read_text() for pattern in CONFIG_FILES
+             for p in model.glob(pattern)}
+    return cached_repo(home / "models" / "hub", CONFIG_REPOS[(family, False)], files)

@@ -1,6 +1,7 @@
 """A training run for ``accelerate launch`` (test_train_multiprocess.py): trains a session
-with the given options and, as test-only fault injection, SIGKILLs the whole launch (its
-process group) once checkpoint ``--kill-after`` is on disk and that step has run."""
+with the given options and, as test-only fault injection, SIGKILLs the whole launch (the
+launcher, then each worker's process group) once checkpoint ``--kill-after`` is on disk
+and step ``--kill-at`` has run."""
 
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ def main() -> None:
             deadline = time.monotonic() + 60
             while not done.is_file() and time.monotonic() < deadline:
                 time.sleep(0.05)  # the background write of that checkpoint
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            os.kill(os.getppid(), signal.SIGKILL)  # the launcher (torchrun's agent)
+            os.killpg(os.getpgid(0), signal.SIGKILL)  # this worker (its own group)
 
-    train(s, json.loads(a.options), root=Path(a.home), on_event=hook)
+    train(s, json.loads(a.options), on_event=hook)
 
 
 if __name__ == "__main__":

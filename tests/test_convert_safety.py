@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from fastsd import convert
 from fastsd.errors import DataError, ModelError
-from fastsd.models import detect
+from fastsd.convert import detect
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_demo_step_convert(workspace):
     from fastsd import demo
 
     s = demo.step_session(workspace, "demo", "sd1")
-    demo.step_convert(s, workspace)
+    demo.step_convert(s)
     files = list(s.models.glob("*.safetensors"))
     assert len(files) == 1
     info = convert.inspect(files[0])

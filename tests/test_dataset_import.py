@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastsd import fetch
 from fastsd import session as sessions
 from fastsd.dataset import images
 from fastsd.errors import DataError, OfflineError
@@ -281,12 +282,12 @@ def test_not_a_zip_and_missing_paths_say_what_to_do(s, tmp_path):
     ("https://drive.google.com/drive/u/0/folders/1ZyXwVuTsRqPo", "folder", "1ZyXwVuTsRqPo"),
 ])
 def test_drive_link_forms(link, kind, ident):
-    assert images.parse_drive_link(link) == (kind, ident)
+    assert fetch.parse_drive_link(link) == (kind, ident)
 
 
 @pytest.mark.timeout(60)
 def test_drive_link_offline_fails_fast(s):
     with pytest.raises(DataError, match="not a Google Drive share link"):
-        images.parse_drive_link("https://drive.google.com/")
+        fetch.parse_drive_link("https://drive.google.com/")
     with pytest.raises(OfflineError, match="give their local path"):
         images.import_images(s, "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOp/view")

@@ -5,6 +5,7 @@ import pytest
 
 from fastsd import drive
 from fastsd.errors import DriveError
+from fastsd.workspace import Workspace
 
 
 class DropsHalfway:
@@ -159,7 +160,7 @@ def test_clean_temporaries(tmp_path):
 
 
 def test_workspace_is_fastsd_home_off_colab(workspace):
-    assert drive.workspace() == workspace
+    assert Workspace.current().root == workspace
 
 
 def test_workspace_on_colab_is_my_drive_or_a_shared_drive(tmp_path, monkeypatch):
@@ -168,10 +169,11 @@ def test_workspace_on_colab_is_my_drive_or_a_shared_drive(tmp_path, monkeypatch)
     (mount / "Shareddrives" / "Team").mkdir(parents=True)
     monkeypatch.setattr(drive, "COLAB_MOUNT", mount)
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-test")
-    assert drive.workspace() == mount / "MyDrive" / "Fast-Dreambooth"
-    assert drive.workspace("Team") == mount / "Shareddrives" / "Team" / "Fast-Dreambooth"
+    assert Workspace.current().root == mount / "MyDrive" / "Fast-Dreambooth"
+    assert Workspace.current(shared_drive="Team").root == \
+        mount / "Shareddrives" / "Team" / "Fast-Dreambooth"
     with pytest.raises(DriveError, match="Shared Drive"):
-        drive.workspace("Nope")
+        Workspace.current(shared_drive="Nope")
 
 
 def test_mount_outside_colab_says_what_to_do(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def test_device_on_this_machine_is_the_cpu():
 
 
 def test_report_names_the_workspace_and_versions(workspace):
-    report = env.report()
+    report = env.report(workspace)
     assert report["workspace"] == str(workspace)
     assert report["runtime"] == "script"
     assert report["device"] == "cpu"

@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from fastsd import session
-from fastsd.errors import InvalidName, SchemaError, SessionExists, SessionNotFound
+from fastsd.errors import ConfirmationNeeded, InvalidName, SchemaError, SessionExists, SessionNotFound
 
 
 @pytest.mark.parametrize("name, why", [
@@ -88,7 +88,7 @@ def test_delete_needs_confirmation_and_stays_inside(workspace):
     neighbour = session.create("dog2", workspace)
     outside = workspace / "precious.txt"
     outside.write_text("keep me")
-    with pytest.raises(InvalidName, match="confirm=True"):
+    with pytest.raises(ConfirmationNeeded, match="confirm=True"):
         session.delete("dog", workspace)
     assert s.path.is_dir()
     session.delete("dog", workspace, confirm=True)

@@ -87,9 +87,9 @@ def test_ensure_reuses_and_resolve_names(tmp_path, workspace):
     stamp = (first / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert tiny.ensure("sd2", tmp_path) == first
     assert (first / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
-    assert models.resolve(str(first)) == first
-    assert models.resolve("tiny-sd1") == workspace / "models" / "tiny-sd1"
+    assert models.resolve_model(str(first)) == first
+    assert models.resolve_model("tiny-sd1") == workspace / "models" / "tiny-sd1"
     with pytest.raises(ModelError, match="diffusers folder"):
-        models.resolve("not a model")
+        models.resolve_model("not a model")
     with pytest.raises(ModelError, match="Unknown tiny"):
         tiny.build_pipeline("sd3")

@@ -129,7 +129,7 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> 
 
     s = session.load(name, Path(home))
     hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**SETTINGS), root=Path(home), on_event=hook)
+    train(s, TrainSettings(**SETTINGS), on_event=hook)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,

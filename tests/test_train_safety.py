@@ -177,7 +177,7 @@ def test_a_snapshot_is_taken_at_the_step_and_written_exactly_in_the_background(t
 
     live = {"w": torch.arange(6.0)}
     opt = {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}
-    snap = checkpoint.snapshot(5, {"unet": live}, {"optimizer": opt}, {"stage": 0})
+    snap = checkpoint.capture(5, {"unet": live}, {"optimizer": opt}, {"stage": 0})
     live["w"] += 100  # training goes on while the writer works
     opt["state"][0]["exp_avg"] += 1
     w = checkpoint.Writer(background=True)
@@ -190,7 +190,7 @@ def test_a_snapshot_is_taken_at_the_step_and_written_exactly_in_the_background(t
     for f in ("unet.safetensors", "optimizer.pt", "state.json", "manifest.json"):
         assert (bg / f).read_bytes() == (sync / f).read_bytes(), f
     # keep 1: the next one replaces it only once it is whole
-    w.submit(tmp_path / "bg", checkpoint.snapshot(6, {"unet": live}, {}, {}), keep=1)
+    w.submit(tmp_path / "bg", checkpoint.capture(6, {"unet": live}, {}, {}), keep=1)
     w.wait()
     assert [c.step for c in checkpoint.listing(tmp_path / "bg")] == [6]
 

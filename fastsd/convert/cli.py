@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastsd.cli_common import add_home, home, print_json
+
 
 def _to_single(args) -> None:
     from fastsd.convert import to_single_file
@@ -15,28 +17,24 @@ def _to_single(args) -> None:
 
 
 def _to_diffusers(args) -> None:
-    from fastsd.cli import _root
     from fastsd.convert import to_diffusers
 
     out = to_diffusers(args.file, Path(args.out), config=args.config,
-                       prediction=args.prediction, fp16=args.fp16, root=_root(args))
+                       prediction=args.prediction, fp16=args.fp16, root=home(args))
     print(out)
 
 
 def _inspect(args) -> None:
-    from fastsd.cli import _print_json
     from fastsd.convert import inspect
 
     info = inspect(Path(args.file))
     if not args.metadata:
         info.pop("metadata", None)
-    _print_json(info)
+    print_json(info)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd convert ...` to the `fastsd` parser."""
-    from fastsd.cli import add_home
-
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("convert", help="convert between diffusers folders and single files",
                        description="Convert a diffusers model folder to one .safetensors/.ckpt "

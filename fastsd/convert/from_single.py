@@ -3,7 +3,7 @@
 The weights are loaded by diffusers' own single-file loader (``from_single_file``) with a
 local config folder and ``local_files_only=True``, so it works offline once the config
 folder is there. The family is detected from tensor names and shapes
-(:mod:`fastsd.models.detect`), never from the file size, and files that are not whole
+(:mod:`fastsd.convert.detect`), never from the file size, and files that are not whole
 models are refused by name. Every tensor diffusers loaded is then checked against the
 file through the same key map that writes single files (:mod:`fastsd.convert.keymap`);
 a component diffusers' heuristics got wrong is loaded again from the file through that
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from fastsd import drive
-from fastsd.convert import keymap
+from fastsd import drive, fetch
+from fastsd.convert import detect, keymap
 from fastsd.convert.tensors import FLOATS, open_tensors, torch_dtype
-from fastsd.errors import ModelError, OfflineError
-from fastsd.models import detect
+from fastsd.errors import ModelError
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -75,81 +74,13 @@ def inspect(file: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- links
-
-
-def is_link(src: str) -> bool:
-    return str(src).startswith(("http://", "https://"))
-
-
-def fetch_link(url: str, dest_dir: Path) -> Path:
-    """Download a model file from a link into ``dest_dir`` (once) and return its path.
-
-    Google Drive links go through gdown, Hugging Face links through the Hub's cache,
-    other links are streamed straight into the file (written whole or not at all).
-    """
-    from urllib.parse import unquote, urlparse
-
-    from fastsd.models import hub
-
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    parsed = urlparse(url)
-    host = (parsed.hostname or "").lower()
-    if host.endswith("drive.google.com"):
-        from fastsd.dataset.images import download_drive_link
-
-        got = download_drive_link(url, dest_dir)
-        files = [got] if got.is_file() else sorted(p for p in got.rglob("*") if p.is_file())
-        if len(files) != 1:
-            raise ModelError(f"The Drive link {url} holds {len(files)} files; give a link to "
-                             "one .safetensors or .ckpt file.")
-        return files[0]
-    if host in ("huggingface.co", "hf.co") and ("/resolve/" in parsed.path
-                                                 or "/blob/" in parsed.path):
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        owner, name, _, revision, *rest = parsed.path.strip("/").split("/")
-        try:
-            return Path(hf_hub_download(f"{owner}/{name}", "/".join(rest), revision=revision,
-                                        cache_dir=hub.hub_cache(dest_dir.parent.parent),
-                                        local_files_only=hub.use_cache_only()))
-        except LocalEntryNotFoundError:
-            raise hub.offline_error(url, hub.hub_cache(), "model file") from None
-    name = unquote(Path(parsed.path).name) or "model.safetensors"
-    dest = dest_dir / name
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, drive.atomic_writer(dest) as f:
-            shutil.copyfileobj(r, f, 16 << 20)
-    except (urllib.error.URLError, TimeoutError) as e:
-        raise OfflineError(f"Could not download {url}: {e}. Check the link and the internet "
-                           "connection, or download the file yourself and give its path.") \
-            from None
-    return dest
-
-
 # --------------------------------------------------------------------------- configs
 
 
-def config_folder(family: str, inpainting: bool, root: Path | None = None) -> Path:
+def config_folder(family: str, inpainting: bool, ws: Workspace) -> Path:
     """A local folder with the diffusers config files (no weights) of the family."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from fastsd.models import hub
-
-    repo = CONFIG_REPOS[(family, inpainting)]
-    cache = hub.hub_cache(root)
-    try:
-        return Path(snapshot_download(repo, cache_dir=cache, allow_patterns=CONFIG_FILES,
-                                      local_files_only=hub.use_cache_only()))
-    except LocalEntryNotFoundError:
-        raise hub.offline_error(repo, cache, "config files of") from None
+    return fetch.hf_snapshot(CONFIG_REPOS[(family, inpainting)], ws.hub_cache, CONFIG_FILES,
+                             what="config files of")
 
 
 def pipeline_class(family: str, inpainting: bool):
@@ -262,7 +193,7 @@ def _differences(module, sd: dict[str, Any]) -> list[str]:
 
 def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  config: str | os.PathLike[str] | None = None, prediction: str | None = None,
-                 fp16: bool = False, root: Path | None = None) -> Path:
+                 fp16: bool = False, root: Workspace | Path | None = None) -> Path:
     """Convert a single-file checkpoint (a path or a link) into a diffusers folder.
 
     ``config``: a local diffusers folder (or Hub repo id) whose config files describe the
@@ -273,9 +204,10 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     import torch
 
     out_dir = Path(out_dir)
+    ws = Workspace.current(root)
     src_s = os.fspath(src)
-    path = fetch_link(src_s, (root or drive.workspace()) / "models" / "downloads") \
-        if is_link(src_s) else Path(src_s)
+    path = fetch.link_file(src_s, ws.downloads, ws.hub_cache) if fetch.is_link(src_s) \
+        else Path(src_s)
     info = inspect(path)
     det = detect.Detection(**{k: info[k] for k in (
         "kind", "family", "inpainting", "prediction_type", "prediction_source", "ema",
@@ -294,13 +226,12 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                     "prediction='epsilon' (--prediction epsilon) for a 512 px base model.",
                     path.name)
     if config is None:
-        cfg = config_folder(family, det.inpainting, root)
+        cfg = config_folder(family, det.inpainting, ws)
     elif Path(config).is_dir():
         cfg = Path(config)
-    else:
-        from fastsd.models import resolve
-
-        cfg = resolve(os.fspath(config), root)
+    else:  # a Hub repo id
+        cfg = fetch.hf_snapshot(os.fspath(config), ws.hub_cache, CONFIG_FILES,
+                                what="config files of")
     cls = pipeline_class(family, det.inpainting)
     log.info("Loading %s (%s) with diffusers' single-file loader", path.name, det.describe())
     try:

@@ -306,7 +306,3 @@ def component_map(family: str, folder: str, config: Mapping[str, Any]) -> KeyMap
     return KeyMap.for_component(COMPONENT_KIND[family][folder], COMPONENT_PREFIX[family][folder],
                                 config)
 
-
-def ema_name(unet_ldm_name: str) -> str:
-    """LDM's name of the EMA copy of a UNet tensor: ``model_ema.`` + the key without dots."""
-    return EMA_PREFIX + "".join(unet_ldm_name.split(".")[1:])

@@ -92,7 +92,7 @@ class TensorFile:
         pass
 
     def __contains__(self, key: str) -> bool:
-        return key in self._index
+        return key in self.index
 
     def __enter__(self) -> "TensorFile":
         return self
@@ -130,9 +130,9 @@ class SafetensorsFile(TensorFile):
                 raise _bad(path, "its header is not a JSON object")
             self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None)
                                                          or {}).items()}
-            self._base = 8 + n
+            self.base = 8 + n
             self._scratch = None
-            self._index: dict[str, tuple[Info, int, int]] = {}
+            self.index: dict[str, tuple[Info, int, int]] = {}
             end = 0
             for key, h in header.items():
                 try:
@@ -143,27 +143,27 @@ class SafetensorsFile(TensorFile):
                     ok = False
                 if not ok:
                     raise _bad(path, f"the entry of tensor {key!r} in its header is damaged")
-                self._index[key] = (info, start, stop)
+                self.index[key] = (info, start, stop)
                 end = max(end, stop)
-            if self._base + end > size:
+            if self.base + end > size:
                 raise _bad(path, f"it is truncated ({size} bytes, the header promises "
-                                 f"{self._base + end})")
+                                 f"{self.base + end})")
         except BaseException:
             self._f.close()
             raise
 
     def keys(self) -> list[str]:
-        return list(self._index)
+        return list(self.index)
 
     def info(self, key: str) -> Info:
-        return self._index[key][0]
+        return self.index[key][0]
 
     def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
         """The tensor ``key``; with ``scratch`` a view of a buffer that the next scratch
         read overwrites (copy it before reading on)."""
         import torch
 
-        info, start, stop = self._index[key]
+        info, start, stop = self.index[key]
         n = stop - start
         if scratch:  # one buffer, reused: no fresh pages to fault in for every tensor
             if self._scratch is None or self._scratch.numel() < n:
@@ -173,7 +173,7 @@ class SafetensorsFile(TensorFile):
             buf = torch.empty(n, dtype=torch.uint8)
         view, done, fd = memoryview(buf.numpy()), 0, self._f.fileno()
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], self._base + start + done)
+            n = os.preadv(fd, [view[done:]], self.base + start + done)
             if n <= 0:
                 raise _bad(self.path, f"tensor {key!r} is cut short")
             done += n
@@ -228,7 +228,7 @@ class PickleFile(TensorFile):
         if not isinstance(sd, dict):
             raise _bad(path, f"it holds a {type(sd).__name__}, not a dictionary of tensors")
         self._sd = _flatten(sd)
-        self._index = self._sd
+        self.index = self._sd
         self.metadata = {}
 
     def keys(self) -> list[str]:
@@ -243,7 +243,7 @@ class PickleFile(TensorFile):
 
     def close(self) -> None:
         self._sd = {}
-        self._index = self._sd
+        self.index = self._sd
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -21,7 +21,7 @@ from fastsd.convert import keymap
 from fastsd.convert.tensors import (FLOATS, Info, TensorFile, open_tensors, torch_dtype,
                                     write_safetensors)
 from fastsd.errors import ModelError
-from fastsd.models import detect
+from fastsd.convert import detect
 
 if TYPE_CHECKING:
     import torch
@@ -223,8 +223,8 @@ def write_ckpt(staged: Path, dst: Path, global_step: int | None) -> Path:
     from fastsd.convert.tensors import SafetensorsFile
 
     with SafetensorsFile(staged) as sf:
-        index = {k: sf._index[k] for k in sf.keys()}
-        base = sf._base
+        index = {k: sf.index[k] for k in sf.keys()}
+        base = sf.base
     with open(staged, "rb") as f, \
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mm:
         sd = {}

@@ -1,4 +1,6 @@
-"""Caption files: one ``captions/STEM.txt`` per image, never renamed, never mangled.
+"""Caption files, the one home of ``captions/``: per image, ``STEM.txt`` (the training
+caption, never renamed, never mangled) and ``STEM.json`` (Kosmos-2's grounded record:
+caption, entities with boxes, the subject box).
 
 A template puts the instance token and the class word into every caption, e.g.
 ``"{token} {cls}, {caption}"`` gives "sks dog, a dog sitting on a beach".
@@ -11,6 +13,7 @@ import string
 from pathlib import Path
 
 from fastsd import drive
+from fastsd.dataset.originals import originals
 from fastsd.errors import DataError
 
 DEFAULT_TEMPLATE = "{token} {cls}, {caption}"
@@ -42,6 +45,26 @@ def path(session, stem: str) -> Path:
     return session.captions / f"{stem}.txt"
 
 
+def record_path(session, stem: str) -> Path:
+    return session.captions / f"{stem}.json"
+
+
+def read_record(session, stem: str) -> dict | None:
+    """The captions/STEM.json record of an image, or None when it has none."""
+    p = record_path(session, stem)
+    return drive.read_json(p) if p.is_file() else None
+
+
+def write_record(session, stem: str, record: dict) -> None:
+    drive.atomic_write_json(record_path(session, stem), record)
+
+
+def subject_box(session, stem: str) -> tuple[int, int, int, int] | None:
+    """The subject's box in the original's pixels, from the record, or None."""
+    box = (read_record(session, stem) or {}).get("subject_box")
+    return tuple(box) if box else None
+
+
 def read(session, stem: str) -> str | None:
     p = path(session, stem)
     return p.read_text(encoding="utf-8").strip() if p.is_file() else None
@@ -57,9 +80,7 @@ def write(session, stem: str, text: str, overwrite: bool = False) -> bool:
 
 
 def image_stems(session) -> list[str]:
-    from fastsd.dataset import images
-
-    return [p.stem for p in images.originals(session)]
+    return [p.stem for p in originals(session)]
 
 
 def show(session) -> dict[str, str | None]:

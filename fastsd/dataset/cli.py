@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-
-def _load(args):
-    from fastsd import session
-
-    return session.load(args.session, Path(args.home) if args.home else None)
+from fastsd.cli_common import add_home, load_session as _load, print_json
 
 
 def _import(args) -> None:
@@ -60,13 +54,12 @@ def _replace(args) -> None:
 def _show(args) -> None:
     from fastsd.dataset import captions
 
-    print(json.dumps(captions.show(_load(args)), indent=2, ensure_ascii=False))
+    print_json(captions.show(_load(args)))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from fastsd.caption.cli import register_auto
-    from fastsd.cli import add_home
-
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `fastsd images ...` and `fastsd captions ...`; returns the captions verbs, to
+    which the captioner adds `auto`."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("images", help="import, crop and check a session's instance images")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -113,4 +106,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_show)
     for c in verbs.choices.values():
         add_home(c)
-    register_auto(verbs)
+    return verbs

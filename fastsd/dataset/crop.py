@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 
 from fastsd import drive
+from fastsd.dataset import captions
+from fastsd.dataset.originals import originals
 from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
@@ -23,9 +25,9 @@ Box = tuple[int, int, int, int]
 
 
 def check_size(size: int) -> int:
-    """A training resolution: a multiple of 64 up to 1024 (256 and up for real models)."""
+    """A training resolution: a multiple of 64 from 64 to 1024 (256 and up for real models)."""
     if not isinstance(size, int) or size % 64 or not MIN_SIZE <= size <= MAX_SIZE:
-        raise DataError(f"The crop size {size} is not a multiple of 64 between 256 and "
+        raise DataError(f"The crop size {size} is not a multiple of 64 between {MIN_SIZE} and "
                         f"{MAX_SIZE}. Use 512 for SD 1.x, 768 for SD 2.x 768, 1024 for SDXL.")
     if size < 256:
         log.warning("Crop size %d is below 256: only the tiny test models train that small.",
@@ -118,14 +120,6 @@ def smart_crop(image, size: int, subject_box=None):
 # --------------------------------------------------------------------------- sessions
 
 
-def subject_box(session, stem: str) -> Box | None:
-    p = session.captions / f"{stem}.json"
-    if not p.is_file():
-        return None
-    box = drive.read_json(p).get("subject_box")
-    return tuple(box) if box else None
-
-
 def crop_session(session, size: int | None = None, stems=None) -> dict:
     """Crop the originals (all, or ``stems``) into the top-level training images.
 
@@ -133,13 +127,11 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     """
     from PIL import Image
 
-    from fastsd.dataset import images
-
     size = check_size(int(size or session.settings["resolution"]))
     record_path = session.instance_images / CROPS
     record = drive.read_json(record_path) if record_path.is_file() else {}
     wanted = None if stems is None else set(stems)
-    found = images.originals(session)
+    found = originals(session)
     if not found:
         raise DataError(f"Session {session.name!r} has no images to crop: import some first "
                         "(the images cell, or 'fastsd images import').")
@@ -148,7 +140,7 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
             continue
         with Image.open(path) as im:
             im.load()
-            crop, box, focus = smart_crop(im.convert("RGB"), size, subject_box(session,
+            crop, box, focus = smart_crop(im.convert("RGB"), size, captions.subject_box(session,
                                                                               path.stem))
         with drive.atomic_writer(session.instance_images / f"{path.stem}.png") as f:
             crop.save(f, format="PNG")

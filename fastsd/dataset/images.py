@@ -14,7 +14,6 @@ import hashlib
 import html
 import io
 import logging
-import re
 import shutil
 import struct
 import tempfile
@@ -24,19 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from fastsd import drive
-from fastsd.errors import DataError, OfflineError
+from fastsd import drive, fetch
+from fastsd.dataset import captions
+from fastsd.dataset.originals import IMAGE_EXTS, originals, originals_dir  # noqa: F401
+from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic",
-              ".heif"}
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit (about 89 Mpx)
 MIN_SIDE = 64
 MAX_ZIP_BYTES = 4 << 30  # uncompressed, all members together
 MAX_ZIP_RATIO = 200  # a member this much larger than its compressed bytes is a zip bomb...
 ZIP_RATIO_FROM = 16 << 20  # ...once it unpacks to more than this (photos hardly compress)
-ORIGINALS = "originals"
 INDEX = "imports.json"  # pixel hash -> stem, in originals/
 REPORT = "import_report.json"  # in outputs/
 PNG_LEVEL = 3  # lossless; half the time of the default level 6 for ~15% more bytes
@@ -147,7 +145,7 @@ def _to_rgb(img):
     return img.convert("RGB")  # CMYK, L, YCbCr...
 
 
-def load_image(data: bytes, name: str):
+def decode_image(data: bytes, name: str):
     """Decode and normalise one image, or raise Skip with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -196,19 +194,6 @@ def pixel_hash(img) -> str:
 # --------------------------------------------------------------------------- session side
 
 
-def originals_dir(session) -> Path:
-    return session.instance_images / ORIGINALS
-
-
-def originals(session) -> list[Path]:
-    """The session's imported originals, sorted by name."""
-    folder = originals_dir(session)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
 def _free_stem(stem: str, taken: set[str]) -> str:
     if stem not in taken:
         return stem
@@ -233,8 +218,6 @@ def import_files(session, files: Iterable[tuple[str, Path]],
     already turned down, such as unsafe zip members). A ``.txt`` with the stem of an
     image among the files is that image's caption (written unless one exists).
     """
-    from fastsd.dataset import captions
-
     folder = originals_dir(session)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX
@@ -257,7 +240,7 @@ def import_files(session, files: Iterable[tuple[str, Path]],
                           f"{path.suffix or 'none'})")
             continue
         try:
-            img, note = load_image(_read(display, path), path.name)
+            img, note = decode_image(_read(display, path), path.name)
         except Skip as e:
             rows[i] = Row(display, "skipped", str(e))
             stem_of.setdefault(path.stem, ("", "skipped"))
@@ -350,66 +333,6 @@ def extract_zip(zip_path: Path, dest: Path,
     return out
 
 
-# --------------------------------------------------------------------------- Drive links
-
-_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
-
-
-def parse_drive_link(link: str) -> tuple[str, str]:
-    """("file" or "folder", id) of a Google Drive share link."""
-    link = link.strip()
-    for pattern, kind in ((r"/folders/([A-Za-z0-9_-]+)", "folder"),
-                          (r"/file/d/([A-Za-z0-9_-]+)", "file"),
-                          (r"[?&]id=([A-Za-z0-9_-]+)", "file")):
-        m = re.search(pattern, link)
-        if m:
-            return kind, m.group(1)
-    if _DRIVE_ID.match(link):
-        return "file", link
-    raise DataError(f"{link!r} is not a Google Drive share link. Use the link from Drive's "
-                    "'Share' > 'Copy link' (a file or a folder), shared with 'Anyone with "
-                    "the link'.")
-
-
-def _check_online(host: str = "drive.google.com") -> None:
-    from fastsd.env import reachable
-
-    if not reachable(host, 443):
-        raise OfflineError(f"Cannot reach {host}, so the shared link cannot be downloaded. "
-                           "Check the runtime's internet connection, or download the "
-                           "files yourself and give their local path (or upload them).")
-
-
-def download_drive_link(link: str, dest: Path) -> Path:
-    """Download a shared Drive file or folder into ``dest`` with gdown."""
-    kind, file_id = parse_drive_link(link)
-    _check_online()
-    import gdown
-    from gdown.exceptions import DownloadError
-    from requests import RequestException
-
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        if kind == "folder":
-            got = gdown.download_folder(id=file_id, output=str(dest), quiet=True, timeout=60,
-                                        retries=2)
-        else:
-            got = gdown.download(id=file_id, output=str(dest) + "/", quiet=True, timeout=60,
-                                 retries=2)
-    except DownloadError as e:
-        raise DataError(f"Downloading {link} from Google Drive failed: {e}. Check that it is "
-                        "shared with 'Anyone with the link' and run the cell again, or "
-                        "download the files yourself and give their local path.") from e
-    except RequestException as e:
-        raise OfflineError(f"Downloading {link} failed ({e}). Check the connection and run "
-                           "the cell again, or download the files yourself and give "
-                           "their local path (or upload them).") from e
-    if not got:
-        raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
-                        "'Anyone with the link', then run the cell again.")
-    return dest
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -423,10 +346,10 @@ def import_images(session, source: str | Path | dict[str, bytes]) -> ImportRepor
             return import_files(session, _walk(tmp_path))
         text = str(source)
         if text.startswith(("http://", "https://")):
-            if "drive.google.com" not in text and "docs.google.com" not in text:
+            if not fetch.is_drive_link(text):
                 raise DataError(f"{text} is not a Google Drive link. Download the photos and "
                                 "import the folder or zip instead.")
-            folder = download_drive_link(text, tmp_path / "download")
+            folder = fetch.drive_link(text, tmp_path / "download")
             files = _walk(folder)
             refused: list[Row] = []
             zips = [p for _, p in files if p.suffix.lower() == ".zip"]

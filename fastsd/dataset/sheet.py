@@ -61,8 +61,7 @@ def contact_sheet(session, thumb: int = 192, columns: int | None = None):
     crops = drive.read_json(record_path) if record_path.is_file() else {}
     tiles = []
     for p in originals:
-        js = session.captions / f"{p.stem}.json"
-        entities = drive.read_json(js).get("entities", []) if js.is_file() else []
+        entities = (captions.read_record(session, p.stem) or {}).get("entities", [])
         tiles.append(tile(p, captions.read(session, p.stem), crops.get(p.stem, {}).get("box"),
                           entities, thumb))
     if not tiles:

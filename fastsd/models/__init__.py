@@ -1,45 +1,79 @@
-"""Models: the embedded tiny models and resolving a model name to a local folder."""
+"""Models: the embedded tiny models, and the one resolver from a model name to a folder.
+
+:func:`resolve_model` is the only place that turns what a user names as a model into a
+local diffusers folder; the trainer, the converter's callers, the demo and the generation
+engine all go through it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
+from fastsd import fetch
 from fastsd.errors import ModelError
+from fastsd.workspace import Workspace
 
 TINY_PREFIX = "tiny-"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+# What a diffusers repo needs; the big single-file checkpoints and fp16/EMA variants that
+# sit beside the folders in many repos are left out.
+DIFFUSERS_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+DIFFUSERS_SKIP = ["*.fp16.*", "*non_ema*", "*.ckpt", "*/*.bin", "*.onnx", "*.msgpack"]
 
 
-def models_root(root: Path | None = None) -> Path:
-    from fastsd import drive
-
-    return (root or drive.workspace()) / "models"
-
-
-def resolve(name: str, root: Path | None = None) -> Path:
+def resolve_model(name: str | os.PathLike[str],
+                  ws: Workspace | Path | None = None) -> Path:
     """The local diffusers folder for a model name.
 
-    ``tiny-sd1``, ``tiny-sd2`` and ``tiny-sdxl`` are built offline on first use; a path to
-    an existing diffusers folder is used as it is; a Hugging Face repo id (owner/name) is
-    downloaded once into the workspace's cache (on Drive in Colab).
+    * ``tiny-sd1``, ``tiny-sd2``, ``tiny-sdxl``: built offline on first use;
+    * a path to a diffusers folder (with a model_index.json): used as it is;
+    * a path to a single ``.safetensors``/``.ckpt`` file, or a link to one (Google Drive,
+      Hugging Face, civitai or any HTTP(S) URL): downloaded once, converted to diffusers
+      once, and the converted folder kept in the workspace for later runtimes;
+    * a Hugging Face repo id (owner/name): downloaded once into the workspace's cache.
     """
     from fastsd.models import tiny
 
+    ws = Workspace.current(ws)
+    name = os.fspath(name)
     if name.startswith(TINY_PREFIX) and name[len(TINY_PREFIX):] in tiny.FAMILIES:
-        return tiny.ensure(name[len(TINY_PREFIX):], models_root(root))
+        return tiny.ensure(name[len(TINY_PREFIX):], ws.models)
+    if fetch.is_link(name):
+        return converted(fetch.link_file(name, ws.downloads, ws.hub_cache), ws)
     path = Path(name).expanduser()
     if (path / "model_index.json").is_file():
         return path
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return converted(path, ws)
     if not path.exists() and name.count("/") == 1 and not name.startswith(("/", ".", "~")):
-        from fastsd.models import hub
-
-        folder = hub.snapshot(name, root)
+        folder = fetch.hf_snapshot(name, ws.hub_cache, DIFFUSERS_FILES, DIFFUSERS_SKIP,
+                                   what="base model")
         if not (folder / "model_index.json").is_file():
             raise ModelError(f"{name!r} on the Hugging Face Hub is not a diffusers model (it "
-                             "has no model_index.json). For a single .safetensors file, "
-                             "download it and use 'fastsd convert to-diffusers'.")
+                             "has no model_index.json). For a single .safetensors file, give "
+                             "its link (…/resolve/main/FILE.safetensors) instead.")
         return folder
     raise ModelError(
         f"Model {name!r} is neither a tiny model ({', '.join('tiny-' + f for f in tiny.FAMILIES)}), "
-        "a Hugging Face repo id (owner/name) nor a diffusers folder with a model_index.json. "
-        "Give one of those, or convert a single .safetensors file first with "
-        "'fastsd convert to-diffusers'.")
+        "a Hugging Face repo id (owner/name), a diffusers folder with a model_index.json, nor "
+        "a .safetensors/.ckpt file or a link to one. Give one of those.")
+
+
+def converted(file: Path, ws: Workspace) -> Path:
+    """The diffusers folder made from the single file ``file``, converted once.
+
+    The folder is named after the file and a digest of its name, size and modification
+    time, so a changed file is converted again and an unchanged one never twice.
+    """
+    from fastsd.convert import to_diffusers
+
+    st = file.stat()
+    digest = hashlib.sha256(f"{file.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()
+                            ).hexdigest()[:10]
+    out = ws.converted / f"{file.stem}-{digest}"
+    if (out / "model_index.json").is_file():
+        return out
+    return to_diffusers(file, out, root=ws)

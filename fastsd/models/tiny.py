@@ -26,7 +26,7 @@ MARKER = "fastsd_tiny.json"
 RESOLUTION = 64  # pixels; the VAE downsamples by 8 like the real ones
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-_WORDS = """a an the of in on at with and by photo picture portrait painting drawing image
+WORDS = """a an the of in on at with and by photo picture portrait painting drawing image
 sks ohwx zwx person man woman boy girl child face dog cat pet puppy kitten bird horse
 toy car house tree flower style art close up high quality detailed sharp blurry smiling
 red green blue black white yellow brown sitting standing walking looking camera beach
@@ -81,7 +81,7 @@ def build_clip_tokenizer(pad_token: str = EOS):
 
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges = _learn_merges(_WORDS, 200)
+    merges = _learn_merges(WORDS, 200)
     tokens += ["".join(m) for m in merges]
     vocab: dict[str, int] = {}
     for t in tokens + [BOS, EOS]:

@@ -20,7 +20,7 @@ import string
 from pathlib import Path
 
 from fastsd import drive
-from fastsd.models.tiny import _WORDS
+from fastsd.models.tiny import WORDS
 
 log = logging.getLogger("fastsd")
 
@@ -42,7 +42,7 @@ sitting next to is are there two one his her its""".split()
 
 def _pieces() -> list[tuple[str, float]]:
     """The Unigram vocabulary: specials at 0-3, then words (cheap) and characters (dear)."""
-    words = list(dict.fromkeys(_WORDS + _EXTRA_WORDS))
+    words = list(dict.fromkeys(WORDS + _EXTRA_WORDS))
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     pieces: list[tuple[str, float]] = [(t, 0.0) for t in SPECIALS]
     pieces += [("▁" + w, -2.0) for w in words]

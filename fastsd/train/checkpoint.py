@@ -6,7 +6,7 @@ from the base model (``*.safetensors``), the optimizer, LR scheduler, grad scale
 states (``*.pt``), the trainer's position (``state.json``), and ``manifest.json`` with the
 size and sha256 of every other file, written last.
 
-Writing. :func:`snapshot` copies what is saved to CPU memory at the step (the only part
+Writing. :func:`capture` copies what is saved to CPU memory at the step (the only part
 the training loop waits for); :class:`Writer` serialises the snapshot and writes it on
 Drive in a background thread while the next steps run. Each file is hashed from the bytes
 as they are written, into a temporary folder beside the target that is renamed whole, so
@@ -80,7 +80,7 @@ class Snapshot:
                    for t in sd.values())
 
 
-def snapshot(step: int, tensors: dict[str, dict], objects: dict[str, Any],
+def capture(step: int, tensors: dict[str, dict], objects: dict[str, Any],
              state: dict[str, Any]) -> Snapshot:
     return Snapshot(step, to_cpu(tensors), {k: to_cpu(v) for k, v in objects.items()
                                             if v is not None}, copy.deepcopy(state))
@@ -303,4 +303,4 @@ def clear(root: Path) -> int:
 def save(root: Path, step: int, tensors: dict[str, dict], objects: dict[str, Any],
          state: dict[str, Any], keep: int) -> Path:
     """Write a checkpoint synchronously (snapshot and write in one call)."""
-    return write(root, snapshot(step, tensors, objects, state), keep)
+    return write(root, capture(step, tensors, objects, state), keep)

@@ -10,6 +10,7 @@ import dataclasses
 import types
 import typing
 
+from fastsd.cli_common import add_home, load_session
 from fastsd.train.settings import TrainSettings
 
 
@@ -45,23 +46,16 @@ def settings_from_args(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from fastsd import session
     from fastsd.train.trainer import train
 
-    root = Path(args.home) if args.home else None
-    s = session.load(args.session, root)
-    result = train(s, settings_from_args(args), resume=args.resume, restart=args.restart,
-                   accept_changed_data=args.accept_changed_data, root=root)
+    result = train(load_session(args), settings_from_args(args), resume=args.resume,
+                   restart=args.restart, accept_changed_data=args.accept_changed_data)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd train` to the `fastsd` parser."""
-    from fastsd.cli import add_home
-
     p = sub.add_parser(
         "train", help="train a session's subject: UNet, then text encoder; resumable",
         description="Two-stage DreamBooth training of the session's base model on its images "

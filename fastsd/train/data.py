@@ -229,11 +229,12 @@ class Source:
 def sources(session, examples: list[Example]) -> list[Source]:
     """For random crop: each training image's original and its crop box, when the images
     step kept them (instance_images/originals/ and crops.json); else the image itself."""
-    from fastsd.dataset import crop, images
+    from fastsd.dataset import crop
+    from fastsd.dataset.originals import originals as kept_originals
 
     record_path = session.instance_images / crop.CROPS
     record = drive.read_json(record_path) if record_path.is_file() else {}
-    originals = {p.stem: p for p in images.originals(session)}
+    originals = {p.stem: p for p in kept_originals(session)}
     out = []
     for ex in examples:
         box = record.get(ex.image.stem, {}).get("box")
@@ -260,7 +261,7 @@ def crop_region(w: int, h: int, box, resolution: int, margin: float = CROP_MARGI
     return (left, top, right, bottom), size, scale
 
 
-def load_image(source: Source | Path, resolution: int, crop: str):
+def training_pixels(source: Source | Path, resolution: int, crop: str):
     """The pixels to cache for an example as a (3, H, W) tensor in [-1, 1], the original's
     (h, w), and the top-left corner of the tensor in the original scaled so that the crop
     is ``resolution`` px (SDXL's crop conditioning adds the random offset to it).
@@ -323,7 +324,7 @@ def fingerprint_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 class Latents:
     """The VAE latents of every example (and of its mirror image when flipping), as the
     mean and std of the VAE's distribution, with the original's size and the cached
-    region's top-left corner (see :func:`load_image`)."""
+    region's top-left corner (see :func:`training_pixels`)."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.cache = LatentCache(limit_bytes)
@@ -353,7 +354,7 @@ def encode_latents(vae, examples: list[Example], class_examples: list[Example],
             for j, ex in enumerate(tqdm(exs, desc=f"{'instance' if kind == 'i' else 'class'}"
                                         " latents", unit="img", leave=False)):
                 src = srcs[j] if srcs and kind == "i" else ex.image
-                pixels, (h, w), (top, left) = load_image(src, settings.resolution, settings.crop)
+                pixels, (h, w), (top, left) = training_pixels(src, settings.resolution, settings.crop)
                 for flip in flips:
                     x = pixels.flip(-1) if flip else pixels
                     dist = vae.encode(x[None].to(device)).latent_dist

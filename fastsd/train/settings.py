@@ -122,10 +122,6 @@ class TrainSettings:
         p = "unet_" if name == "unet" else "text_"
         return {k: getattr(self, p + k) for k in ("steps", "lr", "schedule", "warmup")}
 
-    @property
-    def total_steps(self) -> int:
-        return self.unet_steps + self.text_steps
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -277,9 +273,10 @@ def drive_plan(s: TrainSettings, params: dict[str, int], vae_params: int,
     if s.text_steps:
         sizes.append(text * (4 + opt) + (unet * 4 if s.unet_steps else 0))
     ckpt = max(sizes, default=0)
-    n_ckpt = (s.total_steps // s.checkpoint_every if s.checkpoint_every else 0) + 2
+    total = s.unet_steps + s.text_steps
+    n_ckpt = (total // s.checkpoint_every if s.checkpoint_every else 0) + 2
     allw = unet + text + vae_params
-    n_samples = (s.total_steps // s.sample_every * max(1, len(s.sample_prompts))
+    n_samples = (total // s.sample_every * max(1, len(s.sample_prompts))
                  if s.sample_every else 0)
     res = s.resolution or 512
     return DrivePlan(ckpt, min(s.keep_checkpoints, n_ckpt) + 1, have,

@@ -92,7 +92,7 @@ def load_parts(model_dir: Path) -> Parts:
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from fastsd.models.detect import detect_folder
+    from fastsd.convert.detect import detect_folder
 
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
@@ -427,7 +427,7 @@ class Run:
             t0, waited = time.perf_counter(), self.writer.waited_s
             tensors = {n: acc.unwrap_model(m).state_dict()
                        for n, m in self.parts.modules().items() if n in st.modified}
-            snap = checkpoint.snapshot(st.global_step, tensors, {**objects, "rng": _rng_states()},
+            snap = checkpoint.capture(st.global_step, tensors, {**objects, "rng": _rng_states()},
                                        {**st.to_dict(), **self.record,
                                         "settings": self.settings.to_dict()})
             path = self.writer.submit(self.session.checkpoints, snap,
@@ -477,7 +477,7 @@ class Run:
 
 
 def train(session, settings: TrainSettings | dict | None = None, *, resume: bool = False,
-          restart: bool = False, accept_changed_data: bool = False, root: Path | None = None,
+          restart: bool = False, accept_changed_data: bool = False,
           on_event: Event | None = None) -> TrainResult:
     """Train ``session``'s subject into its base model, in two stages, resumably.
 
@@ -489,7 +489,7 @@ def train(session, settings: TrainSettings | dict | None = None, *, resume: bool
     "stage_end" and "done" (and at stage starts and ends with the model ``parts``).
     """
     run = prepare(session, settings, resume=resume, restart=restart,
-                  accept_changed_data=accept_changed_data, root=root,
+                  accept_changed_data=accept_changed_data,
                   emit=on_event or (lambda name, info: None))
     with run.stop, contextlib.closing(run.latents), run.writer:
         for si, stage in enumerate(run.settings.stage_order):
@@ -595,7 +595,7 @@ def tqdm_bar(total: int, initial: int, desc: str):
 
 
 def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_data: bool,
-            root: Path | None, emit: Event) -> Run:
+            emit: Event) -> Run:
     """Everything before the first step: settings, the checkpoint to resume from (checked
     against the base model and the data), the model, the Drive space check, the caches."""
     import numpy as np
@@ -603,7 +603,6 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    root = Path(root) if root else session.path.parent.parent
     ckroot = Path(session.checkpoints)
     given = resume_mod.given_options(settings)
     data.clean_local_leftovers()
@@ -658,7 +657,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
     base_name = session.settings["base_model"]
-    model_dir = models.resolve(base_name, root)
+    model_dir = models.resolve_model(base_name, session.workspace)
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_name,
@@ -782,15 +781,10 @@ def export_model(parts: Parts, dest: Path, precision: str) -> Path:
     return dest
 
 
-def export_single_file(model_dir: Path, step: int) -> Path | None:
+def export_single_file(model_dir: Path, step: int) -> Path:
     """The trained model as one .safetensors file beside its folder (via fastsd.convert)."""
-    from fastsd import convert
+    from fastsd.convert import to_single_file
 
-    to_single_file = getattr(convert, "to_single_file", None)
-    if to_single_file is None:
-        log.warning("The single-file converter is not available in this fastsd yet; only "
-                    "the diffusers model was saved. Convert it later with 'fastsd convert'.")
-        return None
     out = model_dir.parent / f"{model_dir.name}.safetensors"
     to_single_file(model_dir, out, fp16=True, ckpt=False, global_step=step)
     return out

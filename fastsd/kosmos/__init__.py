@@ -4,7 +4,7 @@
 captions/STEM.json for a session's images and re-crops them around the subject box.
 """
 
-from fastsd.caption.auto import CaptionSettings, ImageCaption, caption_session
-from fastsd.caption.model import DEFAULT_MODEL, Captioner
+from fastsd.kosmos.auto import CaptionSettings, ImageCaption, caption_session
+from fastsd.kosmos.model import DEFAULT_MODEL, Captioner
 
 __all__ = ["CaptionSettings", "Captioner", "DEFAULT_MODEL", "ImageCaption", "caption_session"]

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from fastsd.cli_common import add_home, home, load_session
 
 
 def _auto(args: argparse.Namespace) -> None:
-    from fastsd import session
-    from fastsd.caption import CaptionSettings, caption_session
+    from fastsd.kosmos import CaptionSettings, caption_session
 
-    root = Path(args.home) if args.home else None
-    s = session.load(args.session, root)
+    s = load_session(args)
     settings = CaptionSettings(model=args.model, detailed=args.detailed,
                                overwrite=args.overwrite, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, quantize=args.quantize,
                                crop=not args.no_crop)
-    results = caption_session(s, settings, root)
+    results = caption_session(s, settings, home(args))
     for r in results:
         box = "no subject box" if r.subject_box is None else f"subject {r.subject_box}"
         kept = "" if r.txt_written else " (existing .txt kept)"
@@ -25,9 +24,8 @@ def _auto(args: argparse.Namespace) -> None:
 
 
 def register_auto(captions_sub: argparse._SubParsersAction) -> None:
-    """Add `auto` to the `fastsd captions` group (called by fastsd.dataset.cli)."""
-    from fastsd.caption.model import DEFAULT_MODEL, QUANTIZE
-    from fastsd.cli import add_home
+    """Add `auto` to the `fastsd captions` group (whose verbs fastsd.dataset.cli made)."""
+    from fastsd.kosmos.model import DEFAULT_MODEL, QUANTIZE
 
     p = captions_sub.add_parser(
         "auto", help="caption the session's images with Kosmos-2 and crop around the subject",

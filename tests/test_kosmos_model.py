@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fastsd.caption import model as cm
+from fastsd import fetch
+from fastsd.kosmos import model as cm
+from fastsd.workspace import Workspace
 from fastsd.env import DeviceInfo
 from fastsd.errors import ModelError, OfflineError
 from fastsd.models import tiny_kosmos
@@ -142,7 +144,7 @@ def test_batched_equals_one_at_a_time(captioner):
 
 
 def test_detailed_prompt_and_token_limit(captioner):
-    from fastsd.caption import grounding
+    from fastsd.kosmos import grounding
 
     raw = captioner.generate(_pictures(1), cm.DETAILED_PROMPT, max_new_tokens=5)[0]
     caption = grounding.parse(raw).caption
@@ -180,7 +182,7 @@ def test_offline_without_cache_names_the_model(workspace: Path, monkeypatch):
     msg = str(e.value)
     assert cm.DEFAULT_MODEL in msg and str(workspace / "models" / "hub") in msg
     assert "internet" in msg
-    assert cm.hub_cache(workspace) == workspace / "models" / "hub"
+    assert Workspace.current(workspace).hub_cache == workspace / "models" / "hub"
 
 
 def test_offline_error_from_the_loader_too(workspace: Path, monkeypatch):
@@ -215,7 +217,7 @@ def test_unreachable_hub_fails_fast_without_retries(workspace: Path, monkeypatch
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    assert not cm.hub_reachable()
+    assert not fetch.hub_reachable()
     with pytest.raises(OfflineError, match="kosmos-2-patch14-224"):
         cm.locate(cm.DEFAULT_MODEL, workspace)
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from fastsd.convert.tensors import open_tensors
 from fastsd.errors import ModelError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -168,8 +169,6 @@ def refuse(det: Detection, path: Path) -> ModelError:
 
 def detect_file(path: str | Path) -> Detection:
     """Read a single file's header (not its weights) and say what it is."""
-    from fastsd.convert.tensors import open_tensors
-
     path = Path(path)
     yaml_path = path.with_suffix(".yaml")
     yaml_text = yaml_path.read_text(encoding="utf-8") if yaml_path.is_file() else None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastsd.caption import grounding
-from fastsd.caption.grounding import Entity, drop_prefix, parse, patch_box, to_pixels
+from fastsd.kosmos import grounding
+from fastsd.kosmos.grounding import Entity, drop_prefix, parse, patch_box, to_pixels
 
 # The example of Kosmos-2's documentation (transformers, processing_kosmos2.py).
 SNOWMAN = ("<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044>"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fastsd import drive, session
-from fastsd.caption import CaptionSettings, auto, caption_session, grounding
-from fastsd.caption.model import BRIEF_PROMPT
+from fastsd.kosmos import CaptionSettings, auto, caption_session, grounding
+from fastsd.kosmos.model import BRIEF_PROMPT
 from fastsd.errors import DataError
 from fastsd.models import tiny_kosmos
 
@@ -158,7 +158,7 @@ def test_record_drops_the_prompt_words():
 
 
 def test_cli_auto(workspace: Path, kosmos: str, capsys):
-    from fastsd.caption.cli import register_auto
+    from fastsd.kosmos.cli import register_auto
 
     _session(workspace, "cli")
     parser = argparse.ArgumentParser()

@@ -15,8 +15,8 @@ from typing import Any
 
 from fastsd.env import GIB, DeviceInfo
 from fastsd.errors import ModelError, OfflineError
-from fastsd.models.hub import (  # noqa: F401  (hub_cache, hub_reachable: re-exported)
-    hub_cache, hub_reachable, offline, offline_error, use_cache_only)
+from fastsd.fetch import offline_error, use_cache_only
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -57,18 +57,19 @@ class Source:
         return {"cache_dir": self.cache, "local_files_only": self.local_only}
 
 
-def locate(name: str, root: Path | None = None) -> Source:
+def locate(name: str, root: Workspace | Path | None = None) -> Source:
     """Where to load ``name`` from.
 
     ``tiny-kosmos2`` is built offline on first use; a folder with a config.json is used
-    as is; anything else is a Hugging Face repo id, cached under :func:`hub_cache`. When
+    as is; anything else is a Hugging Face repo id, cached in the workspace's Hub cache. When
     the machine is offline (or the Hub unreachable) the cached copy is used, and without
     one an OfflineError is raised at once.
     """
-    from fastsd.models import models_root, tiny_kosmos
+    from fastsd.models import tiny_kosmos
 
+    ws = Workspace.current(root)
     if name == tiny_kosmos.NAME:
-        return Source(str(tiny_kosmos.ensure(models_root(root))))
+        return Source(str(tiny_kosmos.ensure(ws.models)))
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return Source(str(path))
@@ -76,7 +77,7 @@ def locate(name: str, root: Path | None = None) -> Source:
         raise ModelError(f"{name!r} is neither a Hugging Face model id (owner/name), a model "
                          f"folder with a config.json, nor {tiny_kosmos.NAME!r}. "
                          f"Use {DEFAULT_MODEL!r} (the default).")
-    cache = hub_cache(root)
+    cache = ws.hub_cache
     if use_cache_only():
         from huggingface_hub import try_to_load_from_cache
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
-from fastsd import drive
-from fastsd.caption import grounding
-from fastsd.caption.model import DEFAULT_MODEL, Captioner, prompt_for, prompt_words
+from fastsd.dataset import captions, crop, images
 from fastsd.errors import DataError
+from fastsd.kosmos import grounding
+from fastsd.kosmos.model import DEFAULT_MODEL, Captioner, prompt_for, prompt_words
 from fastsd.session import Session
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -79,32 +80,20 @@ def record(raw: str, prompt: str, image_size: tuple[int, int], class_word: str) 
             "image_size": list(image_size)}
 
 
-def json_path(session: Session, stem: str) -> Path:
-    return session.captions / f"{stem}.json"
-
-
-def load_record(session: Session, stem: str) -> dict | None:
-    """The captions/STEM.json record of an image, or None when it has none."""
-    path = json_path(session, stem)
-    return drive.read_json(path) if path.is_file() else None
-
-
 def pending(session: Session, overwrite: bool = False) -> list[Path]:
     """The originals still to caption: all of them when ``overwrite``, else those
     lacking their .txt or .json."""
-    from fastsd.dataset import images
-
     todo = []
     for p in images.originals(session):
-        done = (session.captions / f"{p.stem}.txt").is_file() and json_path(session,
-                                                                           p.stem).is_file()
+        done = captions.path(session, p.stem).is_file() and \
+            captions.record_path(session, p.stem).is_file()
         if overwrite or not done:
             todo.append(p)
     return todo
 
 
 def caption_session(session: Session, settings: CaptionSettings | None = None,
-                    root: Path | None = None, captioner: Captioner | None = None
+                    root: Workspace | Path | None = None, captioner: Captioner | None = None
                     ) -> list[ImageCaption]:
     """Caption the session's images with Kosmos-2, then crop them around their subjects.
 
@@ -114,8 +103,6 @@ def caption_session(session: Session, settings: CaptionSettings | None = None,
     """
     from PIL import Image
     from tqdm.auto import tqdm
-
-    from fastsd.dataset import captions, crop, images
 
     settings = settings or CaptionSettings()
     if not images.originals(session):
@@ -143,7 +130,7 @@ def caption_session(session: Session, settings: CaptionSettings | None = None,
                 raws = cap.generate(pics, settings.prompt, settings.tokens)
                 for p, pic, raw in zip(group, pics, raws):
                     rec = record(raw, settings.prompt, pic.size, cls)
-                    drive.atomic_write_json(json_path(session, p.stem), rec)
+                    captions.write_record(session, p.stem, rec)
                     text = captions.render(template, rec["caption"], token, cls)
                     written = captions.write(session, p.stem, text, overwrite=settings.overwrite)
                     results.append(ImageCaption(p.stem, rec["caption"], text,

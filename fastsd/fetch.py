@@ -1,0 +1,263 @@
+"""The one downloader: Hugging Face repos and files, Google Drive links, HTTP(S) URLs.
+
+Every download here:
+
+* fails within seconds when the machine is offline (a TCP check with a short timeout
+  before any client library starts its own long retries), naming what could not be
+  fetched and what to do;
+* shows a ``tqdm`` progress bar;
+* writes into a ``.part`` file and renames it only when it is whole (its size matches what
+  the server announced), so a partial download is never taken for a whole one; an
+  interrupted HTTP download resumes from its ``.part`` with a Range request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from fastsd import drive, env
+from fastsd.errors import DataError, OfflineError
+
+log = logging.getLogger("fastsd")
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach a host before it counts as offline
+READ_TIMEOUT = 60.0  # seconds without a byte before a download is abandoned
+PART = ".part"
+_DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
+
+
+# --------------------------------------------------------------------------- offline
+
+
+def hf_offline() -> bool:
+    """Whether the user asked for offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(
+        (f or "").strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connection within ``timeout`` seconds.
+
+    Without this, an offline machine that lacks HF_HUB_OFFLINE=1 spends half a minute in
+    huggingface_hub's retries before failing.
+    """
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    return env.reachable(url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
+                         timeout)
+
+
+def use_cache_only() -> bool:
+    return hf_offline() or not hub_reachable()
+
+
+def offline_error(name: str, cache: Path, what: str = "model") -> OfflineError:
+    return OfflineError(
+        f"The {what} {name!r} is not in the model cache ({cache}) and this machine is "
+        "offline (or cannot reach the Hugging Face Hub), so it cannot be downloaded. Connect "
+        "to the internet (and unset HF_HUB_OFFLINE) and run this once: the model is then kept "
+        "on Drive for later runtimes.")
+
+
+def check_online(host: str, what: str) -> None:
+    """Raise an OfflineError at once when ``host`` cannot be reached."""
+    if not env.reachable(host, 443, CONNECT_TIMEOUT):
+        raise OfflineError(f"Cannot reach {host}, so {what} cannot be downloaded. Check the "
+                           "runtime's internet connection, or download the files yourself "
+                           "and give their local path (or upload them).")
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def hf_snapshot(repo_id: str, cache: Path, allow: list[str] | None = None,
+                ignore: list[str] | None = None, what: str = "model",
+                revision: str | None = None) -> Path:
+    """A local folder with (the allowed files of) the Hub repo ``repo_id``, kept in ``cache``.
+
+    Offline, or with the Hub unreachable, only the cache is used; without a cached copy an
+    OfflineError says so at once.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=allow,
+                                      ignore_patterns=ignore, revision=revision,
+                                      local_files_only=use_cache_only()))
+    except LocalEntryNotFoundError:
+        raise offline_error(repo_id, cache, what) from None
+
+
+def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = None,
+            what: str = "model file") -> Path:
+    """One file of a Hub repo, kept in ``cache``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
+                                    local_files_only=use_cache_only()))
+    except LocalEntryNotFoundError:
+        raise offline_error(f"{repo_id}/{filename}", cache, what) from None
+
+
+def parse_hf_url(url: str) -> tuple[str, str, str] | None:
+    """(repo id, revision, file path) of a Hub file URL (``/resolve/`` or ``/blob/``)."""
+    parsed = urlparse(url)
+    if (parsed.hostname or "").lower() not in ("huggingface.co", "hf.co"):
+        return None
+    parts = parsed.path.strip("/").split("/")
+    if len(parts) < 5 or parts[2] not in ("resolve", "blob"):
+        return None
+    return f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
+
+
+# --------------------------------------------------------------------------- Google Drive
+
+
+def is_drive_link(link: str) -> bool:
+    host = (urlparse(str(link).strip()).hostname or "").lower()
+    return host.endswith(("drive.google.com", "docs.google.com"))
+
+
+def parse_drive_link(link: str) -> tuple[str, str]:
+    """("file" or "folder", id) of a Google Drive share link."""
+    link = link.strip()
+    for pattern, kind in ((r"/folders/([A-Za-z0-9_-]+)", "folder"),
+                          (r"/file/d/([A-Za-z0-9_-]+)", "file"),
+                          (r"[?&]id=([A-Za-z0-9_-]+)", "file")):
+        m = re.search(pattern, link)
+        if m:
+            return kind, m.group(1)
+    if _DRIVE_ID.match(link):
+        return "file", link
+    raise DataError(f"{link!r} is not a Google Drive share link. Use the link from Drive's "
+                    "'Share' > 'Copy link' (a file or a folder), shared with 'Anyone with "
+                    "the link'.")
+
+
+def drive_link(link: str, dest: Path) -> Path:
+    """Download a shared Drive file or folder into the folder ``dest`` with gdown."""
+    kind, file_id = parse_drive_link(link)
+    check_online("drive.google.com", "the shared link")
+    import gdown
+    from gdown.exceptions import DownloadError
+    from requests import RequestException
+
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        if kind == "folder":
+            got = gdown.download_folder(id=file_id, output=str(dest), quiet=False,
+                                        timeout=READ_TIMEOUT, retries=2)
+        else:
+            got = gdown.download(id=file_id, output=str(dest) + "/", quiet=False,
+                                 timeout=READ_TIMEOUT, retries=2, resume=True)
+    except DownloadError as e:
+        raise DataError(f"Downloading {link} from Google Drive failed: {e}. Check that it is "
+                        "shared with 'Anyone with the link' and run the cell again, or "
+                        "download the files yourself and give their local path.") from e
+    except RequestException as e:
+        raise OfflineError(f"Downloading {link} failed ({e}). Check the connection and run "
+                           "the cell again, or download the files yourself and give "
+                           "their local path (or upload them).") from e
+    if not got:
+        raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
+                        "'Anyone with the link', then run the cell again.")
+    return dest
+
+
+# --------------------------------------------------------------------------- HTTP(S)
+
+
+def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Path:
+    """Download ``url`` to the file ``dest`` (kept if already whole), resuming a ``.part``.
+
+    ``headers`` (an Authorization header, say) are sent but never logged or shown.
+    """
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    host = urlparse(url).hostname or ""
+    if not env.reachable(host, urlparse(url).port or (443 if url.startswith("https") else 80),
+                         CONNECT_TIMEOUT):
+        raise OfflineError(f"Cannot reach {host}, so {shown(url)} cannot be downloaded. Check "
+                           "the link and the internet connection, or download the file "
+                           "yourself and give its path.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + PART)
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={**(headers or {}),
+                                                   **({"Range": f"bytes={have}-"} if have else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=READ_TIMEOUT) as r:
+            if have and r.status != 206:  # the server ignored the Range: start again
+                have = 0
+            length = r.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True,
+                    desc=dest.name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise OfflineError(f"Downloading {shown(url)} failed ({reason}). Run it again to "
+                           "resume, check the link, or download the file yourself and give "
+                           "its path.") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise OfflineError(f"Downloading {shown(url)} stopped at {size} of {total} bytes. Run "
+                           "it again to resume.")
+    drive.retry(lambda: os.replace(part, dest), f"Saving {dest.name}")
+    return dest
+
+
+def shown(url: str) -> str:
+    """``url`` without its query string, which may hold a token."""
+    p = urlparse(url)
+    return f"{p.scheme}://{p.netloc}{p.path}"
+
+
+def file_name(url: str, default: str = "model.safetensors") -> str:
+    return unquote(Path(urlparse(url).path).name) or default
+
+
+# --------------------------------------------------------------------------- any link
+
+
+def is_link(src: str) -> bool:
+    return str(src).startswith(("http://", "https://"))
+
+
+def link_file(url: str, dest_dir: Path, hub_cache: Path) -> Path:
+    """Download the one model file behind a link (Drive, Hugging Face or plain HTTP(S)).
+
+    Drive links go through gdown, Hugging Face file links through the Hub's cache, other
+    links are streamed into ``dest_dir`` (resumable, whole or not at all).
+    """
+    if is_drive_link(url):
+        got = drive_link(url, dest_dir / parse_drive_link(url)[1])
+        files = sorted(p for p in got.rglob("*") if p.is_file() and not p.name.endswith(PART))
+        if len(files) != 1:
+            raise DataError(f"The Drive link {url} holds {len(files)} files; give a link to "
+                            "one .safetensors or .ckpt file.")
+        return files[0]
+    hf = parse_hf_url(url)
+    if hf:
+        repo, revision, filename = hf
+        return hf_file(repo, filename, hub_cache, revision)
+    return http_file(url, dest_dir / file_name(url))
