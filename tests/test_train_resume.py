@@ -117,6 +117,10 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> None:
     import sys
 
+    import torch
+
+    torch.set_num_threads(1)  # on a busy machine, threads that wait for each other crawl
+
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(levelname)s %(message)s",
                         filename=str(Path(home) / f"{name}.log"))
     os.environ["FASTSD_HOME"] = home
