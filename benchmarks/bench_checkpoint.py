@@ -27,7 +27,7 @@ from common import Row, child_result, write_result
 STEPS = 30
 EVERY = 10
 RATE = 60e6  # bytes/s, Google Drive's sustained write speed from Colab, roughly
-REPEATS = 1
+REPEATS = 2
 
 
 class Throttle:

@@ -40,7 +40,7 @@ STEPS = 20
 BATCH = 2
 RES = 64  # the tiny model's native resolution
 N_IMAGES = 8
-REPEATS = 1
+REPEATS = 2
 LR = 1e-5
 SD15_UNET = dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
 
