@@ -17,20 +17,7 @@ from fastsd import drive, models
 from fastsd.errors import DriveError
 from fastsd.workspace import Workspace
 
-COLAB = Path(__file__).resolve().parent / "colab"
-
-
-def _load(name: str):
-    """A module of tests/colab, without putting that folder (and so google.colab) on
-    sys.path for every other test."""
-    import importlib.util
-
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, COLAB / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from conftest import COLAB, colab_module as _load  # noqa: E402
 
 
 standin = _load('standin')
