@@ -195,7 +195,10 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
             bar.close()
         from fastsd.train import checkpoint
 
-        ck = checkpoint.latest(session.checkpoints)
+        # The newest finished checkpoint (its manifest is written last); not loaded here,
+        # which would read gigabytes and import torch into the kernel.
+        ck = next((c for c in reversed(checkpoint.listing(session.checkpoints))
+                   if (c.path / checkpoint.MANIFEST).is_file()), None)
         where = f"the checkpoint at step {ck.step}" if ck else "the start (no checkpoint yet)"
         raise TrainingStopped(
             f"Training stopped at step {last.get('global_step', 0)} (exit code {code}). "
