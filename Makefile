@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean chromium
 
 venv: $(STAMP)
 
@@ -23,9 +23,15 @@ $(STAMP): setup.py requirements-colab.txt
 demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
+
+# The browser tests drive Debian's chromium (never a downloaded browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -44,3 +44,11 @@ class DataError(FastSDError, ValueError):
 
 class ConfirmationNeeded(FastSDError):
     """A destructive action was asked for without its confirmation."""
+
+
+class TunnelError(FastSDError):
+    """No public URL could be opened, or an open one stopped answering."""
+
+
+class LaunchError(FastSDError):
+    """A background server (ours, AUTOMATIC1111 or Forge) did not start or stopped."""

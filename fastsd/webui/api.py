@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fastsd import __version__
 from fastsd.errors import FastSDError, ModelError
-from fastsd.webui import infotext, samplers
+from fastsd.webui import infotext, samplers, xyz
 from fastsd.webui.auth import AuthMiddleware, BasicAuth
 from fastsd.webui.engine import GenerationFailed, OutOfMemory, Result
 from fastsd.webui.memory import MemoryPolicy
@@ -121,10 +121,15 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
     async def generate(request: Request, img2img: bool):
         try:
             body = await body_of(request)
+            plot, body = await run_in_threadpool(xyz.script_of, body, img2img)
             params, ignored = await run_in_threadpool(from_request, body, img2img)
-            job = worker.submit(lambda e, c: e.generate(params, c),
-                                "img2img" if img2img else "txt2img", params.steps,
-                                params.n_iter)
+            if plot is None:
+                job = worker.submit(lambda e, c: e.generate(params, c),
+                                    "img2img" if img2img else "txt2img", params.steps,
+                                    params.n_iter)
+            else:
+                job = worker.submit(lambda e, c: xyz.run_job(e, c, plot, params),
+                                    xyz.SCRIPT_NAME, params.steps, xyz.count(plot))
             result: Result = await wait(job)
             images, saved = await run_in_threadpool(encode_result, result, outputs, params.mode)
         except FastSDError as e:
@@ -255,7 +260,7 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
 
     @app.get(f"{PREFIX}/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [xyz.SCRIPT_NAME], "img2img": [xyz.SCRIPT_NAME]}
 
     @app.get(f"{PREFIX}/sd-vae")
     async def sd_vae():

@@ -25,6 +25,7 @@ FREE_FAILURES = 3  # failures from one address answered at once
 BASE_DELAY, MAX_DELAY = 0.5, 10.0  # seconds: doubled from the 4th failure on
 FORGET_AFTER = 15 * 60.0  # seconds without a failure before an address starts afresh
 REALM = "fastsd"
+PASSWORD_ENV = "FASTSD_WEBUI_PASSWORD"  # how a launcher hands a server its password (not argv)
 
 
 def is_loopback(host: str) -> bool:

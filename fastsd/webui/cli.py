@@ -6,19 +6,24 @@ import argparse
 
 
 def _serve(args) -> None:
+    import os
+
     from fastsd.webui import launch
+    from fastsd.webui.auth import PASSWORD_ENV
     from fastsd.webui.memory import MemoryPolicy
 
     from fastsd.cli_common import home
 
     policy = MemoryPolicy(**{k: getattr(args, k) for k in MemoryPolicy.field_names()})
     root = home(args)
+    password = args.password or os.environ.get(PASSWORD_ENV) or None
     server = launch.serve(args.session, args.model, listen=args.listen, port=args.port,
-                          user=args.user, password=args.password, root=root, policy=policy,
-                          max_queue=args.max_queue)
-    print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)")
+                          user=args.user, password=password, root=root, policy=policy,
+                          max_queue=args.max_queue, page=args.page)
+    print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)"
+          + (f", page: {server.url}/" if args.page else ""))
     if server.auth is not None:
-        shown = server.auth.password if not args.password else "(the one you gave)"
+        shown = server.auth.password if not password else "(the one you gave)"
         print(f"HTTP Basic auth: user {server.auth.username!r}, password {shown}")
     print("Press Ctrl-C to stop.", flush=True)
     try:
@@ -47,7 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: any free port)")
     p.add_argument("--user", default=None, help="HTTP Basic auth user (default: fastsd)")
     p.add_argument("--password", default=None,
-                   help="HTTP Basic auth password (default: generated and shown once)")
+                   help="HTTP Basic auth password (default: $FASTSD_WEBUI_PASSWORD, else "
+                   "generated and shown once)")
+    p.add_argument("--page", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve the web page at / (needs gradio)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="jobs that may wait; more get 503 (default: 64)")
     for name in MemoryPolicy.field_names():

@@ -180,9 +180,10 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
           port: int = DEFAULT_PORT, user: str | None = None, password: str | None = None,
           tunnel: bool = False, root: Workspace | Path | None = None,
           policy: MemoryPolicy | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE) -> Server:
+          max_queue: int = DEFAULT_MAX_QUEUE, page: bool = False) -> Server:
     """Start the API server in the background and return it (``port=0``: any free port).
 
+    With ``page`` the web page (fastsd.webui.page) is served at / behind the same auth.
     Auth is on whenever ``listen`` (all interfaces) or ``tunnel``, or when a password is
     given; with no password one is generated: read it from ``server.auth.password`` and
     show it to the user (it is never logged).
@@ -197,7 +198,20 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
         auth = BasicAuth(user or "fastsd", password or generate_password())
     app = create_app(worker, outputs=outputs, auth=auth,
                      server=ServerInfo(host, port, s.name if s else None))
+    page_api = None
+    if page:
+        from fastsd.webui import page as web_page
+
+        try:
+            api = web_page.Api("", (auth.username, auth.password) if auth else None)
+            web_page.mount(app, api, outputs.root, title=f"fastsd: {s.name}" if s else "fastsd")
+            page_api = api
+        except ImportError as e:
+            log.warning("The web page needs gradio (%s); serving the API only. Run the "
+                        "install cell to get it.", e)
     server = Server(app, host, port, auth).start()
+    if page_api is not None:
+        page_api.base = server.url  # the page calls the API through loopback
     log.info("fastsd API on %s/sdapi/v1 (%s)", server.url,
              "HTTP Basic auth on" if auth else "localhost only, no auth")
     return server

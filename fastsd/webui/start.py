@@ -1,0 +1,100 @@
+"""One call from a notebook cell: start the web UI (ours, AUTOMATIC1111 or Forge) in the
+background on a session's models, behind a password, with a tunnel, and show its link.
+
+The password is the user's, or one generated once and kept in the workspace's
+``webui-password.txt`` (readable by its owner only), so the phone that learned it keeps
+working after a restart. It never appears in a log, a URL or the cell's output:
+:func:`show_password` prints it when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fastsd import drive, session as sessions
+from fastsd.workspace import Workspace
+from fastsd.errors import LaunchError
+from fastsd.webui import background, external
+from fastsd.webui.auth import PASSWORD_ENV, generate_password
+
+log = logging.getLogger("fastsd")
+
+DEFAULT_PORT = 7860
+DEFAULT_USER = "fastsd"
+PASSWORD_FILE = "webui-password.txt"
+UIS = ("fastsd", *external.UIS)
+
+
+def password_file(root: Workspace | Path | None = None) -> Path:
+    return Workspace.current(root).root / PASSWORD_FILE
+
+
+def saved_password(root: Workspace | Path | None = None) -> str:
+    """The workspace's web UI password, generated and saved the first time."""
+    path = password_file(root)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    password = generate_password()
+    drive.atomic_write_text(path, password + "\n")
+    path.chmod(0o600)
+    log.info("Generated a web UI password and saved it in %s", path)
+    return password
+
+
+def show_password(root: Workspace | Path | None = None) -> None:
+    """Print the saved web UI password (only when the user asks for it)."""
+    print(saved_password(root))
+
+
+def serve_command(port: int, user: str, session: str | None = None,
+                  model: str | None = None, home: Path | None = None) -> list[str]:
+    """``fastsd serve`` on loopback: a tunnel, not the server, faces the internet. The
+    password reaches it through the environment (PASSWORD_ENV), never argv."""
+    cmd = [sys.executable, "-m", "fastsd.cli", "serve", "--port", str(port), "--user", user]
+    if session:
+        cmd += ["--session", session]
+    if model:
+        cmd += ["--model", model]
+    if home:
+        cmd += ["--home", str(home)]
+    return cmd
+
+
+def start(session: str | None = None, *, model: str | None = None, ui: str = "fastsd",
+          tunnel: str | None = "auto", port: int = DEFAULT_PORT, user: str = DEFAULT_USER,
+          password: str | None = None, home: Path | None = None,
+          ready_timeout: float = background.READY_TIMEOUT) -> background.Server:
+    """Start the web UI in the background and return at once (the cell ends; the link and
+    QR code appear in it when the server answers). A second call with the same settings
+    reuses the running server; other settings replace it.
+
+    ``tunnel`` is a provider name, ``"auto"``, or None for this machine only. A password
+    is always set; without one, the workspace's saved password is used.
+    """
+    if ui not in UIS:
+        raise LaunchError(f"Unknown web UI {ui!r}: choose one of {', '.join(UIS)}.")
+    root = Workspace.current(home).root
+    s = sessions.load(session, root) if session else None
+    logs = (s.path if s else root) / "logs"
+    auth = (user, password or os.environ.get(PASSWORD_ENV) or saved_password(root))
+    if not password:
+        log.info("The web UI's password is in %s (fastsd.webui.start.show_password() "
+                 "prints it).", password_file(root))
+    if ui == "fastsd":
+        cmd = serve_command(port, user, s.name if s else None, model, root)
+        return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
+                                 health_path=background.HEALTH_PATH,
+                                 ready_timeout=ready_timeout)
+    return external.start(ui, port, auth, session_models=s.models if s else None,
+                          session_name=s.name if s else None, log_path=logs / f"{ui}.log",
+                          workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
+
+
+def stop() -> bool:
+    """Stop the web UI running on this machine, if any."""
+    return background.stop()
