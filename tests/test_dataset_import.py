@@ -130,7 +130,9 @@ def test_mixed_folder_one_row_per_file_each_as_stated(s, mixed_folder):
     assert html.count("<tr>") == len(report.rows) + 1 and "decompression bomb" in html
     text = report.to_text()
     assert re.search(r"^IMG_0042\.png +imported +101x99 ", text, re.M)
-    assert text.endswith("9 imported, 1 duplicate, 8 skipped, 1 captions")
+    assert "\n9 imported, 1 duplicate, 8 skipped, 1 captions\nSet check: 9 images, " in text
+    assert report.check is not None and text.endswith(report.check.to_text())
+    assert report.check.summary() in html, "the set check is part of the report"
 
 
 def original(s, stem):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from fastsd.cli_common import add_home, home, load_session as _load, print_json
 
@@ -28,13 +29,15 @@ def _crop(args) -> None:
 
 
 def _report(args) -> None:
-    from fastsd.dataset import images, sheet
+    from fastsd.dataset import check, images, sheet
 
     s = _load(args)
     report = images.last_report(s)
     print(report.to_text() if report else "No import yet.")
     if images.originals(s):
-        sheet.contact_sheet(s)
+        checked = check.check_session(s)
+        print(checked.to_text())
+        sheet.contact_sheet(s, report=checked)
         print(f"Contact sheet: {s.outputs / sheet.SHEET}")
 
 
@@ -44,6 +47,18 @@ def _import_legacy(args) -> None:
     done = legacy.import_session(args.source, args.name, home(args))
     print(done.report.to_text())
     print(done)
+
+
+def _check(args) -> None:
+    from fastsd.dataset import check
+
+    given = {name: getattr(args, name) for name in check.settings_fields()
+             if getattr(args, name, None) is not None}
+    report = check.check_session(_load(args), check.CheckSettings(**given))
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.to_text())
 
 
 def _set(args) -> None:
@@ -93,6 +108,18 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
                    "or its name")
     c.add_argument("--name", default=None, help="the new session's name (default: the old one's)")
     c.set_defaults(func=_import_legacy)
+    c = verbs.add_parser("check", help="check the images as a set: blank, blurred, "
+                         "near-duplicate, small, subject too small, too few (warnings only)")
+    c.add_argument("session", help="session name")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    from fastsd.dataset.check import CheckSettings
+
+    for f in dataclasses.fields(CheckSettings):
+        c.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                       type=float if f.type == "float" else int,
+                       help="training size (default: the session's resolution)"
+                       if f.default is None else f"threshold (default {f.default})")
+    c.set_defaults(func=_check)
     c = verbs.add_parser("report", help="the last import report and the contact sheet")
     c.add_argument("session", help="session name")
     c.set_defaults(func=_report)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Iterable
 
 from fastsd import drive, fetch
-from fastsd.dataset import captions
+from fastsd.dataset import captions, check
 from fastsd.dataset.originals import IMAGE_EXTS, originals, originals_dir  # noqa: F401
+from fastsd.dataset.originals import write_preview
 from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
@@ -57,6 +58,7 @@ class ImportReport:
     """One row per file; shown as a table in a notebook and as text by the CLI."""
 
     rows: list[Row] = field(default_factory=list)
+    check: check.CheckReport | None = None  # the set check after this import
 
     def by(self, outcome: str, kind: str | None = "image") -> list[Row]:
         """Rows with this outcome, of this kind (None: of any kind)."""
@@ -88,6 +90,8 @@ class ImportReport:
         lines += [f"{r.file:<{width}}  {r.outcome:<9}  {_size(r):<9}  {r.reason}"
                   for r in self.rows]
         lines.append(self.summary())
+        if self.check is not None:
+            lines.append(self.check.to_text())
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -96,8 +100,10 @@ class ImportReport:
             f"<tr><td>{html.escape(r.file)}</td><td style='color:{colour[r.outcome]}'>"
             f"{r.outcome}</td><td>{_size(r)}</td><td>{html.escape(r.name)}</td>"
             f"<td>{html.escape(r.reason)}</td></tr>" for r in self.rows)
+        checked = self.check.html() if self.check is not None else ""
         return ("<table><tr><th>file</th><th>outcome</th><th>size</th><th>name</th>"
-                f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>")
+                f"<th>reason</th></tr>{cells}</table><p>{html.escape(self.summary())}</p>"
+                f"{checked}")
 
 
 def _size(row: Row) -> str:
@@ -105,7 +111,7 @@ def _size(row: Row) -> str:
 
 
 class Skip(Exception):
-    """Raised by load_image with the reason a file is skipped."""
+    """Raised by decode_image with the reason a file is skipped."""
 
 
 # What Pillow's decoders raise on damaged data (struct.error, EOFError and IndexError from
@@ -133,9 +139,7 @@ def _to_rgb(img):
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         import numpy as np
 
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype("uint8"), "L")
+        return _deep_to_rgb(np.asarray(img), None)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -143,6 +147,163 @@ def _to_rgb(img):
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
     return img.convert("RGB")  # CMYK, L, YCbCr...
+
+
+# --------------------------------------------------------------------------- bit depth
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEPTHS = (8, 10, 12, 14, 16, 24, 32)  # the containers "the range actually used" picks from
+
+
+def png_header(data: bytes) -> tuple[int, int, tuple[int, ...] | None] | None:
+    """(bit depth, colour type, sBIT significant bits or None) of PNG data; None if not PNG."""
+    if not data.startswith(PNG_SIGNATURE):
+        return None
+    pos, depth, colour, sbit = 8, None, None, None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 10:
+            depth, colour = body[8], body[9]
+        elif kind == b"sBIT" and body:
+            sbit = tuple(body)
+        elif kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return None if depth is None else (depth, colour, sbit)
+
+
+def white_level(samples, significant_bits: int | None = None) -> float:
+    """The sample value that is white, judged by the image's real depth.
+
+    Floats within [0, 1] are in that range; larger fractional floats (high dynamic range)
+    are scaled by their brightest value. Integers: a PNG sBIT of n bits means n-bit data,
+    either in the low n bits (what several tools write) or scaled up to the whole
+    container as the PNG specification says, whichever the largest value shows. Without
+    sBIT, the smallest common depth (8, 10, 12, 14, 16 bits...) that holds the largest
+    value: an 8-bit image stored in 16 bits is not darkened, and a full-range one keeps
+    its tones. The container's full range is the last resort.
+    """
+    import numpy as np
+
+    top = float(np.nanmax(samples)) if samples.size else 0.0
+    if samples.dtype.kind == "f":
+        if top <= 1.0:
+            return 1.0
+        if not np.array_equal(samples, np.round(samples)):
+            return top  # high dynamic range: its brightest value is white
+        container = 32  # whole numbers stored as floats: judged like integers
+    else:
+        container = samples.dtype.itemsize * 8
+    if significant_bits:
+        low = float(2 ** significant_bits - 1)
+        return low if top <= low else float(2 ** container - 1)
+    for bits in DEPTHS:
+        if top < 2 ** bits:
+            return float(2 ** bits - 1)
+    return top
+
+
+def _deep_to_rgb(a, significant_bits: int | None, bgr: bool = False):
+    """An 8-bit RGB PIL image from a deep (16/32-bit or float) array: grey (H, W), or
+    (H, W, C) with C = 2 (grey + alpha), 3 (colour) or 4 (colour + alpha)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    colour = a[..., : 1 if a.shape[2] < 3 else 3].astype(np.float32)
+    alpha = a[..., -1].astype(np.float32) if a.shape[2] in (2, 4) else None
+    if bgr and colour.shape[2] == 3:
+        colour = colour[..., ::-1]
+    rgb = np.clip(colour / white_level(a[..., : colour.shape[2]], significant_bits), 0, 1)
+    if alpha is not None:
+        opacity = np.clip(alpha / white_level(a[..., -1], significant_bits), 0, 1)[..., None]
+        rgb = rgb * opacity + (1.0 - opacity)  # flattened on white
+    out = (rgb * 255.0 + 0.5).astype(np.uint8)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return Image.fromarray(np.ascontiguousarray(out), "RGB")
+
+
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}  # EXIF orientation -> transpose
+
+
+def tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a TIFF's first directory, without decoding; None if not TIFF."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None
+    pos = struct.unpack(order + "I", data[4:8])[0]
+    if pos + 2 > len(data):
+        return None
+    size = {}
+    for i in range(struct.unpack(order + "H", data[pos:pos + 2])[0]):
+        entry = data[pos + 2 + 12 * i: pos + 14 + 12 * i]
+        if len(entry) < 12:
+            return None
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):
+            size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"),
+                                      entry[8:10] if kind == 3 else entry[8:12])[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _float_tiff(data: bytes):
+    """8-bit RGB from a TIFF Pillow cannot open (32-bit float colour), through OpenCV once
+    its header's size is under the limit; None when it is not such a file."""
+    size = tiff_size(data)
+    if size is None:
+        return None
+    _refuse_bomb(*size)
+    import cv2
+    import numpy as np
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None:
+        return None
+    return _refuse_small(_deep_to_rgb(a, None, bgr=True))
+
+
+def _refuse_bomb(w: int, h: int) -> None:
+    if w * h > MAX_PIXELS:
+        raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
+                   f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+
+
+def _refuse_small(img):
+    if min(img.size) < MIN_SIDE:
+        raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
+                   "each side is needed)")
+    return img
+
+
+def _deep_decode(data: bytes, img):
+    """8-bit RGB from a file deeper than 8 bits per sample that Pillow would truncate (16-bit
+    colour PNG and TIFF: Pillow keeps only the high byte); None when Pillow's own decode
+    is exact."""
+    png = png_header(data)
+    if png is not None:
+        deep = png[0] == 16
+        sbit = max(png[2]) if png[2] else None
+    else:
+        bits = getattr(img, "tag_v2", {}).get(258, (8,)) if img.format == "TIFF" else (8,)
+        deep = max(bits if isinstance(bits, tuple) else (bits,)) > 8
+        sbit = None
+    if not deep:
+        return None
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None:  # OpenCV cannot read it: Pillow's modes I;16, I and F still can
+        return None
+    out = _deep_to_rgb(a, sbit, bgr=True)
+    method = _ORIENT.get(img.getexif().get(0x0112, 1))
+    return out.transpose(getattr(Image.Transpose, method)) if method else out
 
 
 def decode_image(data: bytes, name: str):
@@ -160,13 +321,13 @@ def decode_image(data: bytes, name: str):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        deep = _float_tiff(data)  # 32-bit float colour TIFFs, which Pillow has no mode for
+        if deep is not None:
+            return deep, ""
         raise Skip("not an image: Pillow cannot read this file's contents") from None
     except Image.DecompressionBombError as e:
         raise Skip(f"decompression bomb refused without decoding: {e}") from None
-    w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise Skip(f"decompression bomb refused without decoding: {w}x{h} is "
-                   f"{w * h / 1e6:.0f} Mpx, over the {MAX_PIXELS / 1e6:.0f} Mpx limit")
+    _refuse_bomb(*img.size)
     try:
         frames = getattr(img, "n_frames", 1)
         img.seek(0)
@@ -176,13 +337,11 @@ def decode_image(data: bytes, name: str):
     try:
         if frames > 1:
             img = img.copy()
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        deep = _deep_decode(data, img)
+        img = deep if deep is not None else _to_rgb(ImageOps.exif_transpose(img))
     except DECODE_ERRORS as e:
         raise Skip(f"cannot convert this image to RGB ({type(e).__name__}: {e})") from None
-    if min(img.size) < MIN_SIDE:
-        raise Skip(f"too small: {img.size[0]}x{img.size[1]} px (at least {MIN_SIDE} px on "
-                   "each side is needed)")
-    return img, (f"first frame of {frames}" if frames > 1 else "")
+    return _refuse_small(img), (f"first frame of {frames}" if frames > 1 else "")
 
 
 def pixel_hash(img) -> str:
@@ -210,13 +369,14 @@ def _read(display: str, path: Path) -> bytes:
         raise Skip(f"cannot be read ({e.strerror}): check the file's permissions") from None
 
 
-def import_files(session, files: Iterable[tuple[str, Path]],
-                 refused: Iterable[Row] = ()) -> ImportReport:
+def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[Row] = (),
+                 check_set: bool = True) -> ImportReport:
     """Import (display name, path) pairs; the common end of every source.
 
     One row per pair, in the order given, after the ``refused`` rows (files a source
     already turned down, such as unsafe zip members). A ``.txt`` with the stem of an
-    image among the files is that image's caption (written unless one exists).
+    image among the files is that image's caption (written unless one exists). Then the
+    whole set is checked (``check_set``), and the warnings are part of the report.
     """
     folder = originals_dir(session)
     folder.mkdir(parents=True, exist_ok=True)
@@ -254,6 +414,7 @@ def import_files(session, files: Iterable[tuple[str, Path]],
         stem = _free_stem(path.stem, taken)
         with drive.atomic_writer(folder / f"{stem}.png") as f:
             img.save(f, format="PNG", compress_level=PNG_LEVEL)
+        write_preview(session, stem, img)
         taken.add(stem)
         index[digest] = stem
         drive.atomic_write_json(index_path, index)
@@ -278,6 +439,8 @@ def import_files(session, files: Iterable[tuple[str, Path]],
     report = ImportReport([*refused, *(rows[i] for i in sorted(rows))])
     drive.atomic_write_json(session.outputs / REPORT, report.to_dicts())
     log.info("%s", report.summary())
+    if check_set and originals(session):
+        report.check = check.check_session(session)
     return report
 
 
@@ -336,14 +499,18 @@ def extract_zip(zip_path: Path, dest: Path,
 # --------------------------------------------------------------------------- entry point
 
 
-def import_images(session, source: str | Path | dict[str, bytes]) -> ImportReport:
-    """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}."""
+def import_images(session, source: str | Path | dict[str, bytes],
+                  check_set: bool = True) -> ImportReport:
+    """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}.
+
+    ``check_set``: check the whole set afterwards (fastsd.dataset.check); its warnings are
+    in the report."""
     with tempfile.TemporaryDirectory(prefix="fastsd-import-") as tmp:
         tmp_path = Path(tmp)
         if isinstance(source, dict):
             for name, data in source.items():
                 (tmp_path / Path(name).name).write_bytes(bytes(data))
-            return import_files(session, _walk(tmp_path))
+            return import_files(session, _walk(tmp_path), check_set=check_set)
         text = str(source)
         if text.startswith(("http://", "https://")):
             if not fetch.is_drive_link(text):
@@ -356,18 +523,18 @@ def import_images(session, source: str | Path | dict[str, bytes]) -> ImportRepor
             for z in zips:
                 files += extract_zip(z, tmp_path / "unzipped" / z.stem, refused)
             return import_files(session, [(n, p) for n, p in files
-                                          if p.suffix.lower() != ".zip"], refused)
+                                          if p.suffix.lower() != ".zip"], refused, check_set)
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path} does not exist. Give a folder, a .zip file or a Google "
                             "Drive share link.")
         if path.is_dir():
-            return import_files(session, _walk(path))
+            return import_files(session, _walk(path), check_set=check_set)
         if path.suffix.lower() == ".zip":
             refused = []
             files = extract_zip(path, tmp_path / "zip", refused)
-            return import_files(session, files, refused)
-        return import_files(session, [(path.name, path)])
+            return import_files(session, files, refused, check_set)
+        return import_files(session, [(path.name, path)], check_set=check_set)
 
 
 def last_report(session) -> ImportReport | None:

@@ -6,11 +6,14 @@ FileUpload. Both end in fastsd.dataset.images.import_images, like every other so
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import logging
 
 from fastsd import env
-from fastsd.dataset import captions, images
+from fastsd.dataset import captions, check, images, sheet
+from fastsd.dataset.originals import originals, preview
 
 log = logging.getLogger("fastsd")
 
@@ -54,6 +57,25 @@ class UploadWidget:
         return self.report
 
 
+def name_html(stem: str) -> str:
+    """An image's name for the page, escaped: the browser draws any script."""
+    return f"<div style='word-break:break-all' title='{html.escape(stem)}'>{html.escape(stem)}</div>"
+
+
+def sheet_and_warnings(session, settings: check.CheckSettings | None = None):
+    """The contact sheet with the set check's warnings beside it, as notebook HTML."""
+    from IPython.display import HTML
+
+    report = check.check_session(session, settings)
+    img = sheet.contact_sheet(session, report=report)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return HTML("<div style='display:flex;gap:16px;align-items:flex-start'>"
+                f"<img style='max-width:65%' src='data:image/png;base64,{data}'/>"
+                f"<div style='flex:1'>{report.html()}</div></div>")
+
+
 class CaptionEditor:
     """Each image beside its caption in a text box; Save writes the changed ones."""
 
@@ -64,9 +86,9 @@ class CaptionEditor:
         self.session = session
         self.areas: dict[str, w.Textarea] = {}
         rows = []
-        for path in images.originals(session):
+        for path in originals(session):
             crop = session.instance_images / f"{path.stem}.png"
-            with Image.open(crop if crop.is_file() else path) as im:
+            with Image.open(crop if crop.is_file() else preview(session, path)) as im:
                 im = im.convert("RGB")
                 im.thumbnail((thumb, thumb))
                 buf = io.BytesIO()
@@ -74,10 +96,10 @@ class CaptionEditor:
             area = w.Textarea(value=captions.read(session, path.stem) or "",
                               layout=w.Layout(width="100%", height=f"{thumb // 2}px"))
             self.areas[path.stem] = area
-            rows.append(w.HBox([w.Image(value=buf.getvalue(), format="png",
-                                        layout=w.Layout(width=f"{thumb}px")),
-                                w.VBox([w.Label(path.stem), area],
-                                       layout=w.Layout(width="100%"))]))
+            rows.append(w.HBox([w.VBox([w.Image(value=buf.getvalue(), format="png",
+                                                layout=w.Layout(width=f"{thumb}px")),
+                                        w.HTML(name_html(path.stem))]),
+                                w.VBox([area], layout=w.Layout(width="100%"))]))
         self.button = w.Button(description="Save captions", button_style="success")
         self.status = w.Label()
         self.button.on_click(lambda _: self.save())
