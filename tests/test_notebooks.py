@@ -107,16 +107,59 @@ TRAIN = {"UNet_Steps": 4, "UNet_Learning_Rate": 1e-4, "Text_Encoder_Steps": 2,
          "Sample_Every": 3, "Sample_Prompts": "a photo of sks cat; sks cat on a rug"}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def form(photos: Path, **more) -> dict:
-    """What a CI run types into the forms: the tiny models, few steps, small images."""
+    """What a CI run types into the forms: the tiny models, few steps, small images, and
+    the web UI on this machine only (no tunnel), on a free port."""
     return {"Session_Name": "nb test", "Class_Word": "cat", "Resolution": 64,
             "Base_Model": "tiny-sd1", "Source": str(photos), "Caption_Model": "tiny-kosmos2",
-            **TRAIN, "Precision": "fp32", "Steps": 2, "Images": 1, "Seed": 7, **more}
+            **TRAIN, "Precision": "fp32", "Steps": 2, "Images": 1, "Seed": 7,
+            "Tunnel": "none", "Port": free_port(), "Password": "nb-secret-1234",
+            "Launch_Web_UI": False, **more}
 
 
 def kernel_env(home: Path, values: dict) -> dict:
     return {**os.environ, "FASTSD_HOME": str(home), "FASTSD_FORM": json.dumps(values),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            "FASTSD_RUN_DIR": str(home / "run"), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+def nbval(notebook: str, env: dict) -> None:
+    """``pytest --nbval-lax`` on one notebook: every cell must run without an error."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "--nbval-lax", "--nbval-cell-timeout=600", str(NOTEBOOKS / notebook)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
+    assert re.search(r"\b(\d+) passed\b", res.stdout).group(1) == str(
+        len(code_cells(NOTEBOOKS / notebook)))
+
+
+def serving(env: dict, port: int, password: str) -> int | None:
+    """The status our web UI answers on ``port`` with the password (after it loaded), then
+    stop it as a user's Stop cell would."""
+    code = (f"from fastsd.webui import background, start\n"
+            f"url = 'http://127.0.0.1:{port}' + background.HEALTH_PATH\n"
+            f"import time\n"
+            f"for _ in range(240):\n"
+            f"    status = background.answers(url, ('fastsd', {password!r}))\n"
+            f"    if status == 200: break\n"
+            f"    time.sleep(0.5)\n"
+            f"print('STATUS', status, background.answers(url, ('fastsd', 'wrong')))\n"
+            f"if status == 200:\n"
+            f"    import requests\n"
+            f"    print('MODEL', requests.get('http://127.0.0.1:{port}/sdapi/v1/options', "
+            f"auth=('fastsd', {password!r}), timeout=30).json()['sd_model_checkpoint'])\n"
+            f"print('STOPPED', start.stop())\n")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    return res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +173,16 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, photos) -> Path:
-    """fast_dreambooth.ipynb run top to bottom by nbval; returns the workspace."""
+    """fast_dreambooth.ipynb run top to bottom by nbval, the web UI launched by cell 7;
+    returns the workspace."""
     home = tmp_path_factory.mktemp("nbval-home")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--nbval-lax", "--nbval-cell-timeout=600",
-                          str(NOTEBOOKS / "fast_dreambooth.ipynb")],
-                         cwd=REPO, env=kernel_env(home, form(photos)), capture_output=True,
-                         text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
-    assert re.search(r"\b(\d+) passed\b", res.stdout).group(1) == str(
-        len(code_cells(NOTEBOOKS / "fast_dreambooth.ipynb")))
+    values = form(photos, Launch_Web_UI=True)
+    env = kernel_env(home, values)
+    try:
+        nbval("fast_dreambooth.ipynb", env)
+    finally:
+        home.joinpath("serving.txt").write_text(serving(env, values["Port"],
+                                                        values["Password"]))
     return home
 
 
@@ -159,6 +202,24 @@ def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran):
         f"step-000000{n}-{i}.png" for n in (3, 6) for i in (0, 1)]  # two prompts, every 3
     assert (s / "outputs" / "loss.png").is_file()
     assert len(list((s / "outputs" / "txt2img-images").rglob("*-7.png"))) == 1
+    # cell 7 launched the web UI on the trained model, behind the password
+    status, model, stopped = (ran / "serving.txt").read_text().splitlines()
+    assert status == "STATUS 200 401" and model.startswith("MODEL nb_test"), model
+    assert stopped == "STOPPED True" and (s / "logs" / "webui.log").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_webui_notebook_runs_under_nbval(workspace):
+    values = {"Model": "tiny-sd1", "Tunnel": "none", "Port": free_port(),
+              "Password": "nb-secret-5678", "ControlNets": ""}
+    env = kernel_env(workspace, values)
+    try:
+        nbval("webui.ipynb", env)
+    finally:
+        out = serving(env, values["Port"], values["Password"])
+    # the launch cell started it (its log is there); the Stop cell stopped it
+    assert (workspace / "logs" / "webui.log").is_file()
+    assert out.splitlines() == ["STATUS None None", "STOPPED False"]
 
 
 # --------------------------------------------------------------------------- restarts
