@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test bench venv clean chromium
+.PHONY: demo test bench venv clean fuse chromium
 
 venv: $(STAMP)
 
@@ -23,12 +23,18 @@ $(STAMP): setup.py requirements-colab.txt
 demo: $(STAMP)
 	FASTSD_HOME=$${FASTSD_HOME:-$(CURDIR)/demo_home} $(VENV)/bin/fastsd demo
 
-test: $(STAMP) chromium
+test: $(STAMP) fuse chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
-# The browser tests drive Debian's chromium (never a downloaded browser).
+# Debian packages the tests use: fuse3 for the Drive stand-in (tests/colab, a FUSE
+# passthrough), chromium for the browser tests (never a downloaded browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+fuse:
+	@command -v fusermount3 >/dev/null && /sbin/ldconfig -p | grep -q libfuse3.so.3 || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    $(SUDO) apt-get install -y -qq fuse3 libfuse3-3; }
+
 chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }

@@ -80,6 +80,15 @@ def _demo(args) -> None:
     demo.run(home(args), family=args.family, name=args.name)
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from fastsd import deps
+
+    checks = deps.doctor(home(args))
+    print(deps.format_checks(checks))
+    if not all(c.ok for c in checks):
+        print("\nSome checks failed; the lines marked BAD say what to do.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastsd", description="DreamBooth for Stable Diffusion: sessions, images, "
@@ -121,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("env", help="report the runtime: Colab or not, device, VRAM, workspace")
     add_home(p)
     p.set_defaults(func=_env)
+
+    p = sub.add_parser("doctor", help="check the runtime: Python, torch, CUDA, GPU, every "
+                       "pin, disk, Drive, wheelhouse, known-bad combinations")
+    add_home(p)
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser("demo", help="run the whole job end to end on a tiny model, offline")
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")

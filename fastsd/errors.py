@@ -52,3 +52,39 @@ class TunnelError(FastSDError):
 
 class LaunchError(FastSDError):
     """A background server (ours, AUTOMATIC1111 or Forge) did not start or stopped."""
+
+
+def _notebook_handler(shell, etype, value, tb, tb_offset=None):
+    """Show a FastSDError as its message in red, the traceback folded away beneath it."""
+    import html
+    import traceback
+
+    from IPython.display import display
+
+    message = str(value) or etype.__name__
+    trace = "".join(traceback.format_exception(etype, value, tb))
+    display({
+        "text/plain": f"{etype.__name__}: {message}",
+        "text/html": (
+            '<div class="fastsd-error" style="color:#c62828;background:#fdecea;'
+            'border-left:4px solid #c62828;padding:6px 10px;white-space:pre-wrap;'
+            f'font-family:sans-serif"><b>{html.escape(etype.__name__)}:</b> '
+            f"{html.escape(message)}</div>"
+            '<details style="margin-top:4px"><summary>Traceback (for a bug report)</summary>'
+            f"<pre>{html.escape(trace)}</pre></details>"),
+    }, raw=True)
+    return []
+
+
+def show_in_notebook(shell=None) -> bool:
+    """In an IPython kernel, show every FastSDError as its message, not a traceback.
+    Called by ``import fastsd``; returns whether a kernel was found."""
+    if shell is None:
+        import sys
+
+        ipython = sys.modules.get("IPython")
+        shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or not hasattr(shell, "kernel"):
+        return False
+    shell.set_custom_exc((FastSDError,), _notebook_handler)
+    return True

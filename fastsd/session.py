@@ -149,7 +149,8 @@ class Session:
 
     def summary(self) -> dict:
         def count(folder: Path) -> int:
-            return sum(1 for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+            return sum(1 for p in folder.iterdir() if p.is_file() and not drive.is_temporary(p)
+                       ) if folder.is_dir() else 0
 
         return {"name": self.name, "path": str(self.path), "settings": self.settings,
                 **{f: count(self.path / f) for f in FOLDERS}}
@@ -275,5 +276,5 @@ def delete(name: str, root: Root = None, confirm: bool = False) -> Path:
     if real.parent != base or path.is_symlink():
         raise InvalidName(f"{path} is a link or lies outside {base}; not deleting it. "
                           "Remove it by hand if you are sure.")
-    shutil.rmtree(real)
+    drive.delete(real)
     return real

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -63,8 +62,9 @@ def size_of(path: Path) -> int:
 def _children(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    # Hidden names are fastsd's temporaries mid-write and caches' lock folders.
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    # fastsd's temporaries are mid-write; hidden names are caches' locks, partial downloads.
+    return sorted(p for p in folder.iterdir()
+                  if not drive.is_temporary(p) and not p.name.startswith("."))
 
 
 def _entries(ws: Workspace) -> Iterable[tuple[Path, str, str | None]]:
@@ -168,12 +168,6 @@ def free(picks: Iterable[int | str | os.PathLike[str]], root: Workspace | Path |
             f"This would delete {len(chosen)} item(s), {total}:\n{listing}\nTick Confirm "
             f"(CLI: --yes) to delete them. {TRASH_NOTE}.")
     for i in chosen:
-        def remove(p: Path = i.path) -> None:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
-
-        drive.retry(remove, f"Deleting {i.path.name}")
+        drive.delete(i.path)  # retries after a Drive drop
         log.info("Deleted %s (%s)", i.path, human(i.size))
     return f"Deleted {len(chosen)} item(s), {total}:\n{listing}\n{TRASH_NOTE}."

@@ -37,7 +37,7 @@ def default_root(shared_drive: str | None = None, mount: bool = True) -> Path:
             drive.mount_drive()
         root = drive.COLAB_MOUNT / ("Shareddrives/" + shared_drive if shared_drive
                                     else "MyDrive")
-        if not root.is_dir():
+        if not drive.retry(root.is_dir, f"Opening {root}"):
             raise DriveError(
                 f"{root} does not exist. "
                 + ("Check the Shared Drive's name and that this Google account can open it."
@@ -47,10 +47,13 @@ def default_root(shared_drive: str | None = None, mount: bool = True) -> Path:
     else:
         path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        drive.retry(lambda: path.mkdir(parents=True, exist_ok=True), f"Creating {path}")
+    except drive.DriveFull:
+        raise
     except OSError as e:
         raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
                          "Set FASTSD_HOME to a folder you can write to.") from e
+    drive.note_workspace(path)
     return path
 
 
@@ -65,6 +68,7 @@ class Workspace:
         if isinstance(home, Workspace):
             return home
         if home:
+            drive.note_workspace(Path(home).expanduser())
             return cls(Path(home).expanduser())
         return cls(default_root(shared_drive, mount))
 

@@ -159,11 +159,16 @@ def test_upload_widget_imports_what_was_picked(s):
 
     buf = io.BytesIO()
     Image.new("RGB", (90, 90), (1, 2, 3)).save(buf, format="PNG")
+    import ipywidgets
+
     up = UploadWidget(s)
-    up.picker.set_trait("value", ({"name": "pet.png", "type": "image/png",
-                                   "size": len(buf.getvalue()),
-                                   "content": memoryview(buf.getvalue()),
-                                   "last_modified": datetime.datetime.now()},))
+    meta = {"name": "pet.png", "type": "image/png", "size": len(buf.getvalue()),
+            "last_modified": datetime.datetime.now()}
+    if ipywidgets.__version__.startswith("7."):  # what Colab ships: {name: {metadata, content}}
+        value = {"pet.png": {"metadata": meta, "content": buf.getvalue()}}
+    else:  # ipywidgets 8: a tuple of dicts
+        value = ({**meta, "content": memoryview(buf.getvalue())},)
+    up.picker.set_trait("value", value)
     up.button.click()
     assert up.report is not None and up.report.rows[0].outcome == "imported"
     assert [p.name for p in images.originals(s)] == ["pet.png"]

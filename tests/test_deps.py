@@ -1,5 +1,8 @@
+import json
 import subprocess
 import sys
+import zipfile
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -8,18 +11,20 @@ from fastsd.errors import OfflineError
 
 
 @pytest.fixture(scope="module")
-def dummy_wheel(tmp_path_factory):
-    """A real wheel of a one-module package, built offline."""
-    src = tmp_path_factory.mktemp("src")
-    (src / "fastsd_dummy_pkg.py").write_text("VALUE = 42\n")
-    (src / "setup.py").write_text(
-        "from setuptools import setup\n"
-        "setup(name='fastsd-dummy-pkg', version='0.3', py_modules=['fastsd_dummy_pkg'])\n")
+def dummy_wheels(tmp_path_factory):
+    """Real wheels of two one-module packages (0.3 depends on nothing), built offline."""
     out = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(src)], check=True, capture_output=True)
-    (wheel,) = out.glob("*.whl")
-    return wheel
+    for version in ("0.3", "0.4"):
+        src = tmp_path_factory.mktemp("src")
+        (src / "fastsd_dummy_pkg.py").write_text(f"VALUE = {version!r}\n")
+        (src / "setup.py").write_text(
+            "from setuptools import setup\n"
+            f"setup(name='fastsd-dummy-pkg', version='{version}', "
+            "py_modules=['fastsd_dummy_pkg'])\n")
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                        "--no-build-isolation", "-q", "-w", str(out), str(src)],
+                       check=True, capture_output=True)
+    return out
 
 
 def test_requirements_never_name_torch():
@@ -27,6 +32,11 @@ def test_requirements_never_name_torch():
     assert "diffusers" in names and "transformers" in names
     assert not set(names) & {"torch", "torchvision", "torchaudio"}
     assert all("==" in r for r in deps.read_requirements()), "every requirement is pinned"
+
+
+def test_ipywidgets_is_pinned_to_what_colab_ships():
+    (pin,) = [r for r in deps.read_requirements() if r.startswith("ipywidgets==")]
+    assert pin.startswith("ipywidgets==7."), "Colab's front end renders ipywidgets 7"
 
 
 def test_missing_compares_pins_with_what_is_installed():
@@ -37,26 +47,53 @@ def test_missing_compares_pins_with_what_is_installed():
     assert deps.missing(["fastsd-no-such-package==1.0"]) == ["fastsd-no-such-package==1.0"]
 
 
-def test_wheelhouse_is_keyed_by_python_and_platform(workspace):
-    house = deps.wheelhouse()
+def test_fingerprint_names_torch_with_its_label_cuda_and_the_pins(workspace):
+    import torch
+
+    fp = deps.Fingerprint.here(["a==1"])
+    assert fp.torch == torch.__version__ and "+" in fp.torch  # the local label is kept
+    assert fp.cuda == torch.version.cuda
+    assert fp.python == f"cp{sys.version_info.major}{sys.version_info.minor}"
+    assert deps.Fingerprint.here(["a==2"]).pins != fp.pins
+    house = deps.wheelhouse(fingerprint=fp)
     assert house.parent == workspace / "wheels"
-    assert house.name.startswith(f"cp{sys.version_info.major}{sys.version_info.minor}-")
+    assert house.name == fp.key and fp.torch.replace("+", "_") in house.name
 
 
-def test_install_from_the_drive_wheelhouse_offline(workspace, dummy_wheel, tmp_path):
-    house = deps.wheelhouse()
-    house.mkdir(parents=True)
-    (house / dummy_wheel.name).write_bytes(dummy_wheel.read_bytes())
-    target = tmp_path / "site"
-    report = deps.install(requirements=["fastsd-dummy-pkg==0.3"], target=target, build=False)
-    assert report.installed and not report.built
-    assert (target / "fastsd_dummy_pkg.py").read_text() == "VALUE = 42\n"
+def _house(tmp_path, wheels, fp):
+    house = tmp_path / "house"
+    house.mkdir()
+    sizes = {}
+    for w in wheels.glob("*0.3*.whl"):
+        (house / w.name).write_bytes(w.read_bytes())
+        sizes[w.name] = w.stat().st_size
+    (house / deps.MANIFEST).write_text(json.dumps(
+        {"fingerprint": asdict(fp), "wheels": sizes}))
+    return house, next(iter(sizes))
 
 
-def test_a_missing_wheel_without_network_is_a_clear_error(workspace, tmp_path):
-    with pytest.raises(OfflineError, match="lacks wheels for: fastsd-other-pkg"):
-        deps.install(requirements=["fastsd-other-pkg==1.0"], target=tmp_path / "site",
-                     build=False)
+def test_a_foreign_truncated_or_missing_wheelhouse_is_never_used(tmp_path, dummy_wheels):
+    fp = deps.Fingerprint.here(["fastsd-dummy-pkg==0.3"])
+    house, name = _house(tmp_path, dummy_wheels, fp)
+    assert deps.problem(house, fp) is None
+    assert deps.problem(house, replace(fp, torch="2.0.0+cu118")) == \
+        "it was built for another runtime"
+    data = (house / name).read_bytes()
+    (house / name).write_bytes(data[: len(data) // 2])
+    assert deps.problem(house, fp) == f"{name} is truncated"
+    (house / name).write_bytes(b"\0" * len(data))  # right size, not a wheel
+    assert "is damaged" in deps.problem(house, fp)
+    (house / name).unlink()
+    assert deps.problem(house, fp) == f"{name} is missing"
+    (house / deps.MANIFEST).unlink()
+    assert deps.problem(house, fp) == "it has no manifest"
+    assert deps.problem(tmp_path / "none", fp) == "it has not been built yet"
+
+
+def test_a_missing_wheelhouse_without_network_is_a_clear_error(workspace):
+    with pytest.raises(OfflineError, match="cannot be used: it has not been built yet.*"
+                       "install cell once with internet"):
+        deps.install(requirements=["fastsd-other-pkg==1.0"], build=False)
 
 
 def test_nothing_to_do_when_everything_is_installed(workspace):
@@ -64,3 +101,84 @@ def test_nothing_to_do_when_everything_is_installed(workspace):
 
     report = deps.install(requirements=[f"tqdm=={tqdm.__version__}"], build=False)
     assert report.needed == [] and not report.installed
+    assert report.summary() == "All pinned packages are installed."
+
+
+@pytest.fixture
+def local_index(dummy_wheels, monkeypatch):
+    """pip's only source is a folder of wheels (no index), as an index would serve them."""
+    for k in [k for k in __import__("os").environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(dummy_wheels))
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "fastsd-dummy-pkg"],
+                   capture_output=True)
+
+
+def test_install_builds_then_rebuilds_a_damaged_wheelhouse(workspace, local_index):
+    reqs = ["fastsd-dummy-pkg==0.3"]
+    report = deps.install(requirements=reqs, installer="pip")
+    assert report.built and report.installed and report.rebuilt_because is None
+    house = report.wheelhouse
+    (wheel,) = house.glob("*.whl")
+    assert wheel.name.startswith("fastsd_dummy_pkg-0.3")
+    assert deps.problem(house, deps.Fingerprint.here(reqs)) is None
+    from importlib import metadata
+
+    assert metadata.version("fastsd-dummy-pkg") == "0.3"
+    # Another version installed (a runtime that differs): reinstalled from the wheelhouse.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "fastsd-dummy-pkg==0.4"],
+                   check=True, capture_output=True)
+    wheel.write_bytes(wheel.read_bytes()[:100])  # and the Drive copy was cut short
+    report = deps.install(requirements=reqs, installer="pip")
+    assert report.rebuilt_because == f"{wheel.name} is truncated"
+    assert metadata.version("fastsd-dummy-pkg") == "0.3"
+    zipfile.ZipFile(wheel).testzip()
+    assert not [p for p in house.parent.iterdir() if p.name.startswith(".fastsd-tmp-")]
+
+
+def test_restart_is_reported_for_an_upgraded_package_already_imported(workspace, local_index):
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "fastsd-dummy-pkg==0.4"],
+                   check=True, capture_output=True)
+    import importlib
+
+    importlib.invalidate_caches()
+    import fastsd_dummy_pkg  # noqa: F401  the kernel has it loaded
+
+    try:
+        report = deps.install(requirements=["fastsd-dummy-pkg==0.3"], installer="pip")
+    finally:
+        sys.modules.pop("fastsd_dummy_pkg", None)
+    assert report.restart_needed == ["fastsd-dummy-pkg"]
+    assert "Restart the session" in report.summary() and "Restart_If_Needed" in report.summary()
+
+
+def test_an_unreachable_index_is_an_offline_error(workspace, monkeypatch):
+    for k in [k for k in __import__("os").environ if k.startswith("PIP_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    with pytest.raises(OfflineError, match="needs the package index once"):
+        deps.install(requirements=["fastsd-other-pkg==1.0"], installer="pip")
+
+
+def test_doctor_reports_each_pin_against_what_is_installed(workspace):
+    import tqdm
+
+    checks = {c.name: c for c in deps.doctor(requirements=[f"tqdm=={tqdm.__version__}",
+                                                           "diffusers==0.0.1"])}
+    assert checks["pin tqdm"].ok
+    assert not checks["pin diffusers"].ok and "pinned 0.0.1" in checks["pin diffusers"].value
+    assert checks["torch"].ok and "+" in checks["torch"].value
+    assert {"python", "CUDA", "GPU", "local disk free", "wheelhouse"} <= set(checks)
+    text = deps.format_checks(list(checks.values()))
+    assert "BAD pin diffusers" in text and "Run the install cell" in text
+
+
+def test_doctor_cli(workspace):
+    from fastsd import cli
+
+    assert cli.main(["doctor"]) == 0

@@ -273,6 +273,23 @@ class Kernel:
 NB = NOTEBOOKS / "fast_dreambooth.ipynb"
 
 
+def kill_training(home: Path) -> int:
+    """SIGKILL the process groups of `fastsd train` children working in ``home``."""
+    import signal
+
+    groups = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"train" in argv and str(home).encode() in argv and b"fastsd.cli" in argv:
+            groups.add(os.getpgid(int(proc.name)))
+    for g in groups:
+        os.killpg(g, signal.SIGKILL)
+    return len(groups)
+
+
 @pytest.mark.timeout(1500)
 def test_convert_runs_on_a_fresh_kernel_from_the_session_alone(ran, photos, tmp_path):
     models = ran / "sessions" / "nb_test" / "models"
@@ -302,6 +319,8 @@ def test_training_resumes_after_the_kernel_is_killed_mid_training(workspace, pho
         assert reply is None, "training ended before it could be killed: " + k.text[-2000:]
     finally:
         k.kill()
+        killed = kill_training(workspace)  # the runtime died: its training child with it
+    assert killed, "the train cell ran no training child"
     assert not (workspace / "sessions" / "resume" / "models" / "resume").exists()
 
     k = Kernel(kernel_env(workspace, {**values, "Resume": True}), tmp_path)

@@ -158,4 +158,5 @@ def training_images(session) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in TRAINING_EXTS)
+                  if p.is_file() and p.suffix.lower() in TRAINING_EXTS
+                  and not drive.is_temporary(p))

@@ -383,8 +383,18 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
     index_path = folder / INDEX
     taken = {p.stem for p in originals(session)}
     # pixel hash -> stem; entries whose original was deleted since are forgotten.
+    drive.clean_temporaries(folder)  # halves of originals a dropped Drive left behind
     index = {k: v for k, v in (drive.read_json(index_path) if index_path.is_file() else {}
                                ).items() if v in taken}
+    # An original written just before a drop, whose index entry was never written: hash
+    # it now, so importing the same photo again finds it instead of adding a copy.
+    unindexed = taken - set(index.values())
+    for p in originals(session):
+        if p.stem in unindexed:
+            try:
+                index[pixel_hash(decode_image(drive.read_bytes(p), p.name)[0])] = p.stem
+            except Skip:
+                log.warning("%s is not a readable image; import it again", p.name)
     files = list(files)
     rows: dict[int, Row] = {}
     stem_of: dict[str, tuple[str, str]] = {}  # source stem -> (session stem, outcome)
@@ -412,8 +422,9 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
             stem_of.setdefault(path.stem, (index[digest], "duplicate"))
             continue
         stem = _free_stem(path.stem, taken)
-        with drive.atomic_writer(folder / f"{stem}.png") as f:
-            img.save(f, format="PNG", compress_level=PNG_LEVEL)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=PNG_LEVEL)
+        drive.atomic_write_bytes(folder / f"{stem}.png", buf.getvalue())
         write_preview(session, stem, img)
         taken.add(stem)
         index[digest] = stem

@@ -30,7 +30,8 @@ def originals(session) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not drive.is_temporary(p))  # a half-written original is no image
 
 
 def downsize(img, side: int = PREVIEW_SIDE):

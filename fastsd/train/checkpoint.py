@@ -13,6 +13,7 @@ checkpoint whose files all match the manifest; a damaged one is skipped with a w
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import shutil
@@ -54,17 +55,19 @@ class Checkpoint:
 
     def tensors(self, name: str) -> dict | None:
         """The state dict ``name`` (a safetensors file), or None when it was not saved."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
+        # Read whole, never memory-mapped: a mapped page read after a Drive drop is a SIGBUS.
         f = self.path / f"{name}.safetensors"
-        return load_file(f) if f.is_file() else None
+        return load(drive.read_bytes(f)) if f.is_file() else None
 
     def object(self, name: str) -> Any:
         """A torch-saved object ``name`` (optimizer, scheduler, scaler, RNG), or None."""
         import torch
 
         f = self.path / f"{name}.pt"
-        return torch.load(f, weights_only=True) if f.is_file() else None
+        return torch.load(io.BytesIO(drive.read_bytes(f)), weights_only=True) \
+            if f.is_file() else None
 
 
 def save(root: Path, step: int, tensors: dict[str, dict], objects: dict[str, Any],
@@ -142,7 +145,7 @@ def latest(root: Path) -> Checkpoint | None:
 def prune(root: Path, keep: int) -> None:
     """Remove all but the newest ``keep`` checkpoints (damaged ones count as checkpoints)."""
     for ckpt in listing(root)[:-keep]:
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+        drive.delete(ckpt.path)
         log.debug("Removed old checkpoint %s", ckpt.path.name)
 
 
@@ -150,7 +153,7 @@ def clear(root: Path) -> int:
     """Remove every checkpoint under ``root`` (starting over); returns how many."""
     gone = listing(root)
     for ckpt in gone:
-        shutil.rmtree(ckpt.path)
+        drive.delete(ckpt.path)
     if Path(root).is_dir():
         drive.clean_temporaries(root)
     return len(gone)

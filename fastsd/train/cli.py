@@ -52,8 +52,11 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 def _train(args: argparse.Namespace) -> None:
     from fastsd.train.trainer import train
 
+    hook = None
+    if args.events:
+        from fastsd.train.runner import event_printer as hook
     result = train(load_session(args), settings_from_args(args), resume=args.resume,
-                   restart=args.restart)
+                   restart=args.restart, on_event=hook)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
@@ -73,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "started with")
     p.add_argument("--restart", action="store_true",
                    help="delete the session's checkpoints and start over")
+    p.add_argument("--events", action="store_true",
+                   help="also print each training event as a JSON line (for the notebook)")
     add_settings_options(p)
     add_home(p)
     p.set_defaults(func=_train)

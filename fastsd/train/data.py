@@ -59,7 +59,8 @@ def class_examples(session, prompt: str, count: int) -> tuple[Path, list[Example
     """The cached class images of ``prompt`` in the session (possibly fewer than count)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_").lower()[:60] or "class"
     folder = Path(session.path) / CLASS_DIR / slug
-    have = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    have = sorted(p for p in folder.glob("*.png") if not drive.is_temporary(p)) \
+        if folder.is_dir() else []
     return folder, [Example(p, prompt) for p in have[:count]]
 
 

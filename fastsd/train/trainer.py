@@ -91,6 +91,7 @@ def load_parts(model_dir: Path) -> Parts:
 
     from fastsd.convert.detect import detect_folder
 
+    model_dir = drive.local_copy(model_dir)  # never memory-mapped from Drive (SIGBUS)
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
@@ -262,7 +263,7 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
     ``resume`` continues from the newest whole checkpoint in the session (with the
     settings stored there). Without it, a session that already has checkpoints is refused
     unless ``restart`` says to delete them. ``on_event(name, info)`` is called at
-    "stage_start", "step", "checkpoint", "stage_end" and "done" with the position (and at
+    "stage_start", "step", "checkpoint", "samples", "stage_end" and "done" with the position (and at
     stage starts and ends the model ``parts``): for progress displays and tests.
     """
     import numpy as np
@@ -422,11 +423,14 @@ def train(session, settings: TrainSettings | None = None, *, resume: bool = Fals
                                 generator=torch.Generator().manual_seed(settings.seed)).images
         for m, was in modes.items():
             m.train(was)
+        made = []
         for i, im in enumerate(images):
             path = Path(session.outputs) / SAMPLES_DIR / f"step-{state['global_step']:07d}-{i}.png"
             with drive.atomic_writer(path) as f:
                 im.save(f, format="PNG")
-            sample_files.append(path)
+            made.append(path)
+        sample_files.extend(made)
+        emit("samples", {"global_step": state["global_step"], "paths": made})
 
     # ---- the two stages
     resumed_from = ckpt.step if ckpt else None

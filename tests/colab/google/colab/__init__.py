@@ -1,0 +1,1 @@
+"""Stand-in for Colab's ``google.colab`` package (tests only, never shipped)."""
