@@ -28,6 +28,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from hubstandin import hub  # noqa: F401  (the fixture)
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 INSTALL_CELL = NOTEBOOKS / "install_cell.py"
@@ -253,7 +255,9 @@ class Kernel:
             if kind == "stream":
                 self.text += content["text"]
             elif kind in ("display_data", "execute_result"):
-                self.text += content["data"].get("text/plain", "") + "\n"
+                shown = "[image/png]" if "image/png" in content["data"] else \
+                    content["data"].get("text/plain", "")
+                self.text += shown + "\n"
             elif kind == "error":
                 self.text += "\n".join(content["traceback"])
             elif kind == "status" and content["execution_state"] == "idle":
@@ -291,24 +295,33 @@ def kill_training(home: Path) -> int:
 
 
 @pytest.mark.timeout(1500)
-def test_convert_runs_on_a_fresh_kernel_from_the_session_alone(ran, photos, tmp_path):
+def test_convert_and_upload_run_on_a_fresh_kernel_from_the_session_alone(ran, photos, tmp_path,
+                                                                        hub):
+    """Install -> session -> convert -> upload, in a new kernel: no variable of the train
+    cell is needed. The upload goes through huggingface_hub to the Hub stand-in."""
     models = ran / "sessions" / "nb_test" / "models"
     (models / "nb_test-fp32.safetensors").unlink()
-    k = Kernel(kernel_env(ran, form(photos, Format="ckpt")), tmp_path)
+    env = {**kernel_env(ran, form(photos, Format="ckpt", Hub_Repo="me/nb-test")),
+           "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_notebooktoken123"}
+    k = Kernel(env, tmp_path)
     try:
-        for n in ("1.", "2.", "8."):
+        for n in ("1.", "2.", "8.", "9."):
             k.run(cell(NB, n))
     finally:
         k.kill()
     assert "Loaded session nb_test" in k.text and f"Single file: {models}/nb_test-fp32.ckpt" \
         in k.text
     assert (models / "nb_test-fp32.ckpt").stat().st_size > 0
+    assert "Uploaded: " in k.text and hub.private["me/nb-test"] is True
+    sent = hub.repos["me/nb-test"]
+    assert "model_index.json" in sent and "nb_test.safetensors" in sent and "README.md" in sent
+    assert "hf_notebooktoken123" not in k.text
 
 
 @pytest.mark.timeout(1500)
 def test_training_resumes_after_the_kernel_is_killed_mid_training(workspace, photos, tmp_path):
     values = form(photos, Session_Name="resume", UNet_Steps=40, Checkpoint_Every=2,
-                  Sample_Every=0)
+                  Sample_Every=20)
     k = Kernel(kernel_env(workspace, values), tmp_path)
     ckpts = workspace / "sessions" / "resume" / "checkpoints"
     try:
@@ -330,6 +343,10 @@ def test_training_resumes_after_the_kernel_is_killed_mid_training(workspace, pho
     finally:
         k.kill()
     assert "Resuming from step-" in k.text, k.text[-3000:]
+    # the samples were shown in the cell as the child made them, before the loss curve
+    assert "samples at step 20: step-0000020-0.png, step-0000020-1.png" in k.text
+    assert k.text.index("samples at step 20") < k.text.index("samples at step 40")
+    assert k.text.count("[image/png]") == 4 + 1, k.text[-3000:]
     assert (workspace / "sessions" / "resume" / "models" / "resume" / "model_index.json").is_file()
     state = json.loads((workspace / "sessions" / "resume" / "session.json").read_text())
     assert state["settings"]["train"]["unet_steps"] == 40
