@@ -64,3 +64,15 @@ def peak_rss_mb() -> float:
 
 def children_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def child_result(script: str, *args: str) -> dict:
+    """Run ``script --child ARGS`` in its own process; the dict it printed as "RESULT {json}"."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, script, "--child", *args], capture_output=True,
+                       text=True, check=False)
+    if p.returncode:
+        raise RuntimeError(f"{script} --child {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from fastsd import __version__
 from fastsd.cli_common import add_home, home, print_json
@@ -18,6 +17,7 @@ from fastsd.convert import cli as convert_cli
 from fastsd.dataset import cli as dataset_cli
 from fastsd.errors import FastSDError
 from fastsd.kosmos import cli as kosmos_cli
+from fastsd.models import cli as models_cli
 from fastsd.train import cli as train_cli
 from fastsd.webui import cli as webui_cli
 
@@ -53,18 +53,6 @@ def _session_delete(args) -> None:
 
     path = session.delete(args.name, home(args), confirm=args.yes)
     print(f"Deleted {path}")
-
-
-def _models_build_tiny(args) -> None:
-    from fastsd.models import tiny
-    from fastsd.workspace import Workspace
-
-    families = tiny.FAMILIES if args.family == "all" else (args.family,)
-    for fam in families:
-        out = Path(args.out) / f"tiny-{fam}" if args.out else None
-        path = tiny.build(fam, out, args.seed) if out else tiny.ensure(
-            fam, Workspace.current(home(args)).models, args.seed)
-        print(f"tiny-{fam}: {path}")
 
 
 def _env(args) -> None:
@@ -118,15 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     for c in ss.choices.values():
         add_home(c)
 
-    p = sub.add_parser("models", help="models: build the embedded tiny models")
-    ms = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    c = ms.add_parser("build-tiny", help="build tiny random SD models offline")
-    c.add_argument("--family", choices=("sd1", "sd2", "sdxl", "all"), default="all")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", help="folder to build into (default: WORKSPACE/models)")
-    add_home(c)
-    c.set_defaults(func=_models_build_tiny)
-
     p = sub.add_parser("env", help="report the runtime: Colab or not, device, VRAM, workspace")
     add_home(p)
     p.set_defaults(func=_env)
@@ -145,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     kosmos_cli.register_auto(dataset_cli.register(sub))
     train_cli.register(sub)
     convert_cli.register(sub)
+    models_cli.register(sub)
     webui_cli.register(sub)
     return parser
 

@@ -351,6 +351,15 @@ def delete(path: str | os.PathLike[str]) -> None:
                  "https://drive.google.com/drive/trash", path.name)
 
 
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Free space where ``path`` lives. On Colab, Drive's FUSE mount reports the Google
+    account's quota less what it uses; elsewhere the disk's free space."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
 # --------------------------------------------------------------------------- copies
 
 
@@ -407,31 +416,6 @@ def atomic_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
             _orphans.append(tmp)  # the mount dropped: removed once it is back
         raise
     _fsync_dir(dst.parent)
-
-
-def local_copy(path: str | os.PathLike[str]) -> Path:
-    """A local copy of a file or folder that lies on Colab's Drive (elsewhere ``path``
-    itself), for anything read while a long job runs: a memory-mapped page read after a
-    Drive drop kills the process with SIGBUS. Copies are kept in the temp folder, keyed by
-    the files' sizes and times, and reused."""
-    import hashlib
-
-    path = Path(path)
-    if not _drive_path(path):
-        return path
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256(str(path).encode())
-    for f in files:
-        st = retry(f.stat, f"Reading {f.name}")
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns}"
-                 .encode())
-    dst = Path(tempfile.gettempdir()) / "fastsd-local" / h.hexdigest()[:16] / path.name
-    if not dst.exists():
-        if path.is_dir():
-            copy_tree(path, dst)
-        else:
-            copy_file(path, dst)
-    return dst
 
 
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],

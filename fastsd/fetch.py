@@ -8,7 +8,11 @@ Every download here:
 * shows a ``tqdm`` progress bar;
 * writes into a ``.part`` file and renames it only when it is whole (its size matches what
   the server announced), so a partial download is never taken for a whole one; an
-  interrupted HTTP download resumes from its ``.part`` with a Range request.
+  interrupted HTTP download resumes from its ``.part`` with a Range request;
+* checks the size it is about to write against the free space of the destination first;
+* sends the Hugging Face token (:func:`hf_token`: ``$HF_TOKEN``, Colab's secrets or the
+  workspace's ``hf_token`` file) in a header only, and scrubs it (:func:`redact`) from every
+  log line and error message.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from fastsd import drive, env
-from fastsd.errors import DataError, OfflineError
+from fastsd.errors import DataError, DriveError, OfflineError
+from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
@@ -28,6 +34,85 @@ CONNECT_TIMEOUT = 5.0  # seconds to reach a host before it counts as offline
 READ_TIMEOUT = 60.0  # seconds without a byte before a download is abandoned
 PART = ".part"
 _DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
+TOKEN_FILE = "hf_token"  # in the workspace folder: one line, the Hugging Face token
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SPACE_MARGIN = 256 << 20  # bytes left free beyond a download, for the files written beside it
+
+
+# --------------------------------------------------------------------------- secrets
+
+_SECRETS: set[str] = set()
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret fastsd has read replaced by ``***``."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+class _Redactor(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            record.msg = redact(record.getMessage())
+            record.args = None
+        return True
+
+
+log.addFilter(_Redactor())
+
+
+def remember_secret(secret: str) -> str:
+    """Note ``secret`` so that :func:`redact` and the "fastsd" log hide it; returns it."""
+    if secret and len(secret) >= 6:
+        _SECRETS.add(secret)
+    return secret
+
+
+def hf_token(ws: Workspace | Path | None = None) -> str | None:
+    """The Hugging Face token: ``$HF_TOKEN``, else Colab's secret ``HF_TOKEN``, else the
+    workspace's ``hf_token`` file; None when there is none (public models need none)."""
+    for name in TOKEN_ENV:
+        if os.environ.get(name, "").strip():
+            return remember_secret(os.environ[name].strip())
+    if env.runtime() == "colab":
+        try:
+            from google.colab import userdata  # type: ignore[import-not-found]
+
+            value = (userdata.get("HF_TOKEN") or "").strip()
+        except Exception as e:  # noqa: BLE001 - secret missing or notebook access not granted
+            log.debug("No HF_TOKEN in Colab's secrets (%s)", type(e).__name__)
+            value = ""
+        if value:
+            return remember_secret(value)
+    if ws is not None or os.environ.get("FASTSD_HOME"):
+        file = Workspace.current(ws, mount=False).root / TOKEN_FILE
+        if file.is_file():
+            value = file.read_text(encoding="utf-8").strip()
+            if value:
+                return remember_secret(value)
+    return None
+
+
+# --------------------------------------------------------------------------- free space
+
+
+def check_space(folder: Path, need: int, what: str) -> None:
+    """Raise a DriveError before a download of ``need`` bytes that would not fit in the
+    free space of ``folder`` (Drive in Colab), with room to spare."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need + SPACE_MARGIN > free:
+        raise DriveError(f"{what} needs {gb(need)} but {folder} has only {gb(free)} free. "
+                         "Free up space on Google Drive (empty its trash too) or choose a "
+                         "smaller model, then run this again.")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 # --------------------------------------------------------------------------- offline
@@ -90,11 +175,77 @@ def hf_snapshot(repo_id: str, cache: Path, allow: list[str] | None = None,
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        offline = use_cache_only()
         return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=allow,
                                       ignore_patterns=ignore, revision=revision,
-                                      local_files_only=use_cache_only()))
+                                      local_files_only=offline,
+                                      token=None if offline else hf_token()))
     except LocalEntryNotFoundError:
         raise offline_error(repo_id, cache, what) from None
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The connection errors of the HTTP clients huggingface_hub and gdown use."""
+    out: list[type[BaseException]] = []
+    for module, name in (("requests", "RequestException"), ("httpx2", "HTTPError"),
+                         ("httpx", "HTTPError")):
+        try:
+            out.append(getattr(__import__(module), name))
+        except ImportError:
+            continue
+    return tuple(out)
+
+
+def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None = None,
+                what: str = "model", token: str | None = None) -> tuple[dict[str, int], str]:
+    """Download the files of the Hub repo ``repo_id`` that match ``allow`` into the plain
+    folder ``dest`` (no cache symlinks, which Drive lacks); returns ({file: size}, the
+    commit they come from).
+
+    The total size is checked against the free space of ``dest`` before anything is
+    fetched; an interrupted download resumes from what ``dest`` already holds; a file is
+    counted only once its size is the Hub's. Offline it fails at once, naming ``what``.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    if use_cache_only():
+        raise offline_error(what, dest, "model")
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
+                                  token=token or False)
+        sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+        wanted = {f: sizes[f] for f in filter_repo_objects(sizes, allow_patterns=allow)}
+        if not wanted:
+            raise DataError(f"{repo_id} has no files matching {allow}: the registry entry of "
+                            f"{what} is out of date. Report it, or give another model.")
+        have = sum(min((dest / f).stat().st_size, n) for f, n in wanted.items()
+                   if (dest / f).is_file())
+        check_space(dest, sum(wanted.values()) - have, f"Downloading {what}")
+        snapshot_download(repo_id, revision=info.sha or revision, allow_patterns=list(wanted),
+                          local_dir=dest, token=token or False)
+    except LocalEntryNotFoundError as e:  # the Hub answered the listing, then a file failed
+        raise OfflineError(f"Downloading {what} ({repo_id}) stopped: "
+                           f"{redact(str(e).splitlines()[0])[:300]}. Check the connection and "
+                           "run this again to resume where it stopped.") from None
+    except HfHubHTTPError as e:
+        code = getattr(e.response, "status_code", "?")
+        raise OfflineError(f"Downloading {what} ({repo_id}) from the Hugging Face Hub failed "
+                           f"(HTTP {code}: {redact(str(e).splitlines()[0])}). For a gated or "
+                           "private model accept its licence on its Hub page and set HF_TOKEN; "
+                           "else run this again to resume.") from None
+    except (*network_errors(), OSError) as e:
+        if isinstance(e, DriveError):
+            raise
+        raise OfflineError(f"Downloading {what} ({repo_id}) failed ({redact(str(e))[:300]}). "
+                           "Run this again to resume where it stopped.") from None
+    short = [f for f, n in wanted.items()
+             if not (dest / f).is_file() or (dest / f).stat().st_size != n]
+    if short:
+        raise OfflineError(f"Downloading {what} stopped before {short[0]} was whole. Run this "
+                           "again to resume.")
+    return wanted, info.sha or revision or ""
 
 
 def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = None,
@@ -104,8 +255,10 @@ def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = Non
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
+        offline = use_cache_only()
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
-                                    local_files_only=use_cache_only()))
+                                    local_files_only=offline,
+                                    token=None if offline else hf_token()))
     except LocalEntryNotFoundError:
         raise offline_error(f"{repo_id}/{filename}", cache, what) from None
 
@@ -207,6 +360,8 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
                 have = 0
             length = r.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
+            if length is not None:
+                check_space(dest.parent, int(length), f"Downloading {dest.name}")
             with open(part, "ab" if have else "wb") as f, tqdm(
                     total=total, initial=have, unit="B", unit_scale=True,
                     desc=dest.name) as bar:
@@ -214,7 +369,11 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
                     f.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
+        reason = redact(str(getattr(e, "reason", e)))
+        if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403, 404):
+            raise DataError(f"Downloading {shown(url)} failed ({e.code} {reason}): the file "
+                            "is missing or needs a token. Check the link (and for a gated or "
+                            "private file, set HF_TOKEN or CIVITAI_TOKEN).") from None
         raise OfflineError(f"Downloading {shown(url)} failed ({reason}). Run it again to "
                            "resume, check the link, or download the file yourself and give "
                            "its path.") from None
@@ -260,4 +419,9 @@ def link_file(url: str, dest_dir: Path, hub_cache: Path) -> Path:
     if hf:
         repo, revision, filename = hf
         return hf_file(repo, filename, hub_cache, revision)
-    return http_file(url, dest_dir / file_name(url))
+    headers = {}
+    if (urlparse(url).hostname or "").endswith("civitai.com") and \
+            os.environ.get("CIVITAI_TOKEN", "").strip():
+        token = remember_secret(os.environ["CIVITAI_TOKEN"].strip())
+        headers["Authorization"] = f"Bearer {token}"
+    return http_file(url, dest_dir / file_name(url), headers)

@@ -149,8 +149,13 @@ class Session:
 
     def summary(self) -> dict:
         def count(folder: Path) -> int:
-            return sum(1 for p in folder.iterdir() if p.is_file() and not drive.is_temporary(p)
-                       ) if folder.is_dir() else 0
+            """Files, or for checkpoints/ the checkpoint folders (temporaries left out)."""
+            if not folder.is_dir():
+                return 0
+            want_dirs = folder.name == "checkpoints"
+            return sum(1 for p in folder.iterdir() if not drive.is_temporary(p)
+                       and not p.name.startswith(".")
+                       and (p.is_dir() if want_dirs else p.is_file()))
 
         return {"name": self.name, "path": str(self.path), "settings": self.settings,
                 **{f: count(self.path / f) for f in FOLDERS}}

@@ -77,3 +77,20 @@ def cache_family_configs(home: Path, family: str, model: Path) -> Path:
     files = {str(p.relative_to(model)): p.read_text() for pattern in CONFIG_FILES
              for p in model.glob(pattern)}
     return cached_repo(home / "models" / "hub", CONFIG_REPOS[(family, False)], files)
+
+
+COLAB = Path(__file__).resolve().parent / "colab"
+
+
+def colab_module(name: str):
+    """A module of tests/colab (the Colab stand-in), without putting that folder (and so
+    google.colab) on sys.path for every other test."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, COLAB / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -13,24 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fastsd import drive
+from fastsd import drive, models
 from fastsd.errors import DriveError
 from fastsd.workspace import Workspace
 
-COLAB = Path(__file__).resolve().parent / "colab"
-
-
-def _load(name: str):
-    """A module of tests/colab, without putting that folder (and so google.colab) on
-    sys.path for every other test."""
-    import importlib.util
-
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, COLAB / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from conftest import COLAB, colab_module as _load  # noqa: E402
 
 
 standin = _load('standin')
@@ -329,11 +316,11 @@ def test_models_are_read_from_a_local_copy_never_mapped_from_drive(fuse_drive, t
     (model / "unet").mkdir(parents=True)
     data = os.urandom(1 << 20)
     (model / "unet" / "w.safetensors").write_bytes(data)
-    local = drive.local_copy(model)
-    assert not local.is_relative_to(fuse_drive) and local.name == "m"
-    assert drive.local_copy(model) == local, "reused while the files are unchanged"
+    local = models.stage(model, tmp_path / "stage")
+    assert not local.is_relative_to(fuse_drive)
+    assert models.stage(model, tmp_path / "stage") == local, "reused while files are unchanged"
     standin.kill()  # Drive drops while the model is in use
     with open(local / "unet" / "w.safetensors", "rb") as f, \
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         assert mm[:] == data  # from Drive this read would be a SIGBUS
-    assert drive.local_copy(tmp_path) == tmp_path, "off Drive, the path itself"
+    assert models.stage(tmp_path) == tmp_path, "off Drive, the path itself"

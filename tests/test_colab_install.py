@@ -22,20 +22,7 @@ from nbclient import NotebookClient
 
 from test_notebooks import NOTEBOOKS, fill_in
 
-COLAB = Path(__file__).resolve().parent / "colab"
-
-
-def _load(name: str):
-    """A module of tests/colab, without putting that folder (and so google.colab) on
-    sys.path for every other test."""
-    import importlib.util
-
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, COLAB / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from conftest import COLAB, colab_module as _load  # noqa: E402
 
 
 runtime = _load('runtime')

@@ -272,7 +272,7 @@ def test_checkpoint_manifest_detects_every_kind_of_damage(tmp_path):
                                {"optimizer": {"x": torch.zeros(2)}}, {"stage": 0}, keep=9)
     p = fresh(1)
     ck = checkpoint.Checkpoint(p, 1)
-    assert checkpoint.verify(ck) is None and ck.tensors("unet")["w"].equal(torch.ones(3))
+    assert checkpoint.verify(ck) is None and ck.load().tensors["unet"]["w"].equal(torch.ones(3))
     (p / "optimizer.pt").write_bytes(b"x" * (p / "optimizer.pt").stat().st_size)
     assert "sha256" in checkpoint.verify(ck)
     p = fresh(2)
@@ -301,7 +301,8 @@ def test_a_session_with_checkpoints_needs_resume_or_restart(workspace, tiny_sd1)
     assert r.global_step == 2 and r.resumed_from == 2 and (r.model_dir / "unet").is_dir()
 
 
-def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny_sd1):
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny_sd1,
+                                                                   caplog):
     from fastsd.train import checkpoint
 
     link_tiny(workspace, "sd1", tiny_sd1)
@@ -311,8 +312,10 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny
     def interrupt(event, info):
         if event == "step" and info["global_step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.WARNING, logger="fastsd"):
         train(s, TrainSettings(unet_steps=3, text_steps=2, **FAST), on_event=interrupt)
+    assert "Stopped at step 2" in caplog.text
+    assert "'fastsd train ctrlc --resume'" in caplog.text
     assert signal.getsignal(signal.SIGINT) is before
     assert checkpoint.latest(s.checkpoints).step == 2
     assert s.settings["train"]["unet_steps"] == 3  # stored for the resume
@@ -400,8 +403,8 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
                                       "--sample-prompt", "a", "--sample-prompt", "b"])
     from fastsd.train.cli import settings_from_args
 
-    st = settings_from_args(args)
-    assert st.unet_steps == 5 and st.flip and st.sample_prompts == ["a", "b"]
+    assert settings_from_args(args) == {"unet_steps": 5, "flip": True,
+                                        "sample_prompts": ["a", "b"]}
 
 
 def test_cli_trains_a_session(workspace, tiny_sd1, capsys):

@@ -16,11 +16,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints=2,
+SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints=1,
                 unet_lr=1e-4, text_lr=1e-4, batch_size=2, flip=True, crop="random",
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
                 class_images=2, class_steps=2)
@@ -57,11 +58,20 @@ def make_subject_session(name: str, root: Path, family: str = "sd1", n: int = 4,
 # --------------------------------------------------------------------------- child process
 
 
-def _install_kill(kill: str) -> object:
+def _wait_for_checkpoint(folder: Path, step: int) -> None:
+    """Checkpoints are written in the background: a kill meant to land after checkpoint
+    ``step`` waits until it is on disk."""
+    done = folder / f"step-{step:07d}" / "manifest.json"
+    deadline = time.monotonic() + 60
+    while not done.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     """Test-only fault injection: returns an on_event hook (or None) for ``kill``."""
     what, _, arg = kill.partition(":")
     me = os.getpid()
-    if what == "write":  # SIGKILL while the 2nd file of checkpoint step-ARG is being copied
+    if what == "write":  # SIGKILL while the 2nd file of checkpoint step-ARG is being written
         from fastsd import drive
 
         target, opened = f"step-{int(arg):07d}", []
@@ -76,20 +86,40 @@ def _install_kill(kill: str) -> object:
 
         drive._open_dest = open_dest
         return None
+    if what == "export":  # SIGKILL while the trained model is being saved into models/
+        import safetensors.torch
+
+        real_save = safetensors.torch.save_file
+
+        def save_file(tensors, filename, *a, **kw):
+            if "/models/.fastsd-tmp-" in str(filename):
+                _wait_for_checkpoint(checkpoints, start)
+                os.kill(me, signal.SIGKILL)
+            return real_save(tensors, filename, *a, **kw)
+
+        safetensors.torch.save_file = save_file
+        return None
 
     def hook(event: str, info: dict) -> None:
-        if what == "step" and event == "step" and info["global_step"] == int(arg):
+        hit = ((what in ("step", "sigterm") and event == "step"
+                and info["global_step"] == int(arg))
+               or (what == "stage_start" and event == "stage_start"
+                   and info["stage_name"] == arg))
+        if hit and what != "sigterm":
+            _wait_for_checkpoint(checkpoints, start)
             os.kill(me, signal.SIGKILL)
-        if what == "stage_start" and event == "stage_start" and info["stage_name"] == arg:
-            os.kill(me, signal.SIGKILL)
-        if what == "sigterm" and event == "step" and info["global_step"] == int(arg):
+        if hit and what == "sigterm":
             os.kill(me, signal.SIGTERM)  # handled: finish the step, checkpoint, exit 143
 
     return hook
 
 
-def _child(home: str, name: str, kill: str | None, resume: bool) -> None:
+def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> None:
     import sys
+
+    import torch
+
+    torch.set_num_threads(1)  # on a busy machine, threads that wait for each other crawl
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(levelname)s %(message)s",
                         filename=str(Path(home) / f"{name}.log"))
@@ -101,15 +131,16 @@ def _child(home: str, name: str, kill: str | None, resume: bool) -> None:
     from fastsd import session
     from fastsd.train import TrainSettings, train
 
-    hook = _install_kill(kill) if kill else None
-    train(session.load(name, Path(home)), TrainSettings(**SETTINGS),
-          on_event=hook)
+    s = session.load(name, Path(home))
+    hook = _install_kill(kill, s.checkpoints, start) if kill else None
+    train(s, TrainSettings(**SETTINGS), on_event=hook)
 
 
-def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False) -> int:
+def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
+              start: int = 0) -> int:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start))
     p.start()
     p.join()
     return p.exitcode
@@ -155,6 +186,7 @@ CASES = {
     "stage2": ("step:7", -signal.SIGKILL, 6),
     "checkpoint_write": ("write:4", -signal.SIGKILL, 2),
     "sigterm": ("sigterm:3", 128 + signal.SIGTERM, 3),
+    "export": ("export", -signal.SIGKILL, 7),
 }
 
 
@@ -166,16 +198,23 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
-    assert run_child(workspace, case, kill) == code
+    assert run_child(workspace, case, kill, start=start) == code
     assert not (s.models / case).exists(), "a killed run must not have exported a model"
-    if case == "checkpoint_write":  # the half-copied checkpoint is there, but not as one
+    if case == "checkpoint_write":  # the half-written checkpoint is there, but not as one
         leftovers = [p.name for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
         assert leftovers and all("step-0000004" in n for n in leftovers)
+    if case == "export":  # the half-written model folder is there, and goes on resume
+        assert [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
+    if case == "sigterm":
+        assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
     assert checkpoint.latest(s.checkpoints).step == start
 
     assert run_child(workspace, case, resume=True) == 0
     log = (workspace / f"{case}.log").read_text()
     assert f"Resuming from step-{start:07d}" in log
+    if case == "export":
+        assert "both stages done; only the export is left" in log
+    assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
     ref_tensors, ref_state = reference
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
@@ -184,6 +223,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     state = final_state(s)
     assert state["global_step"] == ref_state["global_step"] == STEPS
     assert state["losses"] == ref_state["losses"]
-    assert state["data"] == ref_state["data"] and state["class_data"] == ref_state["class_data"]
+    assert state["data_order"] == ref_state["data_order"]
+    assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]

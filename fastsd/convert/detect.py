@@ -35,6 +35,8 @@ SDXL_LABEL = "model.diffusion_model.label_emb.0.0.weight"
 VAE_KEY = "first_stage_model.decoder.conv_out.weight"
 # ComfyUI's and others' marker of a v-prediction model: an (empty) tensor of this name.
 V_PRED_MARK = "v_pred"
+# ... and of a model trained with zero terminal SNR (rescaled betas), beside v_pred.
+ZTSNR_MARK = "ztsnr"
 # Our own metadata keys in files we write.
 META_FAMILY, META_PREDICTION, META_STEP = "fastsd.family", "fastsd.prediction_type", \
     "global_step"
@@ -51,6 +53,7 @@ class Detection:
     prediction_source: str = ""  # metadata, marker, yaml, family default
     ema: bool = False
     notes: list[str] = field(default_factory=list)
+    ztsnr: bool = False  # zero terminal SNR (the "ztsnr" marker)
 
     @property
     def convertible(self) -> bool:
@@ -154,7 +157,8 @@ def classify(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str] | 
         return Detection("unknown", family=family, notes=[
             f"a {FAMILY_NAMES[family]} UNet and text encoder without a {missing[0]}"])
     pred, source = _prediction(names, metadata, family, yaml_text)
-    return Detection("checkpoint", family, inpainting, pred, source, ema)
+    return Detection("checkpoint", family, inpainting, pred, source, ema,
+                     ztsnr=has(ZTSNR_MARK))
 
 
 def refuse(det: Detection, path: Path) -> ModelError:
@@ -210,5 +214,7 @@ def detect_folder(folder: str | Path) -> Detection:
     sched = folder / "scheduler" / "scheduler_config.json"
     pred = json.loads(sched.read_text(encoding="utf-8")).get("prediction_type", "epsilon") \
         if sched.is_file() else "epsilon"
+    zsnr = json.loads(sched.read_text(encoding="utf-8")).get("rescale_betas_zero_snr", False) \
+        if sched.is_file() else False
     return Detection("checkpoint", family, int(unet.get("in_channels", 4)) == 9, pred,
-                     "scheduler config", (folder / "unet_ema").is_dir())
+                     "scheduler config", (folder / "unet_ema").is_dir(), ztsnr=bool(zsnr))

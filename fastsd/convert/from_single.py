@@ -211,7 +211,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     info = inspect(path)
     det = detect.Detection(**{k: info[k] for k in (
         "kind", "family", "inpainting", "prediction_type", "prediction_source", "ema",
-        "notes")})
+        "notes", "ztsnr")})
     if not det.convertible:
         raise detect.refuse(det, path)
     family = det.family
@@ -241,9 +241,11 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
                          f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "
                          "config folder matches the model's family.") from e
-    if getattr(pipe.scheduler.config, "prediction_type", pred) != pred:
+    zsnr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} \
+        if det.ztsnr else {}
+    if getattr(pipe.scheduler.config, "prediction_type", pred) != pred or zsnr:
         pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
-                                                              prediction_type=pred)
+                                                              prediction_type=pred, **zsnr)
     counts = verify(path, pipe, family)
     log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
     with drive.atomic_folder(out_dir) as tmp:

@@ -126,6 +126,8 @@ def produce(p: Planned) -> "torch.Tensor":
     import torch
 
     dtype = torch_dtype(p.info.dtype)
+    if p.op == "marker":
+        return torch.empty(p.info.shape, dtype=dtype)
     ts = [s.file.read(s.key, scratch=True).to(dtype, copy=True) for s in p.sources]
     if p.op == "part":
         return torch.cat(ts, 0)
@@ -135,6 +137,18 @@ def produce(p: Planned) -> "torch.Tensor":
     if p.op == "T":
         return t.t().contiguous()
     return t
+
+
+def prediction_markers(folder: Path, prediction_type: str | None) -> list[str]:
+    """The empty marker tensors a v-prediction single file carries: ``v_pred``, which
+    ComfyUI (SDXL) and Forge look for, and ``ztsnr`` when the scheduler is rescaled to zero
+    terminal SNR. SD 2.x files get the ``.yaml`` too, which AUTOMATIC1111 reads."""
+    if prediction_type != "v_prediction":
+        return []
+    sched = folder / "scheduler" / "scheduler_config.json"
+    zsnr = sched.is_file() and bool(json.loads(sched.read_text(encoding="utf-8"))
+                                    .get("rescale_betas_zero_snr"))
+    return [detect.V_PRED_MARK] + ([detect.ZTSNR_MARK] if zsnr else [])
 
 
 def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
@@ -163,8 +177,11 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             "fastsd.precision": "fp16" if fp16 else "fp32"}
     if global_step is not None:
         meta[detect.META_STEP] = str(int(global_step))
+    markers = prediction_markers(src, det.prediction_type)
     with contextlib.ExitStack() as stack:
         planned = plan(src, family, fp16, stack)
+        planned += [Planned(m, Info("F16" if fp16 else "F32", (0,)), [], "marker")
+                    for m in markers]
         by_name = {p.name: p for p in planned}
         bar = tqdm(total=len(planned), desc=f"Converting {src.name}", unit="tensor",
                    leave=False)

@@ -1,8 +1,9 @@
-"""Models: the embedded tiny models, and the one resolver from a model name to a folder.
+"""Models: the registry, the embedded tiny models, staging to local disk, and the one
+resolver from a model name to a folder.
 
 :func:`resolve_model` is the only place that turns what a user names as a model into a
 local diffusers folder; the trainer, the converter's callers, the demo and the generation
-engine all go through it.
+engine all go through it, then load from :func:`stage` (a local copy of a model on Drive).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from fastsd import fetch
 from fastsd.errors import ModelError
+from fastsd.models.staging import stage  # noqa: F401  (models.stage(path) -> local path)
 from fastsd.workspace import Workspace
 
 TINY_PREFIX = "tiny-"
@@ -28,22 +30,23 @@ def resolve_model(name: str | os.PathLike[str],
                   ws: Workspace | Path | None = None) -> Path:
     """The local diffusers folder for a model name.
 
-    * ``tiny-sd1``, ``tiny-sd2``, ``tiny-sdxl``: built offline on first use;
+    * a registry name (``sd15``, ``sd21``, ``sdxl``, ``tiny-sd1``...; ``fastsd models list``):
+      downloaded once (fp16, without the safety checker), tiny ones built offline;
     * a path to a diffusers folder (with a model_index.json): used as it is;
     * a path to a single ``.safetensors``/``.ckpt`` file, or a link to one (Google Drive,
       Hugging Face, civitai or any HTTP(S) URL): downloaded once, converted to diffusers
       once, and the converted folder kept in the workspace for later runtimes;
     * a Hugging Face repo id (owner/name): downloaded once into the workspace's cache.
     """
-    from fastsd.models import tiny
+    from fastsd.models import registry
 
     if not name:
         raise ModelError("No base model is chosen for this session yet. Choose one in the "
                          "notebook's base model cell (or 'fastsd session create NAME --model').")
     ws = Workspace.current(ws)
     name = os.fspath(name)
-    if name.startswith(TINY_PREFIX) and name[len(TINY_PREFIX):] in tiny.FAMILIES:
-        return tiny.ensure(name[len(TINY_PREFIX):], ws.models)
+    if registry.get(name) is not None:
+        return registry.ensure(name, ws)
     if fetch.is_link(name):
         return converted(fetch.link_file(name, ws.downloads, ws.hub_cache), ws)
     path = Path(name).expanduser()
@@ -60,7 +63,7 @@ def resolve_model(name: str | os.PathLike[str],
                              "its link (…/resolve/main/FILE.safetensors) instead.")
         return folder
     raise ModelError(
-        f"Model {name!r} is neither a tiny model ({', '.join('tiny-' + f for f in tiny.FAMILIES)}), "
+        f"Model {name!r} is neither a registry model ({', '.join(registry.entries())}), "
         "a Hugging Face repo id (owner/name), a diffusers folder with a model_index.json, nor "
         "a .safetensors/.ckpt file or a link to one. Give one of those.")
 

@@ -1,4 +1,7 @@
-"""`fastsd train SESSION [--resume] ...`: one option per field of TrainSettings."""
+"""`fastsd train SESSION [--resume] ...`: one option per field of TrainSettings.
+
+Every option defaults to "not given" (None), so that a resume can tell the options the user
+typed from the defaults (which the help text shows)."""
 
 from __future__ import annotations
 
@@ -11,17 +14,9 @@ from fastsd.cli_common import add_home, load_session
 from fastsd.train.settings import TrainSettings
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default; options whose default is not a plain value say it themselves."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if "(default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def add_settings_options(p: argparse.ArgumentParser) -> None:
-    """Add a --flag for each TrainSettings field, with its help, choices and default."""
+    """Add a --flag for each TrainSettings field, with its help, choices and default (shown
+    in the help; the parsed value is None when the option is not given)."""
     hints = typing.get_type_hints(TrainSettings)
     for f in dataclasses.fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-")
@@ -29,24 +24,25 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
         union = typing.get_origin(kind) in (typing.Union, types.UnionType)
         base = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict = {"dest": f.name, "help": f.metadata["help"]}
+        text = f.metadata["help"]
+        if "(default:" not in text:
+            text += f" (default: {default})"
+        kw: dict = {"dest": f.name, "help": text.replace("%", "%%"), "default": None}
         if base[0] is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(base[0]) is list:
-            p.add_argument(flag.rstrip("s"), action="append", default=None, metavar="TEXT",
-                           **kw)
+            p.add_argument(flag.rstrip("s"), action="append", metavar="TEXT", **kw)
         else:
             choices = f.metadata.get("choices")
             metavar = ("{" + " | ".join(choices) + "}") if choices and any(
                 "," in c for c in choices) else None
-            p.add_argument(flag, type=base[0], default=default, choices=choices,
-                           metavar=metavar, **kw)
+            p.add_argument(flag, type=base[0], choices=choices, metavar=metavar, **kw)
 
 
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)}
-    values["sample_prompts"] = values["sample_prompts"] or []
-    return TrainSettings(**values)
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The training options given on the command line (and only those)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)
+            if getattr(args, f.name) is not None}
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -56,7 +52,8 @@ def _train(args: argparse.Namespace) -> None:
     if args.events:
         from fastsd.train.runner import event_printer as hook
     result = train(load_session(args), settings_from_args(args), resume=args.resume,
-                   restart=args.restart, on_event=hook)
+                   restart=args.restart, accept_changed_data=args.accept_changed_data,
+                   on_event=hook)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
@@ -65,11 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd train` to the `fastsd` parser."""
     p = sub.add_parser(
         "train", help="train a session's subject: UNet, then text encoder; resumable",
-        formatter_class=_Formatter,
         description="Two-stage DreamBooth training of the session's base model on its images "
         "and captions. Checkpoints go to the session's checkpoints/; after a dead runtime, "
-        "run the same command with --resume to continue exactly where it stopped. Options "
-        "left at 'from the preset' are chosen for the detected GPU (T4, L4, A100) or CPU.")
+        "run 'fastsd train SESSION --resume' to continue exactly where it stopped, with the "
+        "run's settings; --resume --unet-steps N extends a finished UNet stage (when no "
+        "text encoder stage has trained after it; the learning-rate schedule is rebuilt for "
+        "the new total and continues from the step reached). Options left at 'from the "
+        "preset' are chosen for the detected GPU (T4, L4, A100) or CPU. Before training, the "
+        "space the run needs on Drive is checked against the free space. Ctrl-C or SIGTERM "
+        "finishes the step, saves a checkpoint and exits.")
     p.add_argument("session", help="session name")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest whole checkpoint, with the settings the run "
@@ -78,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete the session's checkpoints and start over")
     p.add_argument("--events", action="store_true",
                    help="also print each training event as a JSON line (for the notebook)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="resume although the training images or captions changed since the "
+                   "checkpoint (the run then differs from an uninterrupted one)")
     add_settings_options(p)
     add_home(p)
     p.set_defaults(func=_train)

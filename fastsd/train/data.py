@@ -8,7 +8,9 @@ encoder is frozen. The order of the images is a function of the seed and a posit
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -22,6 +24,10 @@ from fastsd.errors import DataError
 log = logging.getLogger("fastsd")
 
 CLASS_DIR = "class_images"
+SPILL_PREFIX = "fastsd-latents-"
+#: Random crop: the cached latents cover the square crop plus this fraction of its side
+#: on each side (where the original has it), so the crop can move.
+CROP_MARGIN = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -113,14 +119,17 @@ class DataOrder:
         return out
 
     def state(self) -> dict[str, int]:
-        return {"n": self.n, "epoch": self.epoch, "cursor": self.cursor}
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "cursor": self.cursor}
 
-    def load(self, state: dict[str, int]) -> None:
-        if state["n"] != self.n:
+    def load(self, state: dict[str, int], allow_change: bool = False) -> None:
+        """Continue from a saved position; with ``allow_change`` also when the number of
+        items changed (the epoch goes on, its order is the new count's)."""
+        if state["n"] != self.n and not allow_change:
             raise DataError(f"The checkpoint was made with {state['n']} images, the session "
                             f"now has {self.n}. Put the images back as they were to resume, "
                             "or start a new training run.")
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.seed = state.get("seed", self.seed)
+        self.epoch, self.cursor = state["epoch"], min(state["cursor"], self.n)
 
 
 # --------------------------------------------------------------------------- caches
@@ -139,7 +148,7 @@ class LatentCache:
 
     def _dir(self) -> Path:
         if self._spill_dir is None:
-            self._tmp = tempfile.mkdtemp(prefix="fastsd-latents-")
+            self._tmp = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
             self._spill_dir = Path(self._tmp)
             log.info("Latent cache is over %.0f MB; spilling to %s", self.limit / 2**20,
                      self._spill_dir)
@@ -177,31 +186,249 @@ class LatentCache:
             self._tmp = None
 
 
-def training_pixels(path: Path, resolution: int, crop: str):
-    """The image as a (3, H, W) tensor in [-1, 1], its original (h, w) and the top-left
-    corner of the crop (SDXL's crop conditioning).
+def clean_local_leftovers() -> int:
+    """Remove the latent spill folders of processes that no longer run (a killed run's),
+    and the local checkpoint/model copies older fastsd versions left in $TMPDIR."""
+    n = 0
+    for p in Path(tempfile.gettempdir()).glob("fastsd-*"):
+        if p.name.startswith(("fastsd-ckpt-", "fastsd-model-")):
+            owner = None
+        elif p.name.startswith(SPILL_PREFIX):
+            pid = p.name[len(SPILL_PREFIX):].split("-", 1)[0]
+            owner = int(pid) if pid.isdigit() else None
+            if owner is not None and _alive(owner):
+                continue
+        else:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        n += 1
+    return n
 
-    Centre crop: a square of ``resolution`` px. Random crop: the short side is scaled to
-    ``resolution`` (the long one to a multiple of 8), and the square is cut from the
-    latents at each step.
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an example's pixels come from: the file, and the square crop box in it (the
+    images step's smart crop of the original; None: the centre of the file)."""
+
+    path: Path
+    box: tuple[int, int, int, int] | None = None
+
+
+def sources(session, examples: list[Example]) -> list[Source]:
+    """For random crop: each training image's original and its crop box, when the images
+    step kept them (instance_images/originals/ and crops.json); else the image itself."""
+    from fastsd.dataset import crop
+    from fastsd.dataset.originals import originals as kept_originals
+
+    record_path = session.instance_images / crop.CROPS
+    record = drive.read_json(record_path) if record_path.is_file() else {}
+    originals = {p.stem: p for p in kept_originals(session)}
+    out = []
+    for ex in examples:
+        box = record.get(ex.image.stem, {}).get("box")
+        orig = originals.get(ex.image.stem)
+        out.append(Source(orig, tuple(box)) if orig and box else Source(ex.image))
+    return out
+
+
+def crop_region(w: int, h: int, box, resolution: int, margin: float = CROP_MARGIN):
+    """The region of a (w, h) image to cache for a random crop around the square ``box``
+    (None: the centred square that leaves ``margin`` around it), and the size it is
+    resized to: (left, top, right, bottom), (width, height), a multiple of 8, at least
+    ``resolution``, the box's side becoming ``resolution``."""
+    if box is None:
+        side = min(w, h) / (1 + 2 * margin)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    side = box[2] - box[0]
+    m = side * margin
+    left, top = max(0.0, box[0] - m), max(0.0, box[1] - m)
+    right, bottom = min(float(w), box[2] + m), min(float(h), box[3] + m)
+    scale = resolution / side
+    size = (max(resolution, int((right - left) * scale) // 8 * 8),
+            max(resolution, int((bottom - top) * scale) // 8 * 8))
+    return (left, top, right, bottom), size, scale
+
+
+def training_pixels(source: Source | Path, resolution: int, crop: str):
+    """The pixels to cache for an example as a (3, H, W) tensor in [-1, 1], the original's
+    (h, w), and the top-left corner of the tensor in the original scaled so that the crop
+    is ``resolution`` px (SDXL's crop conditioning adds the random offset to it).
+
+    Centre crop: the centred square of the file, ``resolution`` px. Random crop: the crop
+    box with a margin (:func:`crop_region`), from which a ``resolution`` square is cut in
+    latent space at each step.
     """
     import numpy as np
     import torch
     from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
+    if not isinstance(source, Source):
+        source = Source(Path(source))
+    with Image.open(source.path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
     w, h = im.size
-    scale = resolution / min(w, h)
     if crop == "center":
+        scale = resolution / min(w, h)
         nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
         im = im.crop((left, top, left + resolution, top + resolution))
     else:
-        left = top = 0
-        nw = max(resolution, round(w * scale / 8) * 8)
-        nh = max(resolution, round(h * scale / 8) * 8)
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        region, size, scale = crop_region(w, h, source.box, resolution)
+        im = im.resize(size, Image.Resampling.BICUBIC, box=region)
+        left, top = round(region[0] * scale), round(region[1] * scale)
     arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0, (h, w), (top, left)
+
+
+def fingerprint(examples: list[Example], srcs: list[Source] | None = None) -> dict[str, str]:
+    """A hash of each training example's pixels (file bytes, and the original and crop box
+    it is cut from) and caption, by image name: what a checkpoint was trained on."""
+    out = {}
+    for i, ex in enumerate(examples):
+        h = hashlib.sha256(ex.image.read_bytes())
+        if srcs and srcs[i].path != ex.image:
+            h.update(srcs[i].path.read_bytes())
+            h.update(repr(srcs[i].box).encode())
+        h.update(b"\0" + ex.caption.encode())
+        out[ex.image.name] = h.hexdigest()[:16]
+    return out
+
+
+def fingerprint_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What differs between two fingerprints, in words (empty: nothing)."""
+    out = []
+    for kind, names in (("added", sorted(set(new) - set(old))),
+                        ("removed", sorted(set(old) - set(new))),
+                        ("changed", sorted(k for k in set(old) & set(new) if old[k] != new[k]))):
+        if names:
+            out.append(f"{kind}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+    return out
+
+
+# --------------------------------------------------------------------------- latents
+
+
+class Latents:
+    """The VAE latents of every example (and of its mirror image when flipping), as the
+    mean and std of the VAE's distribution, with the original's size and the cached
+    region's top-left corner (see :func:`training_pixels`)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.cache = LatentCache(limit_bytes)
+        self.meta: dict[tuple, tuple] = {}
+        self.encodes = 0
+
+    def get(self, key: tuple):
+        """(mean, std, (h, w) of the original, (top, left)) of key (kind, index, flip)."""
+        mean, std = self.cache.get(key).chunk(2)
+        size, top_left = self.meta[key]
+        return mean[0], std[0], size, top_left
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def encode_latents(vae, examples: list[Example], class_examples: list[Example],
+                   srcs: list[Source] | None, settings, device) -> Latents:
+    """Encode each image once (twice when flipping) with the VAE on ``device``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out = Latents(settings.latent_cache_mb << 20)
+    flips = (False, True) if settings.flip else (False,)
+    with torch.no_grad():
+        for kind, exs in (("i", examples), ("c", class_examples)):
+            for j, ex in enumerate(tqdm(exs, desc=f"{'instance' if kind == 'i' else 'class'}"
+                                        " latents", unit="img", leave=False)):
+                src = srcs[j] if srcs and kind == "i" else ex.image
+                pixels, (h, w), (top, left) = training_pixels(src, settings.resolution, settings.crop)
+                for flip in flips:
+                    x = pixels.flip(-1) if flip else pixels
+                    dist = vae.encode(x[None].to(device)).latent_dist
+                    out.cache.put((kind, j, flip), torch.cat([dist.mean, dist.std]))
+                    # mirrored, the region's left edge is measured from the other side
+                    scaled_w = round(w * settings.resolution / _box_side(src, w, h, settings))
+                    corner = (top, scaled_w - left - x.shape[-1]) if flip else (top, left)
+                    out.meta[kind, j, flip] = ((h, w), corner)
+                    out.encodes += 1
+    return out
+
+
+def _box_side(src, w: int, h: int, settings) -> float:
+    """The side, in the original's pixels, of the square that becomes ``resolution``."""
+    if settings.crop == "center":
+        return float(min(w, h))
+    box = src.box if isinstance(src, Source) else None
+    return (box[2] - box[0]) if box else min(w, h) / (1 + 2 * CROP_MARGIN)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def step_generator(seed: int, step: int, process: int):
+    """The generator of every random draw of one step of one process."""
+    import torch
+
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + process)
+
+
+@dataclass
+class Batch:
+    """One step's inputs on CPU: scaled latents, noise, timesteps, captions, and per
+    example the crop's top-left corner in pixels and SDXL's time ids."""
+
+    latents: Any
+    noise: Any
+    timesteps: Any
+    captions: list[str]
+    crops: list[tuple[int, int]]
+    time_ids: list[list[int]]
+
+
+def sample_batch(state, cache, settings, examples, class_examples, rank: int, nproc: int,
+                 num_timesteps: int, scaling: float) -> Batch:
+    """The batch of ``state.global_step`` for process ``rank``: the indices from the data
+    order, then every random draw (flip, crop offset, latent sample, noise, timesteps)
+    from the step's own generator, so a resumed run draws exactly the same."""
+    import torch
+
+    gen = step_generator(settings.seed, state.global_step, rank)
+    B, res = settings.batch_size, settings.resolution
+    items = [("i", j) for j in state.order.take(B * nproc)[rank * B:(rank + 1) * B]]
+    if class_examples:
+        items += [("c", j) for j in state.class_order.take(B * nproc)[rank * B:(rank + 1) * B]]
+    lat, crops, time_ids = [], [], []
+    for kind, j in items:
+        flip = bool(torch.rand((), generator=gen) < 0.5) if settings.flip else False
+        mean, std, (h0, w0), (top, left) = cache.get((kind, j, flip))
+        if settings.crop == "random":
+            size = res // 8
+            oy = int(torch.randint(mean.shape[-2] - size + 1, (), generator=gen))
+            ox = int(torch.randint(mean.shape[-1] - size + 1, (), generator=gen))
+            mean, std = (t[:, oy:oy + size, ox:ox + size] for t in (mean, std))
+            top, left = top + oy * 8, left + ox * 8
+        lat.append(mean + std * torch.randn(mean.shape, generator=gen))
+        crops.append((top, left))
+        time_ids.append([h0, w0, top, left, res, res])
+    x0 = torch.stack(lat) * scaling
+    noise = torch.randn(x0.shape, generator=gen)
+    if settings.offset_noise:
+        noise += settings.offset_noise * torch.randn((x0.shape[0], x0.shape[1], 1, 1),
+                                                     generator=gen)
+    timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), generator=gen)
+    captions = [(examples if k == "i" else class_examples)[j].caption for k, j in items]
+    return Batch(x0, noise, timesteps, captions, crops, time_ids)

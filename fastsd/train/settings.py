@@ -74,15 +74,19 @@ class TrainSettings:
     save_precision: str | None = _opt(None, "precision of the saved diffusers model: fp32 "
                                       "or fp16 (default: from the preset)",
                                       choices=("fp32", "fp16"))
+    fused_adam: bool = _opt(True, "torch's fused AdamW kernel (when 8-bit Adam is off)")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = off)")
     weight_decay: float = _opt(1e-2, "AdamW weight decay")
     # checkpoints, samples, outputs
     checkpoint_every: int = _opt(500, "save a resumable checkpoint every N steps (0 = only "
                                  "at stage ends and on interruption)")
-    keep_checkpoints: int = _opt(2, "how many checkpoints to keep")
+    keep_checkpoints: int = _opt(1, "how many checkpoints to keep on Drive (a new one is "
+                                 "written whole before the old one is removed)")
+    background_checkpoints: bool = _opt(True, "write checkpoints to Drive in the background "
+                                        "while training goes on (off: training waits)")
     sample_every: int = _opt(0, "save sample images every M steps (0 = off)")
-    sample_prompts: list[str] = _opt([], "prompts of the sample images (repeatable; default: "
-                                     "the instance prompt)")
+    sample_prompts: list[str] = _opt([], "prompts of the sample images, repeatable "
+                                     "(default: the instance prompt)")
     sample_steps: int = _opt(25, "inference steps of a sample image")
     class_steps: int = _opt(25, "inference steps of a class image")
     model_name: str = _opt("", "name of the trained model in the session's models/ "
@@ -168,8 +172,9 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
     if settings.resolution is None:
         values["resolution"] = int(session_resolution)
     if not getattr(info, "is_cuda", False):
-        # Mixed precision and bitsandbytes need CUDA; on CPU everything runs in fp32.
-        values.update(mixed_precision="no", adam_8bit=False)
+        # bitsandbytes and fp16 need CUDA; on CPU, fp32 unless bf16 is asked for by name.
+        values.update(adam_8bit=False,
+                      mixed_precision="bf16" if settings.mixed_precision == "bf16" else "no")
     return dataclasses.replace(settings, **values), preset
 
 
@@ -213,6 +218,70 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     # Stage 2: the UNet is frozen but activations still flow through it.
     out["text"] = (unet * 4 + text * trained_b) / GB + act + CUDA_OVERHEAD_GB
     return {k: round(v, 1) for k, v in out.items()}
+
+
+@dataclass
+class DrivePlan:
+    """What a run puts on Drive at its peak, in bytes (an estimate from parameter counts)."""
+
+    checkpoint: int  # the largest checkpoint of the run
+    copies: int  # checkpoints on Drive at once: keep + the one being written
+    have: int  # checkpoints already there (part of the copies)
+    model: int
+    single_file: int
+    samples: int
+
+    @property
+    def total(self) -> int:
+        return (max(0, self.checkpoint * self.copies - self.have) + self.model
+                + self.single_file + self.samples)
+
+    def describe(self) -> str:
+        def g(n: float) -> str:
+            return f"{n / 1e9:.2f} GB"
+        return (f"checkpoints {self.copies} x {g(self.checkpoint)}"
+                + (f" less {g(self.have)} already there" if self.have else "")
+                + f", model folder {g(self.model)}, single file {g(self.single_file)}, "
+                f"samples {g(self.samples)}")
+
+    def advice(self, s: TrainSettings) -> str:
+        tips = []
+        if s.keep_checkpoints > 1:
+            tips.append(f"--keep-checkpoints 1 (now {s.keep_checkpoints})")
+        if not s.adam_8bit:
+            tips.append("--adam-8bit on a GPU (a quarter of the optimizer state)")
+        if s.save_precision != "fp16":
+            tips.append("--save-precision fp16 (half the model folder)")
+        if s.sample_every:
+            tips.append("fewer samples (--sample-every)")
+        return "; ".join(tips) or "nothing in the settings shrinks it further"
+
+
+def drive_plan(s: TrainSettings, params: dict[str, int], vae_params: int,
+               have: int = 0) -> DrivePlan:
+    """Estimate the Drive space of a run: checkpoints hold fp32 weights of the trained
+    modules (4 B/param) and the optimizer state of the stage (AdamW 8 B/param, 8-bit 2);
+    the model folder all weights at the save precision; the single file fp16 weights;
+    a sample PNG about 1.5 bytes per pixel."""
+    unet = params.get("unet", 0)
+    text = sum(v for k, v in params.items() if k.startswith("text_encoder"))
+    opt = 2 if s.adam_8bit else 8
+    sizes = []
+    if s.unet_steps:
+        sizes.append(unet * (4 + opt) + (text * 4 if s.order == "text,unet" and s.text_steps
+                                          else 0))
+    if s.text_steps:
+        sizes.append(text * (4 + opt) + (unet * 4 if s.unet_steps else 0))
+    ckpt = max(sizes, default=0)
+    total = s.unet_steps + s.text_steps
+    n_ckpt = (total // s.checkpoint_every if s.checkpoint_every else 0) + 2
+    allw = unet + text + vae_params
+    n_samples = (total // s.sample_every * max(1, len(s.sample_prompts))
+                 if s.sample_every else 0)
+    res = s.resolution or 512
+    return DrivePlan(ckpt, min(s.keep_checkpoints, n_ckpt) + 1, have,
+                     allw * (2 if s.save_precision == "fp16" else 4), allw * 2,
+                     int(n_samples * res * res * 1.5))
 
 
 def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None = None) -> str:

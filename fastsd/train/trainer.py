@@ -1,9 +1,11 @@
 """The two-stage DreamBooth trainer: UNet with the text encoder frozen, then the reverse.
 
-:func:`train` is one loop that reads top to bottom. Around it: loading the model parts,
-the caches (VAE latents per image and flip, prompt embeddings per caption), the resumable
-checkpoints, and the outputs (a diffusers model, a single .safetensors file, sample
-images, a loss curve).
+Read top to bottom: :func:`train` prepares a :class:`Run` (settings, the checkpoint to
+resume from, the model, the Drive space check, the caches), runs :func:`train_stage` for
+each stage and exports the model. A stage builds its optimizer (:func:`build_optimizer`),
+places the model parts by the :class:`Placement` policy, and runs the step loop: sample a
+batch (:func:`fastsd.train.data.sample_batch`), forward, backward, step, bookkeeping in
+the :class:`TrainState`, samples and checkpoints (written in the background).
 
 Exactness. Every random draw of a step (flip, crop, latent sample, noise, timesteps) comes
 from a generator seeded from (seed, global step, process), and the data order is a function
@@ -18,7 +20,6 @@ import contextlib
 import logging
 import random
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,13 @@ from typing import Any, Callable
 from fastsd import drive, env, models
 from fastsd.errors import DataError, ModelError
 from fastsd.train import checkpoint, data
-from fastsd.train.settings import TrainSettings, describe, estimate_vram_gb, resolve
+from fastsd.train import resume as resume_mod
+from fastsd.train.resume import STAGE_TITLES
+from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gb,
+                                   resolve)
 
 log = logging.getLogger("fastsd")
 
-STAGE_TITLES = {"unet": "UNet", "text": "text encoder"}
 SAMPLES_DIR = "samples"
 LOSS_PNG = "loss.png"
 
@@ -48,7 +51,7 @@ class TrainResult:
     loss_curve: Path | None
     samples: list[Path] = field(default_factory=list)
     resumed_from: int | None = None
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- model parts
@@ -91,7 +94,6 @@ def load_parts(model_dir: Path) -> Parts:
 
     from fastsd.convert.detect import detect_folder
 
-    model_dir = drive.local_copy(model_dir)  # never memory-mapped from Drive (SIGBUS)
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
@@ -188,16 +190,16 @@ class StopSignals:
         for s, old in self._old.items():
             signal.signal(s, old)
 
-    def raise_stop(self, step: int, where: Path) -> None:
+    def raise_stop(self, step: int, where: Path, session: str = "SESSION") -> None:
         log.warning("Stopped at step %d; the checkpoint is in %s. Resume with "
-                    "'fastsd train SESSION --resume' (or tick 'resume' in the notebook).",
-                    step, where)
+                    "'fastsd train %s --resume' (or tick 'resume' in the notebook).",
+                    step, where, session)
         if self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(self.signum or signal.SIGTERM))
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- state
 
 
 def _rng_states() -> dict[str, Any]:
@@ -227,381 +229,558 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _step_generator(seed: int, step: int, process: int):
+@dataclass
+class TrainState:
+    """Where a run is: saved whole in each checkpoint (``state.json`` and ``rng.pt``) and
+    loaded whole on resume."""
+
+    order: data.DataOrder
+    class_order: data.DataOrder
+    stage: int = 0  # index in the stage order of the stage in progress
+    stage_step: int = 0
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)  # modules that differ from the base
+    stage_steps: dict[str, int] = field(default_factory=dict)  # steps each stage trained
+    optimizer_stage: str | None = None  # whose optimizer state the checkpoint holds
+    rng: dict[str, Any] | None = None
+
+    def advance(self, stage: str, loss: float) -> None:
+        self.stage_step += 1
+        self.global_step += 1
+        self.stage_steps[stage] = self.stage_steps.get(stage, 0) + 1
+        self.losses.append(loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "stage_step": self.stage_step,
+                "global_step": self.global_step, "losses": self.losses,
+                "modified": self.modified, "stage_steps": self.stage_steps,
+                "optimizer_stage": self.optimizer_stage, "data_order": self.order.state(),
+                "class_order": self.class_order.state()}
+
+    @classmethod
+    def load(cls, saved: dict[str, Any], rng, n: int, n_class: int,
+             allow_change: bool = False) -> "TrainState":
+        order, class_order = data.DataOrder(n, 0), data.DataOrder(n_class, 0)
+        order.load(saved["data_order"], allow_change)
+        class_order.load(saved["class_order"], allow_change)
+        return cls(order, class_order, saved["stage"], saved["stage_step"],
+                   saved["global_step"], list(saved["losses"]), list(saved["modified"]),
+                   dict(saved["stage_steps"]), saved["optimizer_stage"], rng)
+
+    def describe(self, settings: TrainSettings) -> str:
+        left = [st for st in settings.stage_order[self.stage:] if settings.stage(st)["steps"]]
+        if not left:
+            return (f"global step {self.global_step}, both stages done; only the export is "
+                    "left")
+        return (f"global step {self.global_step}, {STAGE_TITLES[left[0]]} stage "
+                f"step {self.stage_step if left[0] == settings.stage_order[self.stage] else 0}")
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the VAE, the text encoders and the UNet live in each phase of a run.
+
+    On a GPU with less than ``ROOMY_GB`` of memory, what a phase does not run leaves it:
+    the VAE after the latent cache is built, the text encoders during the UNet stage (their
+    embeddings are cached). On CPU, or a GPU with room, everything stays on the device.
+    """
+
+    device: Any
+    offload: bool
+
+    ROOMY_GB = 30.0
+
+    def where(self, phase: str) -> dict[str, Any]:
+        """Device of each group ("vae", "text", "unet") in ``phase``: "cache", "unet",
+        "text" (the stages), "sample" or "export"."""
+        off = "cpu" if self.offload else self.device
+        if phase == "unet":
+            return {"unet": self.device, "text": off, "vae": off}
+        if phase == "text":
+            return {"unet": self.device, "text": self.device, "vae": off}
+        return {"unet": self.device, "text": self.device, "vae": self.device}
+
+    def apply(self, parts: Parts, phase: str) -> None:
+        where = self.where(phase)
+        parts.unet.to(where["unet"])
+        parts.vae.to(where["vae"])
+        for enc in parts.encoders:
+            enc.to(where["text"])
+
+
+def placement_policy(device, info) -> Placement:
+    vram = getattr(info, "vram_total_gb", None) or 0.0
+    return Placement(device, device.type == "cuda" and vram < Placement.ROOMY_GB)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(params: list, cfg: dict[str, Any], settings: TrainSettings, device):
+    """The optimizer and learning-rate schedule of a stage: 8-bit AdamW (bitsandbytes) on
+    CUDA when asked, else torch's fused AdamW (one kernel for all tensors)."""
     import torch
+    from diffusers.optimization import get_scheduler
 
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + process)
+    if settings.adam_8bit and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=cfg["lr"], weight_decay=settings.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=settings.weight_decay,
+                                      fused=settings.fused_adam and device.type in ("cpu", "cuda"))
+    schedule = get_scheduler(cfg["schedule"], optimizer, num_warmup_steps=cfg["warmup"],
+                             num_training_steps=cfg["steps"])
+    return optimizer, schedule
 
 
-def _place(modules, device) -> None:
-    for m in modules:
-        m.to(device)
+def restore_optimizer(optimizer, schedule, objects: dict[str, Any], extended: bool) -> None:
+    """Load a checkpoint's optimizer and schedule. After a change of the stage's step count
+    the schedule (built for the new total) sets the learning rate of the step reached."""
+    import warnings
+
+    optimizer.load_state_dict(objects["optimizer"])
+    schedule.load_state_dict(objects["lr_scheduler"])
+    if extended:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lrs = schedule.get_lr()
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
 
 
-def _select_settings(session, settings: TrainSettings | None, ckpt) -> TrainSettings:
-    stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
-    if stored is None:
-        return settings or TrainSettings()
-    kept = TrainSettings.from_dict(stored)
-    if settings is not None:
-        given = {k: v for k, v in settings.to_dict().items()
-                 if v is not None and stored.get(k) != v and k in stored
-                 and TrainSettings().to_dict().get(k) != v}
-        if given:
-            log.warning("Resuming with the settings this run started with; ignoring %s.",
-                        ", ".join(f"{k}={v!r}" for k, v in sorted(given.items())))
-    return kept
+# --------------------------------------------------------------------------- prompts
+
+
+class Prompts:
+    """Prompt embeddings: each distinct caption embedded once while the text encoders are
+    frozen; computed at each step by the encoders while they train."""
+
+    def __init__(self, parts: Parts, captions: list[str], device) -> None:
+        self.parts, self.device = parts, device
+        self.captions = sorted(set(captions))
+        all_ids = tokenize(parts, self.captions)  # tokenized once, even while training
+        self.ids = {c: [ids[i:i + 1] for ids in all_ids] for i, c in enumerate(self.captions)}
+        self.cache: dict[str, tuple] = {}
+        self.encodes = 0
+
+    def build(self) -> None:
+        import torch
+
+        self.cache.clear()
+        with torch.no_grad():
+            for c in self.captions:
+                self.cache[c] = encode_text(self.parts, self.ids[c], self.device)
+                self.encodes += 1
+
+    def embed(self, caps: list[str], encoders: list | None) -> tuple[Any, Any]:
+        """(hidden states, pooled): cached when ``encoders`` is None, else computed by them."""
+        import torch
+
+        if encoders is None:
+            hid = torch.cat([self.cache[c][0] for c in caps])
+            pooled = torch.cat([self.cache[c][1] for c in caps]) if self.parts.sdxl else None
+            return hid, pooled
+        ids = [torch.cat([self.ids[c][k] for c in caps]) for k in range(len(self.ids[caps[0]]))]
+        return encode_text(self.parts, ids, self.device, encoders)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """Everything a run's stages share: session, settings, model parts, data, caches, the
+    checkpoint writer and the position."""
+
+    session: Any
+    settings: TrainSettings
+    accelerator: Any
+    parts: Parts
+    placement: Placement
+    examples: list
+    class_examples: list
+    latents: Any
+    prompts: Prompts
+    state: TrainState
+    record: dict[str, Any]  # what a checkpoint records beside the state
+    writer: checkpoint.Writer
+    emit: Event
+    stop: StopSignals
+    ckpt: checkpoint.Checkpoint | None = None  # to restore from, once
+    extended: str | None = None  # the stage whose step count changed on resume
+    resumed_from: int | None = None
+    samples: list[Path] = field(default_factory=list)
+    checkpoint_waits: list[float] = field(default_factory=list)
+
+    def save_checkpoint(self, objects: dict[str, Any]) -> Path:
+        """Snapshot the trained weights, ``objects`` and the state to CPU memory now; the
+        writer puts them on Drive in the background."""
+        acc, st = self.accelerator, self.state
+        path = Path(self.session.checkpoints) / checkpoint.folder_name(st.global_step)
+        if acc.is_main_process:
+            t0, waited = time.perf_counter(), self.writer.waited_s
+            tensors = {n: acc.unwrap_model(m).state_dict()
+                       for n, m in self.parts.modules().items() if n in st.modified}
+            snap = checkpoint.capture(st.global_step, tensors, {**objects, "rng": _rng_states()},
+                                       {**st.to_dict(), **self.record,
+                                        "settings": self.settings.to_dict()})
+            path = self.writer.submit(self.session.checkpoints, snap,
+                                      self.settings.keep_checkpoints)
+            self.checkpoint_waits.append(time.perf_counter() - t0)
+            log.debug("Checkpoint %s: %.2f s in the loop (%.2f s waiting for the previous)",
+                      path.name, self.checkpoint_waits[-1], self.writer.waited_s - waited)
+            self.emit("checkpoint", {"global_step": st.global_step, "path": path})
+        return path
+
+    def finish_writes(self) -> None:
+        if self.accelerator.is_main_process:
+            self.writer.wait()
+        self.accelerator.wait_for_everyone()
+
+    def stop_here(self, path: Path) -> None:
+        self.finish_writes()
+        self.stop.raise_stop(self.state.global_step, path, self.session.name)
+
+    def save_samples(self, phase: str) -> None:
+        import torch
+
+        if not self.accelerator.is_main_process:
+            return
+        s, parts = self.settings, self.parts
+        prompts = s.sample_prompts or [data.instance_prompt(self.session.settings)]
+        self.placement.apply(parts, "sample")
+        modes = {m: m.training for m in parts.modules().values()}
+        for m in modes:
+            m.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+            images = parts.pipe(prompts, num_inference_steps=s.sample_steps,
+                                height=s.resolution, width=s.resolution,
+                                generator=torch.Generator().manual_seed(s.seed)).images
+        for m, was in modes.items():
+            m.train(was)
+        self.placement.apply(parts, phase)
+        made = []
+        for i, im in enumerate(images):
+            path = (Path(self.session.outputs) / SAMPLES_DIR
+                    / f"step-{self.state.global_step:07d}-{i}.png")
+            with drive.atomic_writer(path) as f:
+                im.save(f, format="PNG")
+            made.append(path)
+        self.samples.extend(made)
+        self.emit("samples", {"global_step": self.state.global_step, "paths": made})
 
 
 # --------------------------------------------------------------------------- train
 
 
-def train(session, settings: TrainSettings | None = None, *, resume: bool = False,
-          restart: bool = False, on_event: Event | None = None) -> TrainResult:
+def train(session, settings: TrainSettings | dict | None = None, *, resume: bool = False,
+          restart: bool = False, accept_changed_data: bool = False,
+          on_event: Event | None = None) -> TrainResult:
     """Train ``session``'s subject into its base model, in two stages, resumably.
 
-    ``resume`` continues from the newest whole checkpoint in the session (with the
-    settings stored there). Without it, a session that already has checkpoints is refused
-    unless ``restart`` says to delete them. ``on_event(name, info)`` is called at
-    "stage_start", "step", "checkpoint", "samples", "stage_end" and "done" with the position (and at
-    stage starts and ends the model ``parts``): for progress displays and tests.
+    ``settings``: a TrainSettings, or a dict of the options the user gave (the CLI's). With
+    ``resume`` the run continues from the newest whole checkpoint with the settings stored
+    there; what may change and what is refused is in :mod:`fastsd.train.resume`. Without
+    it, a session that already has checkpoints is refused unless ``restart`` says to delete
+    them. ``on_event(name, info)`` is called at "stage_start", "step", "checkpoint",
+    "samples", "stage_end" and "done" (and at stage starts and ends with the model ``parts``).
     """
+    run = prepare(session, settings, resume=resume, restart=restart,
+                  accept_changed_data=accept_changed_data,
+                  emit=on_event or (lambda name, info: None))
+    with run.stop, contextlib.closing(run.latents), run.writer:
+        for si, stage in enumerate(run.settings.stage_order):
+            if si >= run.state.stage and run.settings.stage(stage)["steps"]:
+                train_stage(run, si, stage)
+        run.finish_writes()
+    return export(run)
+
+
+def train_stage(run: Run, si: int, stage: str) -> None:
+    """One stage: build its optimizer, place the parts, run the step loop, checkpoint."""
+    acc, parts, s, st = run.accelerator, run.parts, run.settings, run.state
+    cfg = s.stage(stage)
+    trained = parts.trainable(stage)
+    if stage == "unet":  # embeddings of the text encoders as they are now
+        run.placement.apply(parts, "cache")
+        run.prompts.build()
+    run.placement.apply(parts, stage)
+    for m in trained.values():
+        m.requires_grad_(True).train()
+    params = [p for m in trained.values() for p in m.parameters()]
+    optimizer, schedule = build_optimizer(params, cfg, s, acc.device)
+    *wrapped, optimizer = acc.prepare(*trained.values(), optimizer)
+    encoders = None if stage == "unet" else wrapped
+    unet = wrapped[0] if stage == "unet" else parts.unet
+    resumed = run.ckpt
+    if resumed is not None:
+        if st.optimizer_stage == stage and st.stage_step > 0:
+            restore_optimizer(optimizer, schedule, resumed.objects, run.extended == stage)
+            if acc.scaler is not None and resumed.object("scaler") is not None:
+                acc.scaler.load_state_dict(resumed.object("scaler"))
+        _set_rng_states(st.rng)
+        run.ckpt = None  # restored once
+    st.modified += [n for n in trained if n not in st.modified]
+    run.emit("stage_start", {**st.to_dict(), "stage_name": stage, "parts": parts})
+    bar = tqdm_bar(cfg["steps"], st.stage_step, f"{STAGE_TITLES[stage]} stage")
+    T, scale = parts.noise_scheduler.config.num_train_timesteps, parts.vae.config.scaling_factor
+
+    def objects() -> dict[str, Any]:
+        return {"optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+
+    while st.stage_step < cfg["steps"]:
+        t0 = time.perf_counter()
+        batch = data.sample_batch(st, run.latents, s, run.examples, run.class_examples,
+                                  acc.process_index, acc.num_processes, T, scale)
+        with acc.autocast():
+            hidden, pooled = run.prompts.embed(batch.captions, encoders)
+            added = ({"text_embeds": pooled, "time_ids": torch_tensor(
+                batch.time_ids, hidden)} if parts.sdxl else None)
+            per_example = denoise_loss(parts, unet, batch.latents.to(acc.device),
+                                       batch.noise.to(acc.device),
+                                       batch.timesteps.to(acc.device), hidden, added,
+                                       s.min_snr_gamma)
+        loss = (per_example.chunk(2)[0].mean() + s.prior_weight * per_example.chunk(2)[1].mean()
+                if run.class_examples else per_example.mean())
+        acc.backward(loss)
+        if s.max_grad_norm > 0 and acc.sync_gradients:
+            acc.clip_grad_norm_(params, s.max_grad_norm)
+        optimizer.step()
+        if not optimizer.step_was_skipped:
+            schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        st.advance(stage, float(loss.detach().item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{st.losses[-1]:.4f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
+        run.emit("step", {**st.to_dict(), "stage_name": stage, "loss": st.losses[-1],
+                          "crops": batch.crops, "global_step": st.global_step})
+        if s.sample_every and st.global_step % s.sample_every == 0:
+            run.save_samples(stage)
+        due = s.checkpoint_every and st.global_step % s.checkpoint_every == 0
+        if (due or run.stop.signum) and st.stage_step < cfg["steps"]:
+            st.optimizer_stage = stage
+            path = run.save_checkpoint(objects())
+            if run.stop.signum:
+                bar.close()
+                run.stop_here(path)
+    bar.close()
+    # the stage boundary: its optimizer is kept, so that the stage can be extended later
+    st.stage, st.stage_step, st.optimizer_stage = si + 1, 0, stage
+    path = run.save_checkpoint(objects())
+    for m in trained.values():
+        m.requires_grad_(False).eval()
+    acc.free_memory()  # accelerate lets go of the stage's optimizer and wrapped modules
+    run.emit("stage_end", {**st.to_dict(), "stage_name": stage, "parts": parts})
+    if run.stop.signum:
+        run.stop_here(path)
+
+
+def torch_tensor(rows: list[list[int]], like):
+    import torch
+
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def tqdm_bar(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc=desc)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_data: bool,
+            emit: Event) -> Run:
+    """Everything before the first step: settings, the checkpoint to resume from (checked
+    against the base model and the data), the model, the Drive space check, the caches."""
     import numpy as np
     import torch
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    from accelerate.state import AcceleratorState
 
-    emit = on_event or (lambda name, info: None)
     ckroot = Path(session.checkpoints)
-
-    # ---- settings, device, checkpoint to resume from
+    given = resume_mod.given_options(settings)
+    data.clean_local_leftovers()
+    if Path(session.models).is_dir():
+        drive.clean_temporaries(session.models)  # a killed export's half-written folder
     ckpt = None
     if resume:
         ckpt = checkpoint.latest(ckroot)
-        if ckpt is None:
-            log.warning("No whole checkpoint in %s to resume from; starting at step 0.", ckroot)
-    elif checkpoint.listing(ckroot):
-        if not restart:
+        if ckpt is not None and ckpt.state.get("format") != checkpoint.FORMAT:
+            raise DataError(f"Checkpoint {ckpt.path} was written by another version of "
+                            "fastsd and cannot be resumed by this one. Start over with "
+                            "--restart (it deletes the old checkpoints).")
+        stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
+        if stored is None and not given:
             raise DataError(
-                f"Session {session.name} already has checkpoints in {ckroot}. Resume that "
-                "run ('fastsd train SESSION --resume', or tick 'resume'), or start over with "
-                "--restart, which deletes them.")
-        log.warning("Starting over: removed %d checkpoints.", checkpoint.clear(ckroot))
-    settings = _select_settings(session, settings, ckpt) if resume else (settings or TrainSettings())
+                f"Session {session.name} has no checkpoint and no stored training settings "
+                "to resume from (the run stopped before saving them). Start the run again "
+                "without --resume, with the options you want.")
+        chosen = (resume_mod.resumed_settings(stored, given) if stored is not None
+                  else resume_mod.fresh_settings(given))
+        if ckpt is None:
+            log.warning("No whole checkpoint in %s to resume from; starting at step 0 with "
+                        "%s.", ckroot, "the settings stored for this run" if stored
+                        else "the options given")
+    else:
+        if checkpoint.listing(ckroot):
+            if not restart:
+                raise DataError(
+                    f"Session {session.name} already has checkpoints in {ckroot}. Resume "
+                    "that run ('fastsd train SESSION --resume', or tick 'resume'), or start "
+                    "over with --restart, which deletes them.")
+            log.warning("Starting over: removed %d checkpoints.", checkpoint.clear(ckroot))
+        chosen = resume_mod.fresh_settings(given)
     info = env.device_info()
-    settings, preset = resolve(settings, info, session.settings.get("resolution", 512))
-    session.update(train=settings.to_dict())
+    chosen, preset = resolve(chosen, info, session.settings.get("resolution", 512))
+    session.update(train=chosen.to_dict())  # first, so that a resume finds them
+    s = chosen
 
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not info.is_cuda)
-    device, rank = accelerator.device, accelerator.process_index
+    # one process may train several times (a notebook runtime): accelerate keeps its state
+    # per process, and refuses another precision unless it is reset
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=not info.is_cuda)
+    device = accelerator.device
     if info.is_cuda and (info.capability or (0, 0)) >= (8, 0):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    torch.manual_seed(s.seed)
 
-    # ---- model
+    # ---- model, and what the checkpoint must match
     examples = data.instance_examples(session)  # no images: say so before loading anything
-    model_dir = models.resolve_model(session.settings["base_model"], session.workspace)
+    srcs = data.sources(session, examples) if s.crop == "random" else None
+    base_name = session.settings["base_model"]
+    model_dir = models.stage(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir)
+    record = {"family": parts.family, "resolution": s.resolution,
+              "base_model": {"name": base_name,
+                             "fingerprint": resume_mod.model_fingerprint(parts.unet)},
+              "images": data.fingerprint(examples, srcs)}
+    changed_data = False
+    if ckpt is not None:
+        resume_mod.check_base_model(ckpt.state.get("base_model"), base_name,
+                                    record["base_model"]["fingerprint"])
+        changed_data = resume_mod.check_data(ckpt.state.get("images"), record["images"],
+                                             accept_changed_data)
     for m in [parts.vae, *parts.modules().values()]:
-        m.requires_grad_(False)
-        m.eval()
-    _place([parts.vae, *parts.modules().values()], device)
-    res = settings.resolution
-    vram = estimate_vram_gb(settings, parts.family, parts.param_counts())
+        m.requires_grad_(False).eval()
+    vram = estimate_vram_gb(s, parts.family, parts.param_counts())
     log.info("%s\n%s", f"Base model {model_dir} ({parts.family}, "
-             f"{'v-prediction' if parts.v_prediction else 'epsilon'})",
-             describe(settings, preset, vram))
+             f"{'v-prediction' if parts.v_prediction else 'epsilon'})", describe(s, preset, vram))
     if info.vram_total_gb and max(vram.values()) > info.vram_total_gb:
         log.warning("The estimated peak VRAM (%.1f GB) is more than this GPU's %.1f GB: "
                     "lower the resolution or batch size, or turn on 8-bit Adam and gradient "
                     "checkpointing, if it runs out of memory.", max(vram.values()),
                     info.vram_total_gb)
-
-    # ---- data and caches
-    class_ex: list[data.Example] = []
-    if settings.prior_preservation:
-        if settings.class_images < 1:
-            raise DataError("Prior preservation needs class_images of 1 or more.")
-        prompt = data.class_prompt(settings, session.settings)
-        folder, class_ex = data.class_examples(session, prompt, settings.class_images)
-        if len(class_ex) < settings.class_images and accelerator.is_main_process:
-            log.info("Generating %d class images of %r with the base model",
-                     settings.class_images - len(class_ex), prompt)
-            data.generate_class_images(parts.pipe, folder, prompt, settings.class_images, res,
-                                       settings.class_steps, settings.seed, len(class_ex))
-        accelerator.wait_for_everyone()
-        folder, class_ex = data.class_examples(session, prompt, settings.class_images)
-    if ckpt is not None:  # the trained weights, once the base model made the class images
-        for name, module in parts.modules().items():
-            sd = ckpt.tensors(name)
-            if sd is not None:
-                module.load_state_dict(sd)
-    stats = {"vae_encodes": 0, "prompt_encodes": 0}
-    latents = data.LatentCache(settings.latent_cache_mb << 20)
-    meta: dict[tuple, tuple] = {}  # (kind, index) -> (original size, crop top-left)
-    flips = (False, True) if settings.flip else (False,)
-    with torch.no_grad():
-        for kind, exs in (("i", examples), ("c", class_ex)):
-            for j, ex in enumerate(tqdm(exs, desc=f"{'instance' if kind == 'i' else 'class'}"
-                                        " latents", unit="img", leave=False)):
-                pixels, size, top_left = data.training_pixels(ex.image, res, settings.crop)
-                meta[kind, j] = (size, top_left)
-                for flip in flips:
-                    x = pixels.flip(-1) if flip else pixels
-                    dist = parts.vae.encode(x[None].to(device)).latent_dist
-                    latents.put((kind, j, flip), torch.cat([dist.mean, dist.std]))
-                    stats["vae_encodes"] += 1
-    captions = sorted({ex.caption for ex in examples + class_ex})
-    all_ids = tokenize(parts, captions)  # tokenized once, even while the encoders train
-    token_ids = {c: [ids[i:i + 1] for ids in all_ids] for i, c in enumerate(captions)}
-    prompt_cache: dict[str, tuple] = {}
-
-    def build_prompt_cache() -> None:
-        """Embed each distinct caption once, with the text encoders as they are now: they
-        stay frozen until the UNet stage ends."""
-        prompt_cache.clear()
-        with torch.no_grad():
-            for c in captions:
-                prompt_cache[c] = encode_text(parts, token_ids[c], device)
-                stats["prompt_encodes"] += 1
-
-    def embeddings(caps: list[str], encoders: list | None):
-        """Prompt embeddings of a batch: from the cache while the text encoders are frozen
-        (``encoders`` None), else computed by ``encoders``, which are being trained."""
-        if encoders is None:
-            hid = torch.cat([prompt_cache[c][0] for c in caps])
-            pooled = torch.cat([prompt_cache[c][1] for c in caps]) if parts.sdxl else None
-            return hid, pooled
-        ids = [torch.cat([token_ids[c][k] for c in caps]) for k in range(len(parts.tokenizers))]
-        return encode_text(parts, ids, device, encoders)
-
-    # ---- position: stage, step, data order, losses
-    order = data.DataOrder(len(examples), settings.seed)
-    class_order = data.DataOrder(max(len(class_ex), 1), settings.seed + 1)
-    state: dict[str, Any] = {"stage": 0, "stage_step": 0, "global_step": 0, "losses": [],
-                             "modified": []}
-    if ckpt is not None:
-        st = ckpt.state
-        state.update({k: st[k] for k in state})
-        order.load(st["data"])
-        if class_ex:
-            class_order.load(st["class_data"])
-        log.info("Resuming from %s: global step %d, %s stage step %d.", ckpt.path.name,
-                 st["global_step"], STAGE_TITLES[settings.stage_order[min(
-                     st["stage"], len(settings.stage_order) - 1)]], st["stage_step"])
-
-    def save_checkpoint(stage_objects: dict[str, Any]) -> Path | None:
-        path = None
-        if accelerator.is_main_process:
-            tensors = {n: accelerator.unwrap_model(m).state_dict()
-                       for n, m in parts.modules().items() if n in state["modified"]}
-            path = checkpoint.save(
-                ckroot, state["global_step"], tensors, {**stage_objects, "rng": _rng_states()},
-                {**state, "data": order.state(), "class_data": class_order.state(),
-                 "settings": settings.to_dict(), "family": parts.family},
-                settings.keep_checkpoints)
-            emit("checkpoint", {"global_step": state["global_step"], "path": path})
-        accelerator.wait_for_everyone()
-        return path or ckroot / checkpoint.folder_name(state["global_step"])
-
-    sample_files: list[Path] = []
-    sample_prompts = settings.sample_prompts or [data.instance_prompt(session.settings)]
-
-    def save_samples() -> None:
-        if not accelerator.is_main_process:
-            return
-        modes = {m: m.training for m in parts.modules().values()}
-        for m in modes:
-            m.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), accelerator.autocast():
-            images = parts.pipe(sample_prompts, num_inference_steps=settings.sample_steps,
-                                height=res, width=res,
-                                generator=torch.Generator().manual_seed(settings.seed)).images
-        for m, was in modes.items():
-            m.train(was)
-        made = []
-        for i, im in enumerate(images):
-            path = Path(session.outputs) / SAMPLES_DIR / f"step-{state['global_step']:07d}-{i}.png"
-            with drive.atomic_writer(path) as f:
-                im.save(f, format="PNG")
-            made.append(path)
-        sample_files.extend(made)
-        emit("samples", {"global_step": state["global_step"], "paths": made})
-
-    # ---- the two stages
-    resumed_from = ckpt.step if ckpt else None
-    with StopSignals() as stop, contextlib.closing(latents):
-        for si, stage in enumerate(settings.stage_order):
-            cfg = settings.stage(stage)
-            if si < state["stage"] or cfg["steps"] == 0:
-                continue
-            trained = parts.trainable(stage)
-            text_frozen = stage == "unet"
-            for m in trained.values():
-                m.requires_grad_(True)
-                m.train()
-            if settings.gradient_checkpointing:
-                parts.unet.enable_gradient_checkpointing()
-                for enc in parts.encoders:
-                    enc.activation_checkpointing_enable()
-            _place(trained.values(), device)
-            if text_frozen:  # after a text encoder stage, the cache is built anew
-                _place(parts.encoders, device)
-                build_prompt_cache()
-            if info.is_cuda:  # what this stage does not run leaves the GPU
-                _place([parts.vae] + (parts.encoders if text_frozen else []), "cpu")
-            params = [p for m in trained.values() for p in m.parameters()]
-            if settings.adam_8bit and device.type == "cuda":
-                import bitsandbytes as bnb
-
-                optimizer = bnb.optim.AdamW8bit(params, lr=cfg["lr"],
-                                                weight_decay=settings.weight_decay)
-            else:  # the fused kernel: one op for all tensors instead of a dozen per tensor
-                optimizer = torch.optim.AdamW(params, lr=cfg["lr"],
-                                              weight_decay=settings.weight_decay,
-                                              fused=device.type in ("cpu", "cuda"))
-            lr_schedule = get_scheduler(cfg["schedule"], optimizer,
-                                        num_warmup_steps=cfg["warmup"],
-                                        num_training_steps=cfg["steps"])
-            models_in = accelerator.prepare(*trained.values(), optimizer)
-            optimizer = models_in[-1]
-            run = dict(zip(trained, models_in[:-1]))
-            unet = run.get("unet", parts.unet)
-            if ckpt is not None and state["stage"] == si and state["stage_step"] > 0:
-                optimizer.load_state_dict(ckpt.object("optimizer"))
-                lr_schedule.load_state_dict(ckpt.object("lr_scheduler"))
-                if accelerator.scaler is not None and ckpt.object("scaler") is not None:
-                    accelerator.scaler.load_state_dict(ckpt.object("scaler"))
-            if ckpt is not None:
-                _set_rng_states(ckpt.object("rng"))
-                ckpt = None  # restored once
-            for name in trained:
-                if name not in state["modified"]:
-                    state["modified"].append(name)
-            emit("stage_start", {**state, "stage_name": stage, "parts": parts})
-            bar = tqdm(total=cfg["steps"], initial=state["stage_step"], unit="step",
-                       desc=f"{STAGE_TITLES[stage]} stage")
-            B = settings.batch_size
-            while state["stage_step"] < cfg["steps"]:
-                t0 = time.perf_counter()
-                # -- batch: indices, then every random draw from this step's generator
-                gen = _step_generator(settings.seed, state["global_step"], rank)
-                nproc = accelerator.num_processes
-                items = [("i", j) for j in order.take(B * nproc)[rank * B:(rank + 1) * B]]
-                if class_ex:
-                    items += [("c", j) for j in
-                              class_order.take(B * nproc)[rank * B:(rank + 1) * B]]
-                lat, time_ids = [], []
-                for kind, j in items:
-                    flip = bool(torch.rand((), generator=gen) < 0.5) if settings.flip else False
-                    mean, std = latents.get((kind, j, flip))
-                    (h0, w0), (top, left) = meta[kind, j]
-                    if settings.crop == "random":
-                        size = res // 8
-                        oy = int(torch.randint(mean.shape[-2] - size + 1, (), generator=gen))
-                        ox = int(torch.randint(mean.shape[-1] - size + 1, (), generator=gen))
-                        mean = mean[:, oy:oy + size, ox:ox + size]
-                        std = std[:, oy:oy + size, ox:ox + size]
-                        top, left = oy * 8, ox * 8
-                    lat.append(mean + std * torch.randn(mean.shape, generator=gen))
-                    time_ids.append([h0, w0, top, left, res, res])
-                x0 = torch.stack(lat) * parts.vae.config.scaling_factor
-                noise = torch.randn(x0.shape, generator=gen)
-                if settings.offset_noise:
-                    noise += settings.offset_noise * torch.randn(
-                        (x0.shape[0], x0.shape[1], 1, 1), generator=gen)
-                steps_t = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps,
-                                        (x0.shape[0],), generator=gen)
-                caps = [(examples if k == "i" else class_ex)[j].caption for k, j in items]
-                # -- forward, backward, update
-                with accelerator.autocast():
-                    hidden, pooled = embeddings(caps, None if text_frozen else list(run.values()))
-                    added = ({"text_embeds": pooled, "time_ids": torch.tensor(
-                        time_ids, dtype=hidden.dtype, device=device)} if parts.sdxl else None)
-                    per_example = denoise_loss(parts, unet, x0.to(device), noise.to(device),
-                                               steps_t.to(device), hidden, added,
-                                               settings.min_snr_gamma)
-                if class_ex:
-                    inst, prior = per_example.chunk(2)
-                    loss = inst.mean() + settings.prior_weight * prior.mean()
-                else:
-                    loss = per_example.mean()
-                accelerator.backward(loss)
-                if settings.max_grad_norm > 0 and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
-                if not optimizer.step_was_skipped:
-                    lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                # -- bookkeeping, samples, checkpoints
-                state["stage_step"] += 1
-                state["global_step"] += 1
-                state["losses"].append(float(loss.detach().item()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{state['losses'][-1]:.4f}",
-                                s_per_step=f"{time.perf_counter() - t0:.2f}")
-                emit("step", {**state, "stage_name": stage, "loss": state["losses"][-1]})
-                if settings.sample_every and state["global_step"] % settings.sample_every == 0:
-                    if info.is_cuda:
-                        _place([parts.vae, *parts.encoders], device)
-                    save_samples()
-                    if info.is_cuda and text_frozen:
-                        _place([parts.vae, *parts.encoders], "cpu")
-                due = (settings.checkpoint_every
-                       and state["global_step"] % settings.checkpoint_every == 0)
-                if (due or stop.signum) and state["stage_step"] < cfg["steps"]:
-                    path = save_checkpoint({
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_schedule.state_dict(),
-                        "scaler": (accelerator.scaler.state_dict()
-                                   if accelerator.scaler is not None else None)})
-                    if stop.signum:
-                        bar.close()
-                        stop.raise_stop(state["global_step"], path)
-            bar.close()
-            for m in trained.values():
-                m.requires_grad_(False)
-                m.eval()
-            del optimizer, lr_schedule, models_in, run
-            accelerator.free_memory()
-            state["stage"], state["stage_step"] = si + 1, 0
-            path = save_checkpoint({})  # the stage boundary: a new stage starts afresh
-            emit("stage_end", {**state, "stage_name": stage, "parts": parts})
-            if stop.signum:
-                stop.raise_stop(state["global_step"], path)
-
-    # ---- outputs
-    _place([parts.vae, *parts.modules().values()], device)
-    result = TrainResult(Path(session.models) / (settings.model_name or session.name), None,
-                         state["global_step"], state["losses"], None, sample_files,
-                         resumed_from, stats)
     if accelerator.is_main_process:
-        export_model(parts, result.model_dir, settings.save_precision or "fp32")
-        result.single_file = export_single_file(result.model_dir, state["global_step"])
-        result.loss_curve = save_loss_curve(state["losses"], settings,
-                                            Path(session.outputs) / LOSS_PNG)
+        check_drive_space(session, s, parts, ckpt)
+    if s.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        for enc in parts.encoders:
+            enc.activation_checkpointing_enable()
+    placement = placement_policy(device, info)
+    placement.apply(parts, "cache")
+
+    # ---- class images, trained weights, position
+    class_ex = class_images(session, s, parts, accelerator)
+    state = TrainState(data.DataOrder(len(examples), s.seed),
+                       data.DataOrder(max(len(class_ex), 1), s.seed + 1))
+    extended = None
+    if ckpt is not None:
+        for name, sd in ckpt.tensors.items():
+            parts.modules()[name].load_state_dict(sd)
+        state = TrainState.load(ckpt.state, ckpt.object("rng"), len(examples),
+                                max(len(class_ex), 1), changed_data)
+        extended = resume_mod.apply_step_changes(
+            state, TrainSettings.from_dict(ckpt.state["settings"]), s)
+        log.info("Resuming from %s: %s.", ckpt.path.name, state.describe(s))
+
+    # ---- caches
+    latents = data.encode_latents(parts.vae, examples, class_ex, srcs, s, device)
+    prompts = Prompts(parts, [ex.caption for ex in examples + class_ex], device)
+    return Run(session, s, accelerator, parts, placement, examples, class_ex, latents,
+               prompts, state, record, checkpoint.Writer(s.background_checkpoints), emit,
+               StopSignals(), ckpt, extended, ckpt.step if ckpt else None)
+
+
+def class_images(session, s: TrainSettings, parts: Parts, accelerator) -> list:
+    """Prior preservation's class images: generated once by the base model, kept."""
+    if not s.prior_preservation:
+        return []
+    if s.class_images < 1:
+        raise DataError("Prior preservation needs class_images of 1 or more.")
+    prompt = data.class_prompt(s, session.settings)
+    folder, class_ex = data.class_examples(session, prompt, s.class_images)
+    if len(class_ex) < s.class_images and accelerator.is_main_process:
+        log.info("Generating %d class images of %r with the base model",
+                 s.class_images - len(class_ex), prompt)
+        data.generate_class_images(parts.pipe, folder, prompt, s.class_images, s.resolution,
+                                   s.class_steps, s.seed, len(class_ex))
     accelerator.wait_for_everyone()
-    log.info("Trained %d steps; the model is in %s", state["global_step"], result.model_dir)
-    emit("done", {**state, "model_dir": result.model_dir})
-    return result
+    return data.class_examples(session, prompt, s.class_images)[1]
+
+
+def check_drive_space(session, s: TrainSettings, parts: Parts, ckpt) -> None:
+    """Stop before any training when what the run puts on Drive does not fit its free
+    space, with the numbers and the options that shrink them."""
+    from fastsd.errors import DriveError
+
+    have = sum(f.stat().st_size for f in Path(session.checkpoints).rglob("*") if f.is_file())
+    plan = drive_plan(s, parts.param_counts(), sum(p.numel() for p in parts.vae.parameters()),
+                      have)
+    free = drive.free_bytes(session.path)
+    log.info("Drive: this run needs about %s, %s free.", gb(plan.total), gb(free))
+    if plan.total > free:
+        raise DriveError(
+            f"Not enough free space on Drive for this run: it needs about {gb(plan.total)} "
+            f"({plan.describe()}), and {gb(free)} is free at {session.path}. To fit: "
+            + plan.advice(s) + ", or free space on Drive (and empty its trash).")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
 # --------------------------------------------------------------------------- outputs
 
 
+def export(run: Run) -> TrainResult:
+    acc, s, st = run.accelerator, run.settings, run.state
+    run.placement.apply(run.parts, "export")
+    result = TrainResult(Path(run.session.models) / (s.model_name or run.session.name), None,
+                         st.global_step, st.losses, None, run.samples,
+                         run.resumed_from, {"vae_encodes": run.latents.encodes,
+                                            "prompt_encodes": run.prompts.encodes,
+                                            "checkpoint_stalls": run.checkpoint_waits})
+    if acc.is_main_process:
+        export_model(run.parts, result.model_dir, s.save_precision or "fp32")
+        result.single_file = export_single_file(result.model_dir, st.global_step)
+        result.loss_curve = save_loss_curve(st.losses, s, Path(run.session.outputs) / LOSS_PNG)
+    acc.wait_for_everyone()
+    log.info("Trained %d steps; the model is in %s", st.global_step, result.model_dir)
+    run.emit("done", {**st.to_dict(), "model_dir": result.model_dir})
+    return result
+
+
 def export_model(parts: Parts, dest: Path, precision: str) -> Path:
-    """Save the pipeline in diffusers format: locally first, then whole into ``dest``."""
+    """Save the pipeline in diffusers format into ``dest``, whole or not at all (into a
+    temporary folder beside it, which the next run removes if this one is killed)."""
     import torch
 
     if precision == "fp16":
         parts.pipe.to(dtype=torch.float16)
-    with tempfile.TemporaryDirectory(prefix="fastsd-model-") as tmp:
+    with drive.atomic_folder(dest) as tmp:
         parts.pipe.save_pretrained(tmp, safe_serialization=True)
-        drive.copy_tree(tmp, dest)
     return dest
 
 

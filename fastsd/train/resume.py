@@ -1,0 +1,161 @@
+"""What a resume may change, and what it must refuse.
+
+A checkpoint records the settings the run started with, the base model (the name the user
+gave and a fingerprint of its weights), the resolution and a fingerprint of the training
+images and captions. On ``--resume``:
+
+* options the user typed are told from defaults (the CLI's options default to "not
+  given"); those that cannot change mid-run (learning rates, resolution, batch size, ...)
+  are refused with a message when they differ from the run's, never silently dropped;
+* another base model is refused, saying what changed;
+* changed images or captions are reported and need ``--restart`` or
+  ``accept_changed_data`` (``--accept-changed-data``) to go on;
+* a stage's step count may grow: a finished stage is extended when it was the last stage
+  trained (``fastsd train S --resume --unet-steps 2500``). The learning-rate schedule is
+  then rebuilt for the new total and continues from the step reached, as if the run had
+  been planned with the new total from the start: a constant schedule goes on unchanged; a
+  linear one resumes at the rate the longer plan has at that step (1500 of 2500 steps:
+  40% of the base rate) and decays to zero at the new end. The optimizer state
+  (AdamW moments) carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from typing import Any
+
+from fastsd.errors import DataError, ModelError
+from fastsd.train.settings import TrainSettings
+
+log = logging.getLogger("fastsd")
+
+STAGE_TITLES = {"unet": "UNet", "text": "text encoder"}
+#: Options a resume may change; every other one is fixed for the run.
+CHANGEABLE = frozenset({"unet_steps", "text_steps", "checkpoint_every", "keep_checkpoints",
+                        "sample_every", "sample_prompts", "sample_steps", "model_name",
+                        "save_precision", "latent_cache_mb", "background_checkpoints"})
+
+
+def given_options(settings: TrainSettings | dict | None) -> dict[str, Any]:
+    """The options the caller chose. A dict (what the CLI passes) holds exactly the options
+    typed; of a TrainSettings object, the fields that differ from their defaults."""
+    if settings is None:
+        return {}
+    if isinstance(settings, dict):
+        names = {f.name for f in dataclasses.fields(TrainSettings)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise DataError(f"Unknown training options: {', '.join(unknown)}.")
+        return {k: v for k, v in settings.items() if v is not None}
+    defaults = TrainSettings().to_dict()
+    return {k: v for k, v in settings.to_dict().items() if v != defaults[k]}
+
+
+def fresh_settings(given: dict[str, Any]) -> TrainSettings:
+    return TrainSettings(**given)
+
+
+def resumed_settings(stored: dict[str, Any], given: dict[str, Any]) -> TrainSettings:
+    """The run's settings with the typed options a resume may change; the others must
+    equal the run's, else a DataError names them."""
+    fixed = {k: v for k, v in given.items() if k not in CHANGEABLE and stored.get(k) != v}
+    if fixed:
+        raise DataError(
+            "These options cannot change when resuming: "
+            + "; ".join(f"{k.replace('_', '-')}: the run uses {stored.get(k)!r}, you gave "
+                        f"{v!r}" for k, v in sorted(fixed.items()))
+            + ". Resume without them, or start over with --restart to use them.")
+    return TrainSettings.from_dict({**stored, **{k: v for k, v in given.items()
+                                                 if k in CHANGEABLE}})
+
+
+def apply_step_changes(state, old: TrainSettings, new: TrainSettings) -> str | None:
+    """Check a resume's step counts against the position ``state`` (a TrainState) and
+    move the position back into a finished stage that is extended. Returns the stage
+    whose step count changed while it is (again) in progress, or None."""
+    order = new.stage_order
+    changed = None
+    for i, stage in enumerate(order):
+        before, after = old.stage(stage)["steps"], new.stage(stage)["steps"]
+        if before == after:
+            continue
+        title = STAGE_TITLES[stage]
+        flag = f"--{stage}-steps"
+        if i < state.stage:  # finished
+            later = [t for t in order[i + 1:] if state.stage_steps.get(t, 0) > 0]
+            if after < before:
+                raise DataError(f"The {title} stage already finished its {before} steps; "
+                                f"{flag} {after} cannot undo them. Resume without {flag}, "
+                                "or start over with --restart.")
+            if later:
+                raise DataError(
+                    f"The {title} stage cannot be extended to {after} steps: the "
+                    f"{STAGE_TITLES[later[0]]} stage has trained after it "
+                    f"({state.stage_steps[later[0]]} steps), and going back would train the "
+                    f"{title} against a changed model. Start over with --restart and "
+                    f"{flag} {after}.")
+            state.stage, state.stage_step = i, state.stage_steps.get(stage, 0)
+            log.info("Extending the %s stage from %d to %d steps.", title, before, after)
+            changed = stage
+        elif i == state.stage and state.stage_step > 0:
+            if after < state.stage_step:
+                raise DataError(f"The {title} stage has already trained {state.stage_step} "
+                                f"steps, more than {flag} {after}. Give at least "
+                                f"{state.stage_step}, or start over with --restart.")
+            changed = stage
+    return changed
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def model_fingerprint(unet) -> str:
+    """A short hash of a UNet's config and a few of its tensors: another base model (or
+    another version of one) gives another fingerprint."""
+    h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    sd = unet.state_dict()
+    keys = sorted(sd)
+    for k in keys[:2] + keys[len(keys) // 2:len(keys) // 2 + 1] + keys[-2:]:
+        t = sd[k].detach().flatten()[:4096].float().cpu().contiguous()
+        h.update(k.encode() + t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_base_model(recorded: dict[str, str] | None, name: str, fingerprint: str) -> None:
+    if not recorded:
+        return
+    if recorded["fingerprint"] != fingerprint:
+        what = (f"the session now names {name!r}" if recorded["name"] != name else
+                f"{name!r} now holds other weights")
+        raise ModelError(
+            f"This run was trained from the base model {recorded['name']!r} (fingerprint "
+            f"{recorded['fingerprint']}), but {what} (fingerprint {fingerprint}). Resuming "
+            "would mix the two. Set the session's base model back to "
+            f"{recorded['name']!r} to resume, or start a new run on the new model with "
+            "--restart.")
+    if recorded["name"] != name:
+        log.info("The base model is now named %r (was %r); same weights, resuming.", name,
+                 recorded["name"])
+
+
+def check_data(recorded: dict[str, str] | None, current: dict[str, str],
+               accept_changed: bool) -> bool:
+    """True when the training images and captions changed since the checkpoint (and the
+    caller accepts it); a DataError when they changed and it does not."""
+    from fastsd.train import data
+
+    changes = data.fingerprint_changes(recorded or {}, current) if recorded is not None else []
+    if not changes:
+        return False
+    what = "; ".join(changes)
+    if not accept_changed:
+        raise DataError(
+            f"The training images or captions changed since this run's checkpoint ({what}). "
+            "Put them back to resume exactly, start over with --restart, or go on with the "
+            "new ones with --accept-changed-data (the run then no longer matches an "
+            "uninterrupted one).")
+    log.warning("Going on with changed training images or captions (%s).", what)
+    return True
