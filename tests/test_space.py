@@ -92,3 +92,15 @@ def test_picks_outside_the_list_are_refused(filled, workspace, tmp_path):
 
 def test_an_empty_workspace_says_so(workspace):
     assert space.table(space.usage(workspace)).startswith("Nothing to free")
+
+
+def test_cli_lists_then_deletes_only_with_yes(filled, workspace, capsys):
+    from fastsd.cli import main
+
+    target = workspace / "models" / "downloads" / "style.safetensors"
+    assert main(["space", "--home", str(workspace)]) == 0
+    assert "download" in capsys.readouterr().out
+    assert main(["space", "--delete", "3", "--home", str(workspace)]) == 2
+    assert "Tick Confirm (CLI: --yes)" in capsys.readouterr().err and target.is_file()
+    assert main(["space", "--delete", "3", "--yes", "--home", str(workspace)]) == 0
+    assert "Deleted 1 item(s), 7.0 KB" in capsys.readouterr().out and not target.exists()
