@@ -26,6 +26,7 @@ setup(
     install_requires=["torch>=2.1", *requirements()],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "nbclient>=0.10", "nbformat>=5.10",
                             "ipykernel>=6.29", "import-linter==2.16", "webuiapi==0.9.17",
-                            "requests>=2.31", "playwright==1.65.2", "mfusepy==3.1.1"]},
+                            "requests>=2.31", "playwright==1.65.2", "mfusepy==3.1.1",
+                            "nbval==0.11.0"]},
     entry_points={"console_scripts": ["fastsd=fastsd.cli:main"]},
 )

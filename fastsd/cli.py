@@ -55,6 +55,16 @@ def _session_delete(args) -> None:
     print(f"Deleted {path}")
 
 
+def _space(args) -> None:
+    from fastsd import space
+    from fastsd.workspace import Workspace
+
+    ws = Workspace.current(home(args))
+    print(space.table(space.usage(ws), ws))
+    if args.delete:
+        print(space.free(space.parse_picks(args.delete), ws, confirm=args.yes))
+
+
 def _env(args) -> None:
     from fastsd import env
     from fastsd.workspace import Workspace
@@ -105,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_session_delete)
     for c in ss.choices.values():
         add_home(c)
+
+    p = sub.add_parser("space", help="what takes room in the workspace; delete picked items "
+                       "(with --yes)")
+    p.add_argument("--delete", default="", help="numbers from the list, e.g. '2, 4-6'")
+    p.add_argument("--yes", action="store_true", help="really delete them")
+    add_home(p)
+    p.set_defaults(func=_space)
 
     p = sub.add_parser("env", help="report the runtime: Colab or not, device, VRAM, workspace")
     add_home(p)

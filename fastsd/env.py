@@ -83,3 +83,25 @@ def report(workspace: Path) -> dict:
     if info["torch"]:
         info.update({k: v for k, v in asdict(device_info()).items()})
     return info
+
+
+FORM_ENV = "FASTSD_FORM"
+
+
+def form(namespace: dict) -> dict:
+    """Fill a notebook cell's form fields from ``$FASTSD_FORM``, where it is set.
+
+    ``$FASTSD_FORM`` is a JSON object (or the path of a JSON file) of field name -> value.
+    Each field of it that ``namespace`` (the cell's ``globals()``) holds is replaced, so the
+    same cells a Colab user runs can run in CI on the tiny models. Unset (on Colab), it
+    does nothing. Returns the fields it replaced.
+    """
+    import json
+
+    raw = os.environ.get(FORM_ENV, "").strip()
+    if not raw:
+        return {}
+    values = json.loads(raw if raw.startswith("{") else Path(raw).read_text(encoding="utf-8"))
+    replaced = {k: v for k, v in values.items() if k in namespace}
+    namespace.update(replaced)
+    return replaced

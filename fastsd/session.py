@@ -209,12 +209,55 @@ def load(name: str, root: Root = None) -> Session:
     return session
 
 
-def load_or_create(name: str, root: Root = None, **settings: Any) -> Session:
+@dataclass
+class Opened:
+    """What :func:`open` did: the session, whether it was created, and each setting it
+    changed (``changed``) or kept against the caller's wish (``kept``), as (old, new)."""
+
+    session: Session
+    created: bool = False
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    kept: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        s = self.session
+        lines = [f"{'Created' if self.created else 'Loaded'} session {s.name}: {s.path}"]
+        lines += [f"  changed {k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items()]
+        if self.kept:
+            lines.append("  kept the session's settings (the form differs; tick the change "
+                         "option to change them):")
+            lines += [f"    {k}: {old!r} (the form says {new!r})"
+                      for k, (old, new) in self.kept.items()]
+        return "\n".join(lines)
+
+
+def open(name: str, root: Root = None, settings: dict[str, Any] | None = None,
+         change: bool = False) -> Opened:
+    """Open session ``name``, creating it with ``settings`` when it does not exist.
+
+    Loading an existing session never changes its settings: a setting that differs from
+    ``settings`` is kept and reported in ``kept``. With ``change=True`` those settings are
+    changed and reported in ``changed``. A setting the session has not chosen yet (None)
+    is filled in from ``settings`` without ``change``.
+    """
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
     try:
         session = load(name, root)
     except SessionNotFound:
-        return create(name, root, **settings)
-    return session.update(**settings) if settings else session
+        return Opened(create(name, root, **settings), created=True)
+    opened = Opened(session)
+    for key, new in settings.items():
+        old = session.settings.get(key)
+        if old == new:
+            continue
+        if old is None or change:
+            opened.changed[key] = (old, new)
+        else:
+            opened.kept[key] = (old, new)
+    if opened.changed:
+        session.update(**{k: new for k, (_, new) in opened.changed.items()})
+        log.info("Changed %s of session %s", ", ".join(opened.changed), session.name)
+    return opened
 
 
 def list_sessions(root: Root = None) -> list[str]:

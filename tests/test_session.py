@@ -142,3 +142,38 @@ def test_corrupt_session_json_gives_a_clear_error(workspace):
     s.file.write_text('{"schema_version": 2, "sett')
     with pytest.raises(SchemaError, match="not valid JSON"):
         session.load("dog", workspace)
+
+
+def test_open_loads_an_existing_session_without_changing_its_settings(workspace):
+    first = session.open("dog", workspace, {"class_word": "dog", "resolution": 512})
+    assert first.created and first.session.settings["class_word"] == "dog"
+    before = (workspace / "sessions" / "dog" / "session.json").read_bytes()
+
+    again = session.open("dog", workspace, {"class_word": "person", "resolution": 768,
+                                            "instance_token": "sks"})
+    assert not again.created and not again.changed
+    assert again.kept == {"class_word": ("dog", "person"), "resolution": (512, 768)}
+    assert again.session.settings["class_word"] == "dog"
+    assert (workspace / "sessions" / "dog" / "session.json").read_bytes() == before
+    assert session.load("dog", workspace).settings["resolution"] == 512
+    text = str(again)
+    assert text.startswith("Loaded session dog") and "class_word: 'dog' (the form says 'person')" \
+        in text and "tick the change option" in text
+
+
+def test_open_with_change_says_what_it_changed(workspace):
+    session.open("cat", workspace, {"class_word": "cat", "resolution": 512})
+    opened = session.open("cat", workspace, {"class_word": "kitten", "resolution": 512},
+                          change=True)
+    assert opened.changed == {"class_word": ("cat", "kitten")} and not opened.kept
+    assert session.load("cat", workspace).settings["class_word"] == "kitten"
+    assert "changed class_word: 'cat' -> 'kitten'" in str(opened)
+
+
+def test_open_fills_in_a_setting_not_chosen_yet(workspace):
+    session.create("new", workspace, base_model=None)
+    opened = session.open("new", workspace, {"base_model": "tiny-sd1"})
+    assert opened.changed == {"base_model": (None, "tiny-sd1")}
+    assert session.load("new", workspace).settings["base_model"] == "tiny-sd1"
+    again = session.open("new", workspace, {"base_model": "tiny-sd2"})
+    assert again.kept == {"base_model": ("tiny-sd1", "tiny-sd2")}

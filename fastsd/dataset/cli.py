@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from fastsd.cli_common import add_home, load_session as _load, print_json
+from fastsd.cli_common import add_home, home, load_session as _load, print_json
 
 
 def _import(args) -> None:
@@ -39,6 +39,14 @@ def _report(args) -> None:
         print(checked.to_text())
         sheet.contact_sheet(s, report=checked)
         print(f"Contact sheet: {s.outputs / sheet.SHEET}")
+
+
+def _import_legacy(args) -> None:
+    from fastsd.dataset import legacy
+
+    done = legacy.import_session(args.source, args.name, home(args))
+    print(done.report.to_text())
+    print(done)
 
 
 def _check(args) -> None:
@@ -93,6 +101,13 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     c.add_argument("--size", type=int, default=None,
                    help="crop size, a multiple of 64 (default: the session's resolution)")
     c.set_defaults(func=_crop)
+    c = verbs.add_parser("import-legacy", formatter_class=fmt,
+                         help="make a session from a fast-stable-diffusion session: photos, "
+                         "captions and its trained model as the base model")
+    c.add_argument("source", help="the old session's folder (Fast-Dreambooth/Sessions/NAME), "
+                   "or its name")
+    c.add_argument("--name", default=None, help="the new session's name (default: the old one's)")
+    c.set_defaults(func=_import_legacy)
     c = verbs.add_parser("check", help="check the images as a set: blank, blurred, "
                          "near-duplicate, small, subject too small, too few (warnings only)")
     c.add_argument("session", help="session name")

@@ -40,6 +40,9 @@ def resolve_model(name: str | os.PathLike[str],
     """
     from fastsd.models import registry
 
+    if not name:
+        raise ModelError("No base model is chosen for this session yet. Choose one in the "
+                         "notebook's base model cell (or 'fastsd session create NAME --model').")
     ws = Workspace.current(ws)
     name = os.fspath(name)
     if registry.get(name) is not None:

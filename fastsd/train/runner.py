@@ -40,6 +40,7 @@ class ChildResult:
     global_step: int
     single_file: Path | None
     loss_curve: Path | None
+    samples: list[Path] = dataclasses.field(default_factory=list)  # as the child made them
 
 
 class TrainingStopped(FastSDError):
@@ -62,11 +63,29 @@ def event_printer(name: str, info: dict) -> None:
     stdout, for the parent to read (``fastsd train --events``)."""
     keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
             if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir")}
-    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "done"):
+    if name == "samples":
+        keep["paths"] = [str(p) for p in info["paths"]]
+    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples", "done"):
         print(EVENT_MARK + json.dumps({"event": name, **keep}), flush=True)
 
 
 # --------------------------------------------------------------------------- parent side
+
+
+def show_samples(step: int, paths: list[str]) -> None:
+    """Show sample images in the notebook cell as the child writes them (elsewhere, say
+    where they are)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"samples at step {step}: " + ", ".join(Path(p).name for p in paths))
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        for p in paths:
+            display(Image(filename=p, width=256))
 
 
 def _settings_args(settings) -> list[str]:
@@ -167,6 +186,7 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                             bufsize=1, start_new_session=True, env=child_env,
                             stdin=subprocess.DEVNULL)
     bar, last, done, tail = None, {}, None, deque(maxlen=40)
+    samples: list[Path] = []
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -186,6 +206,9 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                 bar.set_postfix(loss=f"{ev['loss']:.4f}", step=ev["global_step"])
             elif ev["event"] == "checkpoint":
                 tqdm.write(f"checkpoint at step {ev['global_step']}: {ev.get('path')}")
+            elif ev["event"] == "samples":
+                samples += [Path(p) for p in ev["paths"]]
+                show_samples(ev["global_step"], ev["paths"])
             elif ev["event"] == "done":
                 done = ev
         code = proc.wait()
@@ -223,4 +246,4 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     single = model_dir.parent / f"{model_dir.name}.safetensors"
     curve = Path(session.outputs) / "loss.png"
     return ChildResult(model_dir, int(done["global_step"]), single if single.is_file() else None,
-                       curve if curve.is_file() else None)
+                       curve if curve.is_file() else None, samples)

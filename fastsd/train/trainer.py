@@ -465,12 +465,15 @@ class Run:
         for m, was in modes.items():
             m.train(was)
         self.placement.apply(parts, phase)
+        made = []
         for i, im in enumerate(images):
             path = (Path(self.session.outputs) / SAMPLES_DIR
                     / f"step-{self.state.global_step:07d}-{i}.png")
             with drive.atomic_writer(path) as f:
                 im.save(f, format="PNG")
-            self.samples.append(path)
+            made.append(path)
+        self.samples.extend(made)
+        self.emit("samples", {"global_step": self.state.global_step, "paths": made})
 
 
 # --------------------------------------------------------------------------- train
@@ -486,7 +489,7 @@ def train(session, settings: TrainSettings | dict | None = None, *, resume: bool
     there; what may change and what is refused is in :mod:`fastsd.train.resume`. Without
     it, a session that already has checkpoints is refused unless ``restart`` says to delete
     them. ``on_event(name, info)`` is called at "stage_start", "step", "checkpoint",
-    "stage_end" and "done" (and at stage starts and ends with the model ``parts``).
+    "samples", "stage_end" and "done" (and at stage starts and ends with the model ``parts``).
     """
     run = prepare(session, settings, resume=resume, restart=restart,
                   accept_changed_data=accept_changed_data,
