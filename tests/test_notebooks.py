@@ -37,6 +37,23 @@ PARAM = re.compile(r"^(\w+) = (.*?)\s*#@param(.*)$")
 ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
+def fill_in(nb, values: dict) -> set:
+    """Set the form fields named in ``values`` in a notebook read with nbformat (for the
+    install cell, which runs before fastsd and its env.form exist); returns those found."""
+    found = set()
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        lines = c.source.splitlines()
+        for i, line in enumerate(lines):
+            m = PARAM.match(line)
+            if m and m.group(1) in values:
+                lines[i] = f"{m.group(1)} = {values[m.group(1)]!r}  #@param{m.group(3)}"
+                found.add(m.group(1))
+        c.source = "\n".join(lines)
+    return found
+
+
 def code_cells(path: Path) -> list:
     return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
 
