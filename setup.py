@@ -22,7 +22,7 @@ setup(
     packages=find_packages(include=["fastsd", "fastsd.*"]),
     include_package_data=True,
     # Data files inside the package, installed by a regular (non-editable) pip install too.
-    package_data={"fastsd.models": ["registry.json"]},
+    package_data={"fastsd": ["session_readme.txt"], "fastsd.models": ["registry.json"]},
     install_requires=["torch>=2.1", *requirements()],
     extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3", "nbclient>=0.10", "nbformat>=5.10",
                             "ipykernel>=6.29", "import-linter==2.16", "webuiapi==0.9.17",

@@ -81,7 +81,7 @@ def _demo(args) -> None:
 def _doctor(args: argparse.Namespace) -> None:
     from fastsd import deps
 
-    checks = deps.doctor(home(args))
+    checks = deps.doctor(home(args), deep=args.deep)
     print(deps.format_checks(checks))
     if not all(c.ok for c in checks):
         print("\nSome checks failed; the lines marked BAD say what to do.")
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check the runtime: Python, torch, CUDA, GPU, every "
                        "pin, disk, Drive, wheelhouse, known-bad combinations")
+    p.add_argument("--deep", action="store_true", help="ask torch for the GPU too (imports "
+                   "torch; finds a torch that cannot use the driver)")
     add_home(p)
     p.set_defaults(func=_doctor)
 

@@ -290,19 +290,38 @@ def restart_message(packages: list[str]) -> str:
             f"cell {INSTALL_CELL!r} (it will be instant); or tick Restart_If_Needed there.")
 
 
-def _imported_dists() -> set[str]:
-    """Canonical names of the distributions with a module imported in this process."""
-    tops = {name.split(".")[0] for name in list(sys.modules)}
-    out = set()
-    for top, dists in metadata.packages_distributions().items():
-        if top in tops:
-            out.update(_canonical(d) for d in dists)
+def _imported_files() -> dict[str, tuple[int, int]]:
+    """The (inode, mtime) of the file of every imported top-level module. An install that
+    replaces a package writes new files, so these change; reading them is a stat each, where
+    reading every distribution's metadata takes a second on Colab's ~700 packages."""
+    out = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if "." in name or not path:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out[name] = (st.st_ino, st.st_mtime_ns)
     return out
 
 
-def _versions() -> dict[str, str]:
-    return {_canonical(d.metadata["Name"]): d.version for d in metadata.distributions()
-            if d.metadata["Name"]}
+def _replaced(before: dict[str, tuple[int, int]]) -> list[str]:
+    """The distributions (canonical names) whose imported modules the install replaced."""
+    changed = []
+    for name, sig in before.items():
+        try:
+            st = os.stat(sys.modules[name].__file__)
+            if (st.st_ino, st.st_mtime_ns) == sig:
+                continue
+        except (OSError, KeyError, AttributeError, TypeError):
+            pass
+        changed.append(name)
+    if not changed:
+        return []
+    owners = metadata.packages_distributions()
+    return sorted({_canonical(d) for name in changed for d in owners.get(name, [name])})
 
 
 def restart_kernel() -> None:
@@ -333,7 +352,7 @@ def install(root: Path | None = None, requirements: list[str] | None = None,
     if why and not build:
         raise OfflineError(f"The wheelhouse {house} cannot be used: {why}. Run the install "
                            "cell once with internet to build it.")
-    before, imported = _versions(), _imported_dists()
+    before = _imported_files()
     if why:
         log.info("Building the wheelhouse in %s (%s; once per runtime kind)...", house, why)
         report.rebuilt_because = why if why != "it has not been built yet" else None
@@ -353,9 +372,7 @@ def install(root: Path | None = None, requirements: list[str] | None = None,
 
     importlib.invalidate_caches()
     report.installed = True
-    after = _versions()
-    report.restart_needed = sorted(n for n in imported if n in before
-                                   and after.get(n) != before[n])
+    report.restart_needed = _replaced(before)
     log.info("Installed %d packages from %s", len(report.needed), house)
     if report.restart_needed:
         log.warning("%s", restart_message(report.restart_needed))
@@ -389,9 +406,14 @@ class Check:
     advice: str = ""
 
 
-def doctor(root: Path | None = None, requirements: list[str] | None = None) -> list[Check]:
+def doctor(root: Path | None = None, requirements: list[str] | None = None,
+           deep: bool = False) -> list[Check]:
     """Python, torch, CUDA, GPU and VRAM, every pin against what is installed, free local
-    disk, Drive and its free space, the wheelhouse in use, and known-bad combinations."""
+    disk, Drive and its free space, the wheelhouse in use, and known-bad combinations.
+
+    The GPU comes from the NVIDIA driver, so the kernel never imports torch (which takes
+    seconds and keeps a CUDA context in the kernel's GPU memory); ``deep`` asks torch
+    itself, which also finds a torch that cannot use the driver."""
     import platform
 
     from fastsd import env
@@ -404,16 +426,29 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None) -> l
     checks.append(Check("torch", torch_v or "not installed", bool(torch_v),
                         "" if torch_v else "Install torch (Colab has it preinstalled)."))
     checks.append(Check("CUDA", cuda or "none (CPU build)"))
-    if torch_v:
+    no_gpu = ("No GPU: training will be very slow. On Colab choose Runtime > Change runtime "
+              "type > T4 GPU.")
+    if torch_v and deep:
         try:
             d = env.device_info()
             vram = f", {d.vram_free_gb} of {d.vram_total_gb} GB free" if d.is_cuda else ""
             checks.append(Check("GPU", f"{d.name} ({d.device}){vram}", d.is_cuda,
-                                "" if d.is_cuda else "No GPU: training will be very slow. On "
-                                "Colab choose Runtime > Change runtime type > T4 GPU."))
+                                "" if d.is_cuda else no_gpu))
         except Exception as e:  # a broken CUDA install is exactly what doctor reports
             checks.append(Check("GPU", f"torch cannot query the device: {e}", False,
                                 "Restart the runtime; if it persists, pick another runtime."))
+    else:
+        gpus = env.driver_gpus()
+        if gpus:
+            for i, d in enumerate(gpus):
+                checks.append(Check("GPU" if i == 0 else f"GPU {i}", f"{d.name}, "
+                                    f"{d.vram_free_gb} of {d.vram_total_gb} GB free"))
+            if torch_v and not cuda:
+                checks.append(Check("known problem", "a GPU but a CPU-only torch", False,
+                                    "Use Colab's own torch (do not reinstall torch), or "
+                                    "install a CUDA build of torch."))
+        else:
+            checks.append(Check("GPU", "none (no NVIDIA driver answers)", False, no_gpu))
     versions = {}
     for req in requirements:
         name, pin, have = _name(req), _pin(req), _version(_name(req))

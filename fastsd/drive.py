@@ -39,9 +39,6 @@ _TMP_MARK = ".fastsd-tmp-"
 T = TypeVar("T")
 
 
-COLAB_MOUNT = Path(os.environ.get("FASTSD_DRIVE_MOUNT") or "/content/gdrive")
-
-
 def is_mounted() -> bool:
     """Whether Drive is mounted and answering. A dead FUSE mount raises OSError (Errno 107
     on Python 3.11+) instead of returning False: that counts as not mounted."""

@@ -62,6 +62,33 @@ def device_info() -> DeviceInfo:
     return DeviceInfo("cpu", platform.processor() or platform.machine() or "CPU")
 
 
+def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
+    """The NVIDIA GPUs as the driver reports them (``nvidia-smi``), without importing torch:
+    a kernel that asked torch instead would hold a CUDA context (several hundred MB of VRAM
+    that training in its child process then lacks) until the runtime restarts. None when
+    there is no NVIDIA driver; an empty list when it lists no GPU."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.free,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode:
+        return None
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        name, free, total = (x.strip() for x in line.rsplit(",", 2))
+        gpus.append(DeviceInfo("cuda", name, round(float(free) / 1024, 2),
+                               round(float(total) / 1024, 2)))
+    return gpus
+
+
 def report(workspace: Path) -> dict:
     """What a user (or a bug report) needs to know about this runtime."""
     import platform

@@ -1,7 +1,9 @@
 """Sessions: one Drive folder per subject, the only state that outlives a Colab runtime.
 
-A session folder holds ``session.json`` (schema version and settings) and the folders of
-``sessions_template/``: instance_images/, captions/, checkpoints/, models/, outputs/.
+A session folder holds ``session.json`` (schema version and settings), a README.txt that
+says what is where (``fastsd/session_readme.txt``, shipped inside the package so a regular
+install on Colab has it) and the folders instance_images/, captions/, checkpoints/,
+models/, outputs/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ log = logging.getLogger("fastsd")
 SCHEMA_VERSION = 2
 SESSION_FILE = "session.json"
 MAX_NAME = 64
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "sessions_template"
+README = Path(__file__).resolve().parent / "session_readme.txt"  # package data
 FOLDERS = ("instance_images", "captions", "checkpoints", "models", "outputs")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -166,17 +168,16 @@ def _session_path(name: str, ws: Workspace) -> Path:
 
 
 def create(name: str, root: Root = None, **settings: Any) -> Session:
-    """Create a session from sessions_template/ with the given settings."""
+    """Create a session (its folders and README) with the given settings."""
     ws = Workspace.current(root)
     path = _session_path(name, ws)
     if path.exists():
         raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
                             "Load it, or choose another name.")
     with drive.atomic_folder(path) as tmp:
-        shutil.copytree(TEMPLATE_DIR, tmp, dirs_exist_ok=True)
+        shutil.copyfile(README, tmp / "README.txt")
         for f in FOLDERS:
             (tmp / f).mkdir(exist_ok=True)
-            (tmp / f / ".keep").unlink(missing_ok=True)
         session = Session(path.name, tmp, ws, {**DEFAULT_SETTINGS, **settings}, time.time())
         session.save()
     session.path = path

@@ -5,14 +5,26 @@ FASTSD_SOURCE = "/content/gdrive/MyDrive/Fast-Dreambooth/fastsd"  #@param {type:
 Restart_If_Needed = False  #@param {type:"boolean"}
 #@markdown Tick to install fastsd again from the source after you updated it.
 Update_fastsd = False  #@param {type:"boolean"}
-import importlib, importlib.util, subprocess, sys
+import importlib, importlib.util, json, os, shutil, subprocess, sys
+# Tests (and fastsd's CI) fill the form from FASTSD_FORM, as every later cell does.
+FASTSD_SOURCE = json.loads(os.environ.get("FASTSD_FORM") or "{}").get("FASTSD_SOURCE", FASTSD_SOURCE)
 if importlib.util.find_spec("fastsd") is None or Update_fastsd:
     if FASTSD_SOURCE.startswith("/content/gdrive"):
         from google.colab import drive as _gdrive
         _gdrive.mount("/content/gdrive")
-    # A regular install (not editable) is importable at once, in this same kernel.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--force-reinstall", "--no-build-isolation", FASTSD_SOURCE], check=True)
+    # A regular install (not editable) is importable at once, in this same kernel; with uv
+    # (Colab has it) when there is one, pip otherwise. Never from a cached build: the
+    # source may have changed since.
+    _uv = shutil.which("uv") or shutil.which("uv", path=os.path.dirname(sys.executable))
+    _how = ([_uv, "pip", "install", "-q", "--python", sys.executable,
+             "--reinstall-package", "fastsd", "--no-cache"] if _uv else
+            [sys.executable, "-m", "pip", "install", "-q", "--force-reinstall"])
+    _src = FASTSD_SOURCE
+    if os.path.isdir(_src):  # built from a local copy: the build writes nothing into Drive
+        import tempfile
+        _src = shutil.copytree(_src, os.path.join(tempfile.mkdtemp(), "fastsd"), ignore=
+                               shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    subprocess.run(_how + ["--no-deps", "--no-build-isolation", _src], check=True)
     importlib.invalidate_caches()
 import logging
 logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)

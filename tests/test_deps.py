@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -107,7 +108,7 @@ def test_nothing_to_do_when_everything_is_installed(workspace):
 @pytest.fixture
 def local_index(dummy_wheels, monkeypatch):
     """pip's only source is a folder of wheels (no index), as an index would serve them."""
-    for k in [k for k in __import__("os").environ if k.startswith("PIP_")]:
+    for k in [k for k in os.environ if k.startswith("PIP_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -156,7 +157,7 @@ def test_restart_is_reported_for_an_upgraded_package_already_imported(workspace,
 
 
 def test_an_unreachable_index_is_an_offline_error(workspace, monkeypatch):
-    for k in [k for k in __import__("os").environ if k.startswith("PIP_")]:
+    for k in [k for k in os.environ if k.startswith("PIP_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
@@ -182,3 +183,44 @@ def test_doctor_cli(workspace):
     from fastsd import cli
 
     assert cli.main(["doctor"]) == 0
+
+
+DOCTOR_IN_A_CHILD = """
+import json, sys
+from fastsd import deps
+checks = deps.doctor(requirements=[], deep={deep})
+print(json.dumps({{"checks": {{c.name: [c.value, c.ok] for c in checks}},
+                  "torch_imported": "torch" in sys.modules}}))
+"""
+
+
+def run_doctor(workspace, path: str, deep: bool = False) -> dict:
+    env = {**os.environ, "PATH": path, "FASTSD_HOME": str(workspace)}
+    out = subprocess.run([sys.executable, "-c", DOCTOR_IN_A_CHILD.format(deep=deep)],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_doctor_reads_the_gpu_from_the_driver_without_importing_torch(workspace, tmp_path):
+    # nvidia-smi cannot run on this machine (no GPU): a script answering its query as a T4's
+    # driver does stands in for it. Everything else is the real doctor in a fresh process.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n"
+                   "[ \"$1\" = --query-gpu=name,memory.free,memory.total ] || exit 9\n"
+                   "echo 'Tesla T4, 14930, 15360'\n")
+    smi.chmod(0o755)
+    got = run_doctor(workspace, f"{bin_dir}:/usr/bin:/bin")
+    assert got["torch_imported"] is False, "doctor must not load torch into the kernel"
+    assert got["checks"]["GPU"] == ["Tesla T4, 14.58 of 15.0 GB free", True]
+    # this machine's torch is a CPU build: with a GPU present that is a known problem
+    assert got["checks"]["known problem"][0] == "a GPU but a CPU-only torch"
+
+    none = run_doctor(workspace, "/usr/bin:/bin")
+    assert none["torch_imported"] is False
+    assert none["checks"]["GPU"] == ["none (no NVIDIA driver answers)", False]
+    assert "known problem" not in none["checks"]
+
+    deep = run_doctor(workspace, "/usr/bin:/bin", deep=True)
+    assert deep["torch_imported"] is True and deep["checks"]["GPU"][0].endswith("(cpu)")

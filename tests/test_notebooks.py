@@ -3,9 +3,13 @@
 * Every notebook is stored clean (no outputs), each code cell is a Colab form of valid
   Python with no shell magic and no ``input()``, and the install cell is the one in
   ``notebooks/install_cell.py`` (where fastsd comes from is set there, once).
-* Both notebooks run top to bottom through nbval (``pytest --nbval-lax``), unchanged: the
+* Both notebooks run top to bottom through nbval (``pytest --nbval-lax``), unchanged, in a
+  kernel of a fresh Colab-like runtime (tests/colab/runtime.py: Colab's torch, ipywidgets 7
+  and other preinstalls, uv), where the install cell installs fastsd as a user's does (a
+  regular install, not this checkout's editable one) and its pins from a wheelhouse. The
   workspace and the tiny models are chosen by environment variables (``FASTSD_HOME``, and
-  ``FASTSD_FORM``, which ``fastsd.env.form`` reads to fill each cell's form fields).
+  ``FASTSD_FORM``, which ``fastsd.env.form`` and the install cell read to fill each cell's
+  form fields).
 * Restarts: on a fresh kernel, install -> session -> convert works from the session alone;
   and install -> session -> train resumes after the kernel was killed mid-training.
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import colab_module
 from hubstandin import hub  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,10 +155,69 @@ def kernel_env(home: Path, values: dict) -> dict:
             "TRANSFORMERS_OFFLINE": "1"}
 
 
-def nbval(notebook: str, env: dict) -> None:
+COLAB_KERNEL = "colab-runtime"
+
+
+@pytest.fixture(scope="module")
+def colab_kernel(tmp_path_factory) -> dict:
+    """A fresh Colab-like runtime with a Jupyter kernel named COLAB_KERNEL; returns the
+    environment that finds it (JUPYTER_PATH). fastsd is not installed in it: the notebook's
+    install cell does that, from FASTSD_SOURCE, a copy of this checkout."""
+    runtime = colab_module("runtime")
+    folder = tmp_path_factory.mktemp("colab-runtime")
+    python = runtime.fresh(folder / "venv", with_uv=True)
+    source = runtime.source_copy(folder / "fastsd-source")
+    # Not this checkout's venv: the kernel's PATH has no .venv/bin in it.
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p != str(Path(sys.executable).parent))
+    jupyter = runtime.kernelspec(folder / "jupyter", python, {"PATH": path}, COLAB_KERNEL)
+    return {"JUPYTER_PATH": str(jupyter), "source": str(source), "python": python}
+
+
+def wheels_cache() -> Path:
+    """Wheelhouses kept between test runs, as a user's Drive keeps them between runtimes."""
+    return colab_module("runtime").cache_dir() / "workspace-wheels"
+
+
+def lend_wheels(home: Path) -> None:
+    """Put the kept wheelhouses into ``home`` (links, or copies across file systems)."""
+    import shutil
+
+    if wheels_cache().is_dir():
+        def link(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        shutil.copytree(wheels_cache(), home / "wheels", copy_function=link,
+                        dirs_exist_ok=True)
+
+
+def keep_wheels(home: Path) -> None:
+    """Keep any wheelhouse the install cell built in ``home`` for the next test run."""
+    import shutil
+
+    for house in (home / "wheels").glob("*/manifest.json"):
+        dest = wheels_cache() / house.parent.name
+        if not dest.exists():
+            tmp = wheels_cache() / f".{house.parent.name}-{os.getpid()}"
+            shutil.copytree(house.parent, tmp)
+            os.replace(tmp, dest)
+
+
+def colab_env(home: Path, values: dict, kernel: dict) -> dict:
+    """kernel_env for the Colab-like runtime: the install cell's source in the form, and
+    the kernel found on JUPYTER_PATH."""
+    return {**kernel_env(home, {"FASTSD_SOURCE": kernel["source"], **values}),
+            "JUPYTER_PATH": kernel["JUPYTER_PATH"]}
+
+
+def nbval(notebook: str, env: dict, kernel: str | None = None) -> None:
     """``pytest --nbval-lax`` on one notebook: every cell must run without an error."""
+    named = [f"--nbval-kernel-name={kernel}"] if kernel else []
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "--nbval-lax", "--nbval-cell-timeout=600", str(NOTEBOOKS / notebook)],
+                          "--nbval-lax", "--nbval-cell-timeout=600", *named,
+                          str(NOTEBOOKS / notebook)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert re.search(r"\b(\d+) passed\b", res.stdout).group(1) == str(
@@ -191,23 +255,32 @@ def photos(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory, photos) -> Path:
-    """fast_dreambooth.ipynb run top to bottom by nbval, the web UI launched by cell 7;
-    returns the workspace."""
+def ran(tmp_path_factory, photos, colab_kernel) -> Path:
+    """fast_dreambooth.ipynb run top to bottom by nbval in the Colab-like runtime, the web
+    UI launched by cell 7; returns the workspace."""
     home = tmp_path_factory.mktemp("nbval-home")
+    lend_wheels(home)
     values = form(photos, Launch_Web_UI=True)
-    env = kernel_env(home, values)
+    env = colab_env(home, values, colab_kernel)
     try:
-        nbval("fast_dreambooth.ipynb", env)
+        nbval("fast_dreambooth.ipynb", env, COLAB_KERNEL)
     finally:
         home.joinpath("serving.txt").write_text(serving(env, values["Port"],
                                                         values["Password"]))
+        keep_wheels(home)
     return home
 
 
 @pytest.mark.timeout(1500)
-def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran):
+def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran, colab_kernel):
+    # The install cell installed fastsd into the runtime as a user's runs it: a regular
+    # install, with the files a session needs shipped inside the package.
+    where = subprocess.run([str(colab_kernel["python"]), "-c", "import fastsd; print("
+                            "fastsd.__file__)"], capture_output=True, text=True, check=True,
+                           cwd=colab_kernel["python"].parent)
+    assert "site-packages" in where.stdout, where.stdout
     s = ran / "sessions" / "nb_test"
+    assert (s / "README.txt").read_text().startswith("This folder is a fastsd training session")
     settings = json.loads((s / "session.json").read_text())["settings"]
     assert settings["base_model"] == "tiny-sd1" and settings["class_word"] == "cat"
     assert settings["resolution"] == 64
@@ -228,16 +301,16 @@ def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran):
 
 
 @pytest.mark.timeout(900)
-def test_webui_notebook_runs_under_nbval(ran):
+def test_webui_notebook_runs_under_nbval(ran, colab_kernel):
     """webui.ipynb on the session fast_dreambooth.ipynb trained: the session's model, the
     ControlNets of its family listed, our UI launched without a tunnel, then stopped."""
     values = {"Session": "nb_test", "Tunnel": "none", "Port": free_port(),
               "Password": "nb-secret-5678", "ControlNets": ""}
-    env = kernel_env(ran, values)
+    env = colab_env(ran, values, colab_kernel)
     log = ran / "sessions" / "nb_test" / "logs" / "webui.log"
     before = log.stat().st_mtime_ns
     try:
-        nbval("webui.ipynb", env)
+        nbval("webui.ipynb", env, COLAB_KERNEL)
     finally:
         out = serving(env, values["Port"], values["Password"], tries=1)
     # the launch cell started it (its log was written again); the Stop cell stopped it
@@ -383,6 +456,25 @@ def test_training_resumes_after_the_kernel_is_killed_mid_training(ran, workspace
     shown = re.findall(r"samples at step (\d+): ", k.text)
     assert shown[-1] == "20" and "step-0000020-0.png, step-0000020-1.png" in k.text
     assert k.text.count("[image/png]") == 2 * len(shown) + 1, k.text[-3000:]
+
+    # A caption changed since the checkpoints: Resume is refused with what to tick; ticking
+    # Accept_Changed_Photos goes on with the new caption.
+    caption = next((dst / "captions").glob("*.txt"))
+    caption.write_text(caption.read_text() + ", on a rug")
+    longer = {**values, "Resume": True, "Text_Encoder_Steps": 4}  # the last stage, longer
+    k = Kernel(kernel_env(workspace, longer), tmp_path)
+    try:
+        for n in ("1.", "2."):
+            k.run(cell(NB, n))
+        reply = k.wait(k.start(cell(NB, "6.")))
+        assert reply["status"] == "error" and "tick Accept_Changed_Photos" in k.text, k.text[-2000:]
+        ticked = cell(NB, "6.").replace("Accept_Changed_Photos = False",
+                                        "Accept_Changed_Photos = True")  # as the box does
+        k.run(ticked)
+    finally:
+        k.kill()
+    assert "Going on with changed training images or captions" in k.text, k.text[-3000:]
+    assert json.loads((dst / "session.json").read_text())["settings"]["train"]["text_steps"] == 4
 
 
 def sync() -> None:

@@ -154,8 +154,9 @@ def check_data(recorded: dict[str, str] | None, current: dict[str, str],
     if not accept_changed:
         raise DataError(
             f"The training images or captions changed since this run's checkpoint ({what}). "
-            "Put them back to resume exactly, start over with --restart, or go on with the "
-            "new ones with --accept-changed-data (the run then no longer matches an "
-            "uninterrupted one).")
+            "Put them back to resume exactly, start over with --restart (in the notebook: "
+            "tick Restart), or go on with the new ones with --accept-changed-data (in the "
+            "notebook: tick Accept_Changed_Photos); the run then no longer matches an "
+            "uninterrupted one.")
     log.warning("Going on with changed training images or captions (%s).", what)
     return True

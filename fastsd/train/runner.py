@@ -119,7 +119,8 @@ def gpu_count() -> int:
 
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
-            home: Path | None = None, gpus: int | None = None) -> list[str]:
+            accept_changed_data: bool = False, home: Path | None = None,
+            gpus: int | None = None) -> list[str]:
     """The child's command line."""
     gpus = gpu_count() if gpus is None else gpus
     if gpus > 1:
@@ -132,6 +133,8 @@ def command(session_name: str, settings=None, *, resume: bool = False, restart: 
         cmd.append("--resume")
     if restart:
         cmd.append("--restart")
+    if accept_changed_data:
+        cmd.append("--accept-changed-data")
     if home is not None:
         cmd += ["--home", str(home)]
     if settings is not None:
@@ -166,7 +169,7 @@ def _oom_message(settings) -> str:
 
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
-                   grace: float = 120.0,
+                   accept_changed_data: bool = False, grace: float = 120.0,
                    env: dict | None = None) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
 
@@ -177,7 +180,7 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     from tqdm.auto import tqdm
 
     cmd = command(session.name, settings, resume=resume, restart=restart,
-                  home=session.workspace.root)
+                  accept_changed_data=accept_changed_data, home=session.workspace.root)
     log.debug("starting %s", " ".join(cmd))
     # The child's own bars are off: its events drive one bar here.
     child_env = {**(os.environ if env is None else env), "TQDM_DISABLE": "1",
