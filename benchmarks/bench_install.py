@@ -136,7 +136,8 @@ def main() -> None:
                      for side, rs in runs.items())
     write_result("install", "Install cell: warm (Drive wheelhouse, no index) vs cold (index)",
                  rows, command=".venv/bin/python benchmarks/bench_install.py",
-                 notes=(f"Median of {RUNS} alternating runs per side, each figure on its own (whole "
+                 notes=(f"Median of {RUNS} alternating runs per side, each figure on its own "
+                        "(whole "
                         f"cell: {each}). Both sides run the notebook's install cell as it is, "
                         "in a fresh copy of the same Colab-like image (torch 2.13.0+cpu, "
                         "Colab's preinstalls, uv) with an empty uv cache and no pip cache, as "

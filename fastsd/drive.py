@@ -415,6 +415,25 @@ def atomic_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
     _fsync_dir(dst.parent)
 
 
+@contextlib.contextmanager
+def staged_folder(dst: str | os.PathLike[str]) -> Iterator[Path]:
+    """A folder to write into that becomes ``dst`` whole on a clean exit, as
+    :func:`atomic_folder`. On Colab's Drive it is written on the local disk first and then
+    copied with :func:`copy_tree` (which remounts and retries after a drop); the local copy
+    is removed only once the Drive copy is whole."""
+    dst = Path(dst)
+    if not _drive_path(dst):
+        with atomic_folder(dst) as tmp:
+            yield tmp
+        return
+    local = Path(tempfile.mkdtemp(prefix=_TMP_MARK, suffix="-" + dst.name))
+    try:
+        yield local
+        copy_tree(local, dst)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str],
               attempts: int | None = None, delay: float | None = None) -> Path:
     """Copy a folder so that ``dst`` appears whole or not at all.

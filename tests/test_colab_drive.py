@@ -324,3 +324,56 @@ def test_models_are_read_from_a_local_copy_never_mapped_from_drive(fuse_drive, t
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         assert mm[:] == data  # from Drive this read would be a SIGBUS
     assert models.stage(tmp_path) == tmp_path, "off Drive, the path itself"
+
+
+@pytest.mark.timeout(900)
+def test_training_with_drops_mid_sample_and_mid_model_export_completes(
+        fuse_drive, monkeypatch, tiny_sd1):
+    """Drive drops while a sample image is copied to Drive and while the trained model is:
+    both are staged on the local disk, so training remounts, goes on and ends with every
+    sample and a whole model that diffusers loads."""
+    import tempfile
+
+    from PIL import Image
+
+    from test_train_resume import make_subject_session
+
+    from fastsd import session
+    from fastsd.train import TrainSettings, train
+
+    root = Workspace.current().root
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    (root / "models" / "tiny-sd1").symlink_to(tiny_sd1)
+    make_subject_session("drops", root)
+    real, cut_sample, cut_export = drive._open_dest, kill_after_writes(1), kill_after_writes(1)
+    seen = []
+
+    def open_dest(path, mode="wb"):
+        p = Path(path)
+        if p.parent.name == "samples" and "sample" not in seen:
+            seen.append("sample")  # the first sample image on its way to Drive
+            return cut_sample(path, mode)
+        exporting = any(x.startswith(".fastsd-tmp-") and x.endswith("-drops") for x in p.parts)
+        if exporting and p.parent.name == "unet" and "export" not in seen:
+            seen.append("export")  # the model's UNet weights on their way to Drive
+            return cut_export(path, mode)
+        return real(path, mode)
+
+    monkeypatch.setattr(drive, "_open_dest", open_dest)
+    train(session.load("drops", root), TrainSettings(**{**TRAIN, "sample_every": 3,
+                                                         "sample_steps": 2}))
+    assert seen == ["sample", "export"] and remounts() == [True, True]
+    s = session.load("drops", root)
+    samples = sorted((s.outputs / "samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step-0000003-0.png", "step-0000006-0.png"]
+    for p in samples:
+        with Image.open(p) as im:
+            im.verify()
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(s.models / "drops")
+    assert pipe.unet.config.sample_size == StableDiffusionPipeline.from_pretrained(
+        tiny_sd1).unet.config.sample_size
+    assert temporaries(root) == []
+    assert not list(Path(tempfile.gettempdir()).glob(".fastsd-tmp-*-drops")), \
+        "the local copy is removed once the Drive copy is whole"

@@ -773,13 +773,13 @@ def export(run: Run) -> TrainResult:
 
 
 def export_model(parts: Parts, dest: Path, precision: str) -> Path:
-    """Save the pipeline in diffusers format into ``dest``, whole or not at all (into a
-    temporary folder beside it, which the next run removes if this one is killed)."""
+    """Save the pipeline in diffusers format into ``dest``, whole or not at all (staged
+    locally when ``dest`` is on Drive, so a drop mid-export remounts and goes on)."""
     import torch
 
     if precision == "fp16":
         parts.pipe.to(dtype=torch.float16)
-    with drive.atomic_folder(dest) as tmp:
+    with drive.staged_folder(dest) as tmp:
         parts.pipe.save_pretrained(tmp, safe_serialization=True)
     return dest
 
