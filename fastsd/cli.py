@@ -87,6 +87,12 @@ def _doctor(args: argparse.Namespace) -> None:
         print("\nSome checks failed; the lines marked BAD say what to do.")
 
 
+def _install(args: argparse.Namespace) -> None:
+    from fastsd import deps
+
+    print(deps.install(home(args), build=not args.offline, installer=args.installer).summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastsd", description="DreamBooth for Stable Diffusion: sessions, images, "
@@ -133,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "torch; finds a torch that cannot use the driver)")
     add_home(p)
     p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("install", help="install every missing or mismatched pin from the "
+                       "Drive wheelhouse (built from the index the first time)")
+    p.add_argument("--offline", action="store_true", help="never use the index: fail if the "
+                   "wheelhouse cannot be used")
+    p.add_argument("--installer", choices=("uv", "pip"), help="default: uv when present")
+    add_home(p)
+    p.set_defaults(func=_install)
 
     p = sub.add_parser("demo", help="run the whole job end to end on a tiny model, offline")
     p.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")

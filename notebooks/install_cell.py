@@ -24,8 +24,13 @@ if importlib.util.find_spec("fastsd") is None or Update_fastsd:
         import tempfile
         _src = shutil.copytree(_src, os.path.join(tempfile.mkdtemp(), "fastsd"), ignore=
                                shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
-    subprocess.run(_how + ["--no-deps", "--no-build-isolation", _src], check=True)
+    if subprocess.run(_how + ["--no-deps", "--no-build-isolation", _src]).returncode:
+        raise SystemExit(f"fastsd could not be installed from {FASTSD_SOURCE!r} (the installer "
+                         "says why above). Set FASTSD_SOURCE to the folder holding fastsd's "
+                         "setup.py, a git+https:// URL or a .whl file, and run this cell again.")
     importlib.invalidate_caches()
+    for _m in [m for m in sys.modules if m == "fastsd" or m.startswith("fastsd.")]:
+        del sys.modules[_m]  # an updated fastsd: the cells below import the new one
 import logging
 logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
 from fastsd import deps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -51,7 +52,14 @@ def colab_drive(tmp_path, monkeypatch):
     standin.unmount(mount)
 
 
-def run_cells(tmp_path, python, env, cells, name):
+def shown(output) -> str:
+    """What a cell output shows: its text, or an error's name, message and traceback."""
+    if output.get("output_type") == "error":
+        return "\n".join([f"{output['ename']}: {output['evalue']}", *output["traceback"]])
+    return output.get("text", "")
+
+
+def run_cells(tmp_path, python, env, cells, name, allow_errors=False):
     nb = nbformat.read(NOTEBOOKS / "fast_dreambooth.ipynb", as_version=4)
     install = nb.cells[1]
     fill_in(nb, {"FASTSD_SOURCE": str(runtime.source_copy(tmp_path / f"src-{name}"))})
@@ -61,14 +69,14 @@ def run_cells(tmp_path, python, env, cells, name):
     old = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(jpath)
     try:
-        NotebookClient(nb, timeout=600, kernel_name=name,
+        NotebookClient(nb, timeout=600, kernel_name=name, allow_errors=allow_errors,
                        resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
         if old is None:
             os.environ.pop("JUPYTER_PATH")
         else:
             os.environ["JUPYTER_PATH"] = old
-    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    return "".join(shown(o) for c in nb.cells for o in c.get("outputs", []))
 
 
 def value(text, key):
@@ -107,7 +115,18 @@ def test_install_cell_first_runtime_then_offline_from_the_wheelhouse(tmp_path, c
     standin.unmount(colab_drive["mount"])
     py2 = runtime.fresh(tmp_path / "runtime2", with_uv=True)
     env2 = runtime.offline_env(env1)
-    out2 = run_cells(tmp_path, py2, env2, lambda install: [install, CHECK], "rt2")
+    def wrong_then_right(install):
+        missing = str(tmp_path / "no-such-folder")
+        wrong = re.sub(r'^FASTSD_SOURCE = .*?  #@param', f"FASTSD_SOURCE = {missing!r}  #@param",
+                       install.source, count=1, flags=re.M)
+        assert wrong != install.source
+        return [wrong, install, CHECK]
+
+    out2 = run_cells(tmp_path, py2, env2, wrong_then_right, "rt2", allow_errors=True)
+    # A wrong source: one message that says what to set, not a traceback.
+    assert "SystemExit: fastsd could not be installed from" in out2 and \
+        "Set FASTSD_SOURCE to the folder" in out2, out2
+    assert "Traceback (most recent call last)" not in out2, out2
     assert value(out2, "FASTSD_FILE").startswith(str(tmp_path / "runtime2")), out2
     assert value(out2, "MISSING") == "[]", out2
     assert "with uv" in out2 and "built the wheelhouse" not in out2, out2

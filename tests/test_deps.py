@@ -185,6 +185,15 @@ def test_doctor_cli(workspace):
     assert cli.main(["doctor"]) == 0
 
 
+def test_install_cli_is_what_doctor_advises(workspace, capsys):
+    from fastsd import cli
+
+    bad = [c for c in deps.doctor(requirements=["diffusers==0.0.1"]) if not c.ok]
+    assert "`fastsd install`" in next(c.advice for c in bad if c.name == "pin diffusers")
+    assert cli.main(["install", "--offline"]) == 0  # this venv has every pin
+    assert "All pinned packages are installed." in capsys.readouterr().out
+
+
 DOCTOR_IN_A_CHILD = """
 import json, sys
 from fastsd import deps
