@@ -441,8 +441,9 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None,
         gpus = env.driver_gpus()
         if gpus:
             for i, d in enumerate(gpus):
-                checks.append(Check("GPU" if i == 0 else f"GPU {i}", f"{d.name}, "
-                                    f"{d.vram_free_gb} of {d.vram_total_gb} GB free"))
+                mem = (f"{d.vram_free_gb} of {d.vram_total_gb} GB free"
+                       if d.vram_total_gb is not None else "memory not reported")
+                checks.append(Check("GPU" if i == 0 else f"GPU {i}", f"{d.name}, {mem}"))
             if torch_v and not cuda:
                 checks.append(Check("known problem", "a GPU but a CPU-only torch", False,
                                     "Use Colab's own torch (do not reinstall torch), or "

@@ -81,11 +81,16 @@ def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
         return None
     if out.returncode:
         return None
+    def gib(mib: str) -> float | None:  # "[N/A]" on some GPUs (MIG slices)
+        try:
+            return round(float(mib) / 1024, 2)
+        except ValueError:
+            return None
+
     gpus = []
     for line in out.stdout.strip().splitlines():
         name, free, total = (x.strip() for x in line.rsplit(",", 2))
-        gpus.append(DeviceInfo("cuda", name, round(float(free) / 1024, 2),
-                               round(float(total) / 1024, 2)))
+        gpus.append(DeviceInfo("cuda", name, gib(free), gib(total)))
     return gpus
 
 
