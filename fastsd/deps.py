@@ -431,7 +431,7 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None,
     if torch_v and deep:
         try:
             d = env.device_info()
-            vram = f", {d.vram_free_gb} of {d.vram_total_gb} GB free" if d.is_cuda else ""
+            vram = f", {d.memory}" if d.is_cuda else ""
             checks.append(Check("GPU", f"{d.name} ({d.device}){vram}", d.is_cuda,
                                 "" if d.is_cuda else no_gpu))
         except Exception as e:  # a broken CUDA install is exactly what doctor reports
@@ -441,9 +441,7 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None,
         gpus = env.driver_gpus()
         if gpus:
             for i, d in enumerate(gpus):
-                mem = (f"{d.vram_free_gb} of {d.vram_total_gb} GB free"
-                       if d.vram_total_gb is not None else "memory not reported")
-                checks.append(Check("GPU" if i == 0 else f"GPU {i}", f"{d.name}, {mem}"))
+                checks.append(Check("GPU" if i == 0 else f"GPU {i}", f"{d.name}, {d.memory}"))
             if torch_v and not cuda:
                 checks.append(Check("known problem", "a GPU but a CPU-only torch", False,
                                     "Use Colab's own torch (do not reinstall torch), or "

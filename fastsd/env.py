@@ -45,6 +45,21 @@ class DeviceInfo:
     def is_cuda(self) -> bool:
         return self.device == "cuda"
 
+    @property
+    def memory(self) -> str:
+        """Its free and total memory, as a report shows them."""
+        if self.vram_total_gb is None:
+            return "memory not reported"
+        return f"{self.vram_free_gb} of {self.vram_total_gb} GB free"
+
+
+def _gib(mib: str) -> float | None:
+    """nvidia-smi's MiB figure in GiB; None for "[N/A]" (some GPUs, MIG slices)."""
+    try:
+        return round(float(mib) / 1024, 2)
+    except ValueError:
+        return None
+
 
 def device_info() -> DeviceInfo:
     """The best device torch can use here, with its free and total memory on CUDA."""
@@ -81,16 +96,10 @@ def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
         return None
     if out.returncode:
         return None
-    def gib(mib: str) -> float | None:  # "[N/A]" on some GPUs (MIG slices)
-        try:
-            return round(float(mib) / 1024, 2)
-        except ValueError:
-            return None
-
     gpus = []
     for line in out.stdout.strip().splitlines():
         name, free, total = (x.strip() for x in line.rsplit(",", 2))
-        gpus.append(DeviceInfo("cuda", name, gib(free), gib(total)))
+        gpus.append(DeviceInfo("cuda", name, _gib(free), _gib(total)))
     return gpus
 
 
