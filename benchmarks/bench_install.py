@@ -37,11 +37,9 @@ RUNS = 5
 
 
 def install_cell() -> str:
-    import nbformat
-    from test_notebooks import NOTEBOOKS
+    from test_notebooks import NOTEBOOKS, cell
 
-    nb = nbformat.read(NOTEBOOKS / "fast_dreambooth.ipynb", as_version=4)
-    return nb.cells[1].source
+    return cell(NOTEBOOKS / "fast_dreambooth.ipynb", "1.")
 
 
 PHASES = """
