@@ -47,6 +47,28 @@ def tiny_sdxl(tiny_root: Path) -> Path:
     return _tiny(tiny_root, "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet_sd1(tiny_root: Path) -> Path:
+    """The tiny ControlNet of tiny-sd1, as the registry's tiny-canny lays it out."""
+    from fastsd.models import tiny
+
+    return tiny.ensure_controlnet("sd1", tiny_root / "controlnet" / "sd1-tiny-canny")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_sdxl(tiny_root: Path) -> Path:
+    from fastsd.models import tiny
+
+    return tiny.ensure_controlnet("sdxl", tiny_root / "controlnet" / "sdxl-tiny-canny")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(tiny_root: Path) -> Path:
+    from fastsd.models import tiny
+
+    return tiny.ensure_refiner(tiny_root)
+
+
 @pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
 def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Path]:
     """Each tiny family in turn, as (family, folder)."""

@@ -99,6 +99,64 @@ def test_memory_policy_from_free_vram(free, weights, expect):
     assert p.fp16 is True and on == expect
 
 
+def on(policy: MemoryPolicy) -> set[str]:
+    return {k for k, v in policy.to_dict().items() if v and k != "fp16"}
+
+
+# fp32 sizes in GB, from the parameter counts: SD 1.5 (UNet, text encoder, VAE) 4.3,
+# SD 1.5 ControlNet 1.45; SDXL 10.3 + 0.5 + 2.8 + 0.3 = 13.9, SDXL ControlNet 5.0,
+# SDXL refiner 9.1
+SD15, SD15_CN, SDXL, SDXL_CN, REFINER = 4.3, 1.45, 13.9, 5.0, 9.1
+
+
+@pytest.mark.parametrize("what,weights,work,expect", [
+    ("SD 1.5 + ControlNet, 512", SD15 + SD15_CN, ("sd1", 512, 512, 1, 1), set()),
+    ("SD 1.5 + 2 ControlNets, hires 2x to 1024, batch 8", SD15 + SD15_CN,
+     ("sd1", 1024, 1024, 8, 2), {"vae_slicing"}),
+    ("SDXL + ControlNet, 1024", SDXL + SDXL_CN, ("sdxl", 1024, 1024, 1, 1), set()),
+    ("SDXL + ControlNet, hires 2x to 2048", SDXL + SDXL_CN, ("sdxl", 2048, 2048, 1, 1),
+     {"vae_slicing", "vae_tiling"}),
+    ("SDXL + 2 ControlNets + refiner, 1024", SDXL + 2 * SDXL_CN + REFINER,
+     ("sdxl", 1024, 1024, 1, 2), {"cpu_offload", "attention_slicing", "vae_slicing",
+                                  "vae_tiling"}),
+])
+def test_controlnet_and_hires_fix_on_a_t4_follow_the_estimate(what, weights, work, expect):
+    """The estimate of a request's working memory (a denoising step with its ControlNets,
+    the VAE's decode) raises the headroom the policy asks for: on a free T4 (14.5 GB) SDXL
+    with a ControlNet fits at 1024 but needs the tiled VAE at 2048 (hires fix's second
+    pass), and with two ControlNets and the refiner its weights need offload."""
+    from fastsd.webui import memory
+
+    est = memory.work_gb(*work)
+    assert on(MemoryPolicy().resolve(gpu(14.5), weights, est)) == expect, (what, est)
+    # the same weights at the model's native size ask for no more than before
+    plain = MemoryPolicy().resolve(gpu(14.5), weights)
+    assert on(plain) <= expect
+
+
+def test_the_work_estimate_grows_with_pixels_batch_and_controlnets():
+    from fastsd.webui import memory
+
+    one = memory.work_gb("sd1", 512, 512)
+    assert memory.work_gb("sd1", 1024, 1024)["step"] == pytest.approx(4 * one["step"], 0.01)
+    assert memory.work_gb("sd1", 512, 512, 3)["decode"] == pytest.approx(3 * one["decode"], 0.01)
+    assert memory.work_gb("sd1", 512, 512, 3)["decode_one"] == one["decode_one"]
+    assert memory.work_gb("sd1", 512, 512, controlnets=2)["step"] > one["step"]
+
+
+def test_weights_are_counted_from_the_tensor_headers(tiny_sd1, tmp_path):
+    """fp16 files count as their fp32 size (the policy halves it for fp16 itself)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastsd.webui import memory
+
+    save_file({"w": torch.zeros(1024, 256, dtype=torch.float16)}, tmp_path / "a.safetensors")
+    assert memory.weights_gb(tmp_path / "a.safetensors") == 1024 * 256 * 4 / 1024**3
+    files = sum(p.stat().st_size for p in tiny_sd1.rglob("*.safetensors"))
+    assert memory.weights_gb(tiny_sd1) == pytest.approx(files / 1024**3, rel=0.01)
+
+
 def test_memory_policy_on_cpu_and_overrides():
     cpu = DeviceInfo("cpu", "x86")
     assert MemoryPolicy().resolve(cpu, 4.0) == MemoryPolicy(False, False, False, False, False)

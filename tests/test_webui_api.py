@@ -31,18 +31,9 @@ from fastsd.webui.auth import BasicAuth  # noqa: E402
 from fastsd.webui.catalog import Catalog  # noqa: E402
 from fastsd.webui.engine import Engine  # noqa: E402
 from fastsd.webui.worker import Worker  # noqa: E402
+from webui_server import arr, b64png, one_thread  # noqa: E402,F401 (a fixture)
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 shared cores: threads fight and run 10x slower
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +65,9 @@ def url(server, path: str) -> str:
     return f"{server.url}/sdapi/v1/{path}"
 
 
-def arr(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
-
-
 def close(a, b) -> bool:
     """Equal up to float rounding (a batch of 2 and a batch of 1 round differently)."""
     return int(np.abs(arr(a) - arr(b)).max()) <= 3
-
-
-def b64png(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def gradient(seed: int = 0) -> Image.Image:
@@ -198,11 +179,11 @@ def test_lists_samplers_schedulers_models_loras_flags_memory(api, server):
 
 def test_unknown_fields_are_accepted_and_listed_as_ignored(server):
     body = {"prompt": "a cat", "width": SIZE, "height": SIZE, "steps": 2, "seed": 1,
-            "enable_hr": True, "my_plugin_field": {"x": 1}, "restore_faces": False}
+            "tiling": True, "my_plugin_field": {"x": 1}, "restore_faces": False}
     r = requests.post(url(server, "txt2img"), json=body, timeout=120)
     assert r.status_code == 200
     info = json.loads(r.json()["info"])
-    assert info["ignored_fields"] == ["enable_hr", "my_plugin_field"]
+    assert info["ignored_fields"] == ["my_plugin_field", "tiling"]
     assert r.json()["parameters"]["my_plugin_field"] == {"x": 1}
 
 

@@ -25,7 +25,8 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-MARKER = "fastsd_model.json"  # written last: a folder without it is not whole
+MARKER = "fastsd_model.json"
+CONTROLNET_DIR = "controlnet"  # under the workspace's models/: ControlNets of every family  # written last: a folder without it is not whole
 PARTIAL = ".partial"  # where a download in progress lives (resumable)
 FP16 = ".fp16."
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
@@ -196,13 +197,14 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
 class ControlNet:
     name: str
     family: str
-    repo: str
     preprocessor: str
+    repo: str = ""
     note: str = ""
+    tiny: bool = False  # built offline (fastsd.models.tiny), for the family's tiny model
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}"
+        return f"https://huggingface.co/{self.repo}" if self.repo else ""
 
 
 def controlnets(family: str | None = None) -> list[ControlNet]:
@@ -223,9 +225,13 @@ def controlnet(name: str, family: str) -> ControlNet:
 def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None) -> Path:
     """The local diffusers folder of a ControlNet, downloaded once into the workspace's
     shared ``models/controlnet/``."""
+    from fastsd.models import tiny
+
     ws = Workspace.current(ws)
     c = controlnet(name, family)
-    out = ws.models / "controlnet" / f"{family}-{name}"
+    out = ws.models / CONTROLNET_DIR / f"{family}-{name}"
+    if c.tiny:
+        return tiny.ensure_controlnet(family, out)
     if is_whole(out):
         return out
     partial = ws.models / PARTIAL / f"controlnet-{family}-{name}"

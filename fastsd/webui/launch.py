@@ -17,6 +17,7 @@ from typing import Any
 
 from fastsd import models, session as sessions
 from fastsd.errors import FastSDError, ModelError
+from fastsd.webui import controlnet
 from fastsd.webui.api import ServerInfo, create_app
 from fastsd.webui.auth import BasicAuth, generate_password, required
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog, Checkpoint
@@ -237,7 +238,10 @@ def generate(prompt: str = "", session=None, model: str | None = None, *,
     PIL images; in a notebook they are shown in the cell.
 
     ``settings`` are A1111's field names (negative_prompt, width, height, steps,
-    cfg_scale, sampler_name, scheduler, seed, batch_size, n_iter, init_images, mask, ...).
+    cfg_scale, sampler_name, scheduler, seed, batch_size, n_iter, init_images, mask,
+    enable_hr, hr_scale, refiner_checkpoint, ...); ``controlnet`` is a list of units, each
+    a dict of the ControlNet extension's fields (model, module, image as a PIL image,
+    weight, ...).
     Width and height default to the model's native size. Images go to the session's
     outputs/ like the API's. ``images[i].info["parameters"]`` holds each one's infotext.
     """
@@ -248,6 +252,9 @@ def generate(prompt: str = "", session=None, model: str | None = None, *,
     size = worker.engine.native_size
     settings.setdefault("width", size)
     settings.setdefault("height", size)
+    if settings.get("controlnet"):
+        settings["controlnet"] = controlnet.units(settings["controlnet"],
+                                                  bool(settings.get("init_images")))
     try:
         params = GenerationParams(prompt=prompt, **settings).validate()
     except TypeError as e:

@@ -1,18 +1,25 @@
 """How a pipeline sits in memory: precision and the memory savers, chosen from free VRAM.
 
 Every field left at None is chosen by :meth:`MemoryPolicy.resolve`; a field set to True or
-False is the user's override and is kept. The rules, for a model whose weights take W GB
-on the device and F GB free before it is loaded:
+False is the user's override and is kept. The rules, for weights that take W GB on the
+device (the model, its ControlNets and a refiner) and F GB free before any was loaded:
 
 * CUDA: fp16 weights and SDPA attention (PyTorch's fused kernel). CPU/MPS: fp32.
-* model CPU offload when F < W + 1 GB: the weights cannot sit on the GPU with room to work;
-* attention slicing when F < W + 2.5 GB, VAE slicing (one image decoded at a time) when
-  F < W + 4 GB, VAE tiling when F < W + 1.5 GB;
+* model CPU offload when F < W + 1 GB, or W + a denoising step's working memory: the
+  weights cannot sit on the GPU with room to work;
+* attention slicing when F < W + 2.5 GB; VAE slicing (one image decoded at a time) when
+  F < W + 4 GB or W + the whole batch's decode; VAE tiling when F < W + 1.5 GB or W + one
+  image's decode;
 * on CPU none of them (they save no RAM worth their time there).
+
+The working memory of a request is estimated by :func:`work_gb` from its size, batch and
+ControlNet units, so a hires fix pass at twice the size or a ControlNet is planned for
+before it runs (the engine resolves the policy again for each request).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -20,6 +27,32 @@ OFFLOAD_HEADROOM_GB = 1.0
 SLICING_HEADROOM_GB = 2.5
 VAE_SLICING_HEADROOM_GB = 4.0
 VAE_TILING_HEADROOM_GB = 1.5
+
+#: Working memory beside the weights, fp16, in GB per megapixel of each image: the tensors
+#: alive at the peak of one denoising step of a CFG batch (the prompt and the negative
+#: prompt), of one ControlNet's part of that step, and of the VAE decoding one image.
+#: Measured by benchmarks/bench_webui.py on the real SD 1.5, SD 2.1 and SDXL architectures
+#: (random weights on PyTorch's meta device, no memory used), less the L x L attention
+#: scores that SDPA's fused kernels never store. A measurement of the architectures, not
+#: of a GPU: a real run adds the allocator's fragmentation, counted in CUDA_OVERHEAD_GB.
+STEP_GB_PER_MP = {"sd1": 0.53, "sd2": 0.55, "sdxl": 0.32}
+CONTROLNET_GB_PER_MP = {"sd1": 0.15, "sd2": 0.15, "sdxl": 0.12}
+VAE_DECODE_GB_PER_MP = 1.54
+VAE_TILE_GB = 0.45  # a tiled decode works on 512-px tiles whatever the image's size
+CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
+
+
+def work_gb(family: str, width: int, height: int, batch: int = 1,
+            controlnets: int = 0) -> dict[str, float]:
+    """The estimated working memory of a request at ``width`` x ``height``: ``step``, one
+    denoising step of the whole batch (with its ControlNets), ``decode``, the VAE decoding
+    the whole batch at once, and ``decode_one``, decoding one image."""
+    mp = width * height / 1e6
+    fam = family if family in STEP_GB_PER_MP else "sd1"
+    step = batch * mp * (STEP_GB_PER_MP[fam] + controlnets * CONTROLNET_GB_PER_MP[fam])
+    one = mp * VAE_DECODE_GB_PER_MP
+    return {"step": round(step, 3), "decode": round(batch * one, 3),
+            "decode_one": round(one, 3)}
 
 
 @dataclass(frozen=True)
@@ -30,20 +63,27 @@ class MemoryPolicy:
     vae_tiling: bool | None = None
     cpu_offload: bool | None = None
 
-    def resolve(self, device, weights_gb: float) -> "MemoryPolicy":
-        """Fill every None from ``device`` (fastsd.env.DeviceInfo) and the fp32 weight size."""
+    def resolve(self, device, weights_gb: float,
+                work: dict[str, float] | None = None) -> "MemoryPolicy":
+        """Fill every None from ``device`` (fastsd.env.DeviceInfo, its free VRAM before
+        anything was loaded), the weights' size in fp32 and a request's ``work``
+        (:func:`work_gb`; the size of a plain request at the model's native size when
+        None)."""
         cuda = device.device == "cuda"
         fp16 = cuda if self.fp16 is None else self.fp16
         w = weights_gb / 2 if fp16 else weights_gb
         free = device.vram_free_gb if cuda and device.vram_free_gb is not None else None
+        work = {k: v * (1 if fp16 else 2) for k, v in (work or {}).items()}
 
-        def short(headroom: float) -> bool:
+        def short(headroom: float, need: str = "") -> bool:
+            if need in work:
+                headroom = max(headroom, work[need] + CUDA_OVERHEAD_GB)
             return free is not None and free < w + headroom
 
-        auto = {"cpu_offload": short(OFFLOAD_HEADROOM_GB),
+        auto = {"cpu_offload": short(OFFLOAD_HEADROOM_GB, "step"),
                 "attention_slicing": short(SLICING_HEADROOM_GB),
-                "vae_slicing": short(VAE_SLICING_HEADROOM_GB),
-                "vae_tiling": short(VAE_TILING_HEADROOM_GB)}
+                "vae_slicing": short(VAE_SLICING_HEADROOM_GB, "decode"),
+                "vae_tiling": short(VAE_TILING_HEADROOM_GB, "decode_one")}
         return replace(self, fp16=fp16, **{k: v if getattr(self, k) is None else getattr(self, k)
                                           for k, v in auto.items()})
 
@@ -55,10 +95,25 @@ class MemoryPolicy:
         return [f.name for f in fields(cls)]
 
 
-def weights_gb(folder: Path) -> float:
-    """The size of a diffusers folder's weights as stored, in GB (fp32 for our models)."""
-    total = sum(p.stat().st_size for p in Path(folder).rglob("*")
-                if p.suffix in (".safetensors", ".bin") and p.is_file())
+def weights_gb(path: Path) -> float:
+    """The size in GB of the weights of a diffusers folder (or of one weights file) at 4
+    bytes a parameter, whatever precision they are stored in: parameters are counted from
+    the .safetensors headers (a .bin file by its size)."""
+    from fastsd.convert.tensors import open_tensors
+    from fastsd.errors import DataError
+
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    total = 0
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with open_tensors(f) as t:
+                    total += 4 * sum(math.prod(t.info(k).shape) for k in t.keys())
+            except DataError:  # a damaged file: its size; loading it says what is wrong
+                total += f.stat().st_size
+        elif f.suffix == ".bin":
+            total += f.stat().st_size
     return total / 1024**3
 
 
@@ -73,10 +128,16 @@ def apply(pipe, policy: MemoryPolicy, device: str) -> None:
 
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         pipe.vae.set_attn_processor(AttnProcessor2_0())
-    if policy.attention_slicing:
-        pipe.enable_attention_slicing()
+    adjust(pipe, policy)
+
+
+def adjust(pipe, policy: "MemoryPolicy") -> None:
+    """Turn the VAE and attention savers of ``pipe`` on or off as a request's ``policy``
+    says (offload is set where the pipeline is made, fastsd.webui.engine)."""
     (pipe.vae.enable_slicing if policy.vae_slicing else pipe.vae.disable_slicing)()
     (pipe.vae.enable_tiling if policy.vae_tiling else pipe.vae.disable_tiling)()
+    if policy.attention_slicing:
+        pipe.enable_attention_slicing()
 
 
 def free_memory() -> None:
