@@ -308,8 +308,12 @@ class Engine:
         for unit in units:
             try:
                 wanted.append(self.catalog.controlnet(unit.model))
-            except ModelError as e:
-                raise InvalidRequest(f"{unit.where('model')}: {e}") from None
+            except ModelError:
+                self.catalog.refresh()  # one downloaded since the list was read
+                try:
+                    wanted.append(self.catalog.controlnet(unit.model))
+                except ModelError as e:
+                    raise InvalidRequest(f"{unit.where('model')}: {e}") from None
         titles = tuple(c.title for c in wanted)
         if not titles:
             return titles
