@@ -307,6 +307,22 @@ def test_a_single_file_controlnet_and_switching_frees_the_previous_one(
     shutil.rmtree(single.parent)
 
 
+def test_in_process_generate_takes_controlnet_units(api, server, home):
+    """The notebook's fastsd.webui.generate, on the server's own worker: units as dicts of
+    the extension's fields, the image a PIL image."""
+    kw = dict(width=SIZE, height=SIZE, seed=7, steps=2, show=False, save=False,
+              model="tiny-sd1")
+    plain = launch.generate("a cat", root=home, **kw)
+    with_cn = launch.generate("a cat", root=home, controlnet=[
+        {"model": "sd1-tiny-canny", "image": edges(4), "module": "none"}], **kw)
+    assert server.app.state.worker is launch._current["worker"]
+    assert not same(plain[0], with_cn[0])
+    assert "ControlNet 0: " in with_cn[0].info["parameters"]
+    with pytest.raises(controlnet.InvalidRequest, match=r"controlnet.args\[0\].weight"):
+        launch.generate("a cat", root=home, controlnet=[
+            {"model": "sd1-tiny-canny", "image": edges(4), "weight": 5}], **kw)
+
+
 # --------------------------------------------------------------------------- hires fix
 
 

@@ -33,9 +33,11 @@ VAE_TILING_HEADROOM_GB = 1.5
 #: prompt), of one ControlNet's part of that step, and of the VAE decoding one image.
 #: Measured by benchmarks/bench_webui.py on the real SD 1.5, SD 2.1 and SDXL architectures
 #: (random weights on PyTorch's meta device, no memory used), less the L x L attention
-#: scores that SDPA's fused kernels never store. A measurement of the architectures, not
-#: of a GPU: a real run adds the allocator's fragmentation, counted in CUDA_OVERHEAD_GB.
-STEP_GB_PER_MP = {"sd1": 0.53, "sd2": 0.55, "sdxl": 0.32}
+#: scores that SDPA's fused kernels never store: 0.52, 0.52 and 0.315 for the step, 0.144,
+#: 0.144 and 0.115 for a ControlNet, 1.536 for the decode (rounded up here). A measurement
+#: of the architectures, not of a GPU: a real run adds the allocator's fragmentation,
+#: counted in CUDA_OVERHEAD_GB.
+STEP_GB_PER_MP = {"sd1": 0.52, "sd2": 0.52, "sdxl": 0.32}
 CONTROLNET_GB_PER_MP = {"sd1": 0.15, "sd2": 0.15, "sdxl": 0.12}
 VAE_DECODE_GB_PER_MP = 1.54
 VAE_TILE_GB = 0.45  # a tiled decode works on 512-px tiles whatever the image's size
