@@ -134,10 +134,10 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
 
 
 def test_an_out_of_memory_child_is_a_message_with_what_to_lower(workspace, monkeypatch):
-    from fastsd import session
+    from conftest import tiny_session
     from fastsd.train import TrainSettings, runner
 
-    s = session.create("oom", workspace, base_model="tiny-sd1")
+    s = tiny_session("oom", workspace)
     child = ("import sys; print('step 1'); sys.stderr.write('torch.OutOfMemoryError: CUDA out "
              "of memory. Tried to allocate 2.00 GiB\\n'); sys.exit(1)")
     monkeypatch.setattr(runner, "command", lambda *a, **k: [sys.executable, "-c", child])

@@ -161,6 +161,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    base_name = session.base_model  # none chosen yet: say how, before anything else
     ckroot = Path(session.checkpoints)
     given = resume_mod.given_options(settings)
     data.clean_local_leftovers()
@@ -214,7 +215,6 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     # ---- model, and what the checkpoint must match
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
-    base_name = session.settings["base_model"]
     model_dir = models.stage(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,

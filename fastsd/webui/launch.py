@@ -68,8 +68,8 @@ def default_checkpoint(catalog: Catalog, session, model: str | None,
     trained = trained_model(session)
     if trained is None:
         log.warning("Session %s has no trained model yet; using its base model %s",
-                    session.name, session.settings["base_model"])
-        return catalog.add(models.resolve_model(session.settings["base_model"], ws))
+                    session.name, session.base_model)
+        return catalog.add(models.resolve_model(session.base_model, ws))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
 
