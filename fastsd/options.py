@@ -64,6 +64,9 @@ OPTIONS: dict[str, Option] = {
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
     "change_base_model": Option(SESSION_SET, None, ((TRAIN_NB, 3, "Change_Base_Model"),)),
+    # photos (fastsd images import; cell 4)
+    "source": Option("fastsd images import SESSION PHOTOS", None,
+                     ((TRAIN_NB, 4, "Source"),)),
     # training (fastsd train; cell 6)
     "resume": Option(TRAIN, "--resume", _t("Resume")),
     "restart": Option(TRAIN, "--restart", _t("Restart")),
