@@ -127,6 +127,8 @@ def assigned(source: str) -> set[str]:
             names.add(n.name)
         elif isinstance(n, ast.arg):
             names.add(n.arg)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            names.add(n.name)
     return names
 
 
@@ -652,8 +654,54 @@ def test_on_colab_the_web_ui_says_that_colab_restricts_it(workspace, monkeypatch
     assert defaults(NB, 7)["Launch_Web_UI"] is False
 
 
+def project_url() -> str:
+    """setup.py's ``url``: the project's public address, kept there only."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    return next(ast.literal_eval(k.value) for k in call.keywords if k.arg == "url")
+
+
+def default_source() -> str:
+    """The install cell's default: the archive of the main branch at that address."""
+    return project_url().rstrip("/") + "/archive/refs/heads/main.zip"
+
+
+COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]*?/notebooks/"
+                        r"([\w.-]+\.ipynb)")
+
+
+def colab_link(notebook: str) -> str:
+    from urllib.parse import urlparse
+
+    return (f"https://colab.research.google.com/github{urlparse(project_url()).path}"
+            f"/blob/main/notebooks/{notebook}")
+
+
+def synced_install_cell() -> str:
+    """install_cell.py with its default source made from setup.py's url."""
+    return re.sub(r'^(FASTSD_SOURCE = )".*?"(  #@param)', lambda m: f'{m[1]}"{default_source()}"{m[2]}',
+                  INSTALL_CELL.read_text(), count=1, flags=re.M)
+
+
+def test_the_public_address_is_setup_pys_url():
+    """The install cell installs from setup.py's url by default and the README's Colab
+    links open the notebooks there (python tests/test_notebooks.py writes both)."""
+    assert INSTALL_CELL.read_text() == synced_install_cell(), \
+        "run python tests/test_notebooks.py"
+    assert defaults(NB, 1)["FASTSD_SOURCE"] == default_source()
+    links = COLAB_LINK.findall((REPO / "README.md").read_text())
+    assert sorted(links) == [p.name for p in ALL]
+    readme = (REPO / "README.md").read_text()
+    assert all(colab_link(name) in readme for name in links), "run python tests/test_notebooks.py"
+
+
 def sync() -> None:
-    """Copy notebooks/install_cell.py into the install cell of every notebook."""
+    """Write setup.py's url into install_cell.py and the README's Colab links, and copy
+    install_cell.py into the install cell of every notebook."""
+    INSTALL_CELL.write_text(synced_install_cell())
+    readme = REPO / "README.md"
+    readme.write_text(COLAB_LINK.sub(lambda m: colab_link(m[1]), readme.read_text()))
     text = INSTALL_CELL.read_text().rstrip("\n")
     for path in ALL:
         nb = nbformat.read(path, as_version=4)
