@@ -50,7 +50,8 @@ def test_flags_name_the_model_folders_the_model_and_the_password_file(tmp_path):
     view = external.ModelView(folder / "c", folder / "l", folder / "n", folder / "c" / "m.ckpt")
     args = external.ui_args(7861, auth_file, view, cpu=True)
     assert "--api" in args and flag(args, "--port") == "7861"
-    assert flag(args, "--ckpt-dir") == str(folder / "c") and flag(args, "--ckpt") == str(view.chosen)
+    assert flag(args, "--ckpt-dir") == str(folder / "c")
+    assert flag(args, "--ckpt") == str(view.chosen)
     assert flag(args, "--lora-dir") == str(folder / "l")
     assert flag(args, "--gradio-auth-path") == str(auth_file)
     assert "--skip-torch-cuda-test" in args and "--listen" not in args
@@ -345,6 +346,17 @@ def test_a_session_without_a_model_named_gives_its_trained_file(launched):
     assert model == dog.models / "dog"
     assert external.single_file(model, ws) == dog.models / "dog.safetensors"
     assert external.chosen_model(None, sessions.create("new", ws), ws) is None
+
+
+def test_a_hub_model_becomes_a_file_of_the_workspace_listed_from_then_on(tmp_path, tiny_sd1):
+    ws = Workspace(tmp_path / "home")
+    snapshot = shutil.copytree(tiny_sd1, ws.hub_cache / "models--owner--name" / "snapshots" / "1")
+    single = external.single_file(snapshot, ws)
+    assert single == ws.models / external.SINGLE_FILES / "owner--name.safetensors"
+    assert [p.name for p in snapshot.parent.iterdir()] == ["1"]  # the Hub cache untouched
+    view = external.link_models(tmp_path / "ui", ws)
+    assert [p.name for p in view.checkpoints.iterdir()] == [single.name]
+    assert view.chosen is None
 
 
 def test_the_ui_installs_its_pins_into_its_own_venv_and_fastsd_keeps_its_own(launched):

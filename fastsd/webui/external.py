@@ -227,8 +227,11 @@ def chosen_model(model: str | os.PathLike[str] | None, session: Session | None,
 def _own_folder(model: Path, ws: Workspace) -> bool:
     """Whether ``model`` is a folder of the workspace's or a session's models/, where its
     single file belongs beside it (the layout the trainer and the catalog use)."""
-    parent = model.parent
-    return parent == ws.models or (parent.name == "models" and parent.parent.parent == ws.sessions)
+    try:
+        parts = model.relative_to(ws.sessions).parts  # NAME/models/MODEL
+    except ValueError:
+        return model.parent == ws.models
+    return len(parts) == 3 and parts[1] == "models"
 
 
 def _label(model: Path, ws: Workspace) -> str:
@@ -314,13 +317,14 @@ def link_models(folder: Path, ws: Workspace, chosen: Path | None = None,
     the files made for these UIs), LoRAs and ControlNets. Only links are removed."""
     view = ModelView(folder / VIEW / "Stable-diffusion", folder / VIEW / "Lora",
                      folder / CONTROLNET_VIEW, None)
-    for d in (view.checkpoints, view.loras, view.controlnets, folder / "models" /
-              "Stable-diffusion"):
+    for d in (view.checkpoints, view.loras, view.controlnets):
         d.mkdir(parents=True, exist_ok=True)
         for p in d.iterdir():
-            if p.is_symlink() and (d != folder / "models" / "Stable-diffusion"
-                                   or p.name.startswith(OLD_LINK)):
+            if p.is_symlink():
                 p.unlink()
+    for p in (folder / "models" / "Stable-diffusion").glob(OLD_LINK + "*"):  # its own folder
+        if p.is_symlink():
+            p.unlink()
     names = [session.name] if session else []
     names += [n for n in sessions.list_sessions(ws) if n not in names]
     catalog = Catalog([sessions.load(n, ws).models for n in names] + [ws.models])
