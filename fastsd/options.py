@@ -89,6 +89,7 @@ OPTIONS: dict[str, Option] = {
     "port": Option("fastsd serve", "--port", ((TRAIN_NB, 7, "Port"), (WEBUI_NB, 4, "Port"))),
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
     # Drive space (fastsd space; cell 10)
+    "delete": Option("fastsd space", "--delete", ((TRAIN_NB, 10, "Delete"),)),
     "confirm_delete": Option("fastsd space", "--yes", ((TRAIN_NB, 10, "Confirm"),)),
 }
 
@@ -137,9 +138,11 @@ def _value(value: Any) -> str:
 
 def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
     """How to set ``settings`` here, as an imperative: each is an option's name (a flag,
-    or a box to tick) or (name, value). In a notebook: "tick Resume and set UNet_Steps to
-    2500 in cell 6 (Train)"; on the command line: "run 'fastsd train dog --resume
-    --unet-steps 2500'" (``session`` names the session in the command)."""
+    or a box to tick) or (name, value); a box's value False unticks it. In a notebook:
+    "tick Resume and set UNet_Steps to 2500 in cell 6 (Train)"; on the command line:
+    "run 'fastsd train dog --resume --unet-steps 2500'" (``session`` names the session in
+    the command). An option with no field (nor preset) in the notebooks is said as on the
+    command line, everywhere."""
     pairs = [(s, None) if isinstance(s, str) else s for s in settings]
     if notebook() is None:
         return _say_flags(pairs, session)
@@ -154,6 +157,8 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
             return _say_flags(pairs, session)
         if value is None and name in _BOXES:
             phrase = f"tick {field[2]}"
+        elif value is False and name in _BOXES:
+            phrase = f"untick {field[2]}"
         elif value is None:
             phrase = f"set {field[2]}"
         else:
@@ -178,11 +183,22 @@ def _say_flags(pairs: list[tuple[str, Any]], session: str) -> str:
     for name, value in pairs:
         option = OPTIONS[name]
         flags = commands.setdefault(option.command or "fastsd", [])
-        if option.flag:
-            flags.append(option.flag if value is None and name in _BOXES else
-                         f"{option.flag} {option.metavar if value is None else value}")
+        if option.flag and name in _BOXES:
+            flags += [option.flag] if value in (None, True) else []  # False: left out
+        elif option.flag:
+            flags.append(f"{option.flag} {option.metavar if value is None else value}")
     return " and ".join(f"run '{' '.join([c.replace('SESSION', session), *f])}'"
                         for c, f in commands.items())
+
+
+def name(option: str) -> str:
+    """An option as the user knows it here: its form field in a notebook ("UNet_Steps"),
+    its flag on the command line ("--unet-steps"); an option not in the table, as named."""
+    known = OPTIONS.get(option)
+    field = _field(known) if known is not None and notebook() is not None else None
+    if field is not None:
+        return field[2]
+    return known.flag if known is not None and known.flag else option
 
 
 def run(step: str, session: str = "SESSION") -> str:

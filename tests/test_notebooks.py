@@ -116,6 +116,36 @@ def test_each_cell_reads_only_names_it_makes_itself():
             assert not missing, f"{path.name}: {c.source.splitlines()[0]} reads {missing}"
 
 
+def test_the_options_table_names_real_cells_fields_and_flags():
+    """fastsd.options, which messages use to name what to set, agrees with the notebooks
+    (each cell's title, each field a form field of that cell) and with the CLI's parser."""
+    import argparse
+
+    from fastsd import options
+    from fastsd.cli import build_parser
+
+    def parser_of(command: str):
+        parser = build_parser()
+        words = command.split("--")[0].split()[1:]  # the subcommands, then its arguments
+        for word in [w for w in words if not w.isupper()]:
+            (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            parser = sub.choices[word]
+        return parser
+
+    for name, titles in options.CELLS.items():
+        heads = [c.source.splitlines()[0] for c in code_cells(NOTEBOOKS / name)]
+        assert len(heads) == len(titles)
+        for number, (head, title) in enumerate(zip(heads, titles), start=1):
+            assert head.startswith(f"#@title {number}. {title}"), head
+    for key, o in options.OPTIONS.items():
+        for nb, number, field in o.fields + ((o.preset[:3],) if o.preset else ()):
+            assert field in defaults(NOTEBOOKS / nb, number), (key, nb, number, field)
+        if o.flag:
+            assert o.flag in parser_of(o.command)._option_string_actions, (key, o.flag)
+    for command, _ in options.STEPS.values():
+        parser_of(command)
+
+
 def assigned(source: str) -> set[str]:
     names = set()
     for n in ast.walk(ast.parse(source)):
@@ -680,8 +710,9 @@ def colab_link(notebook: str) -> str:
 
 def synced_install_cell() -> str:
     """install_cell.py with its default source made from setup.py's url."""
-    return re.sub(r'^(FASTSD_SOURCE = )".*?"(  #@param)', lambda m: f'{m[1]}"{default_source()}"{m[2]}',
-                  INSTALL_CELL.read_text(), count=1, flags=re.M)
+    return re.sub(r'^(FASTSD_SOURCE = )".*?"(  #@param)',
+                  lambda m: f'{m[1]}"{default_source()}"{m[2]}', INSTALL_CELL.read_text(),
+                  count=1, flags=re.M)
 
 
 def test_the_public_address_is_setup_pys_url():

@@ -101,7 +101,7 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     if ui == "fastsd":
         cmd = serve_command(port, user, s.name if s else None, model, root)
         return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
-                                 health_path=background.HEALTH_PATH,
+                                 health_path=background.HEALTH_PATH, env=env.caller_env(),
                                  ready_timeout=ready_timeout)
     return external.start(ui, port, auth, model=model, session=s, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
