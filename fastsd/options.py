@@ -38,17 +38,23 @@ class Option:
     """One option: the command and flag that set it on the command line, and the form
     fields that set it in the notebooks, as (notebook, cell number, field). An option with
     no field of its own that a preset sets gives the field and value that set it in
-    ``preset`` (the notebook's GPU_Preset)."""
+    ``preset`` (the notebook's GPU_Preset). A ``box`` is ticked in the form and given
+    without a value on the command line."""
 
     command: str | None
     flag: str | None
     fields: tuple[tuple[str, int, str], ...] = ()
     preset: tuple[str, int, str, str] | None = None
     metavar: str = "N"
+    box: bool = False
 
 
 def _t(field: str) -> tuple[tuple[str, int, str], ...]:
     return ((TRAIN_NB, 6, field),)
+
+
+def _box(command: str, flag: str | None, *fields: tuple[str, int, str], **kw: Any) -> Option:
+    return Option(command, flag, fields, box=True, **kw)
 
 
 _T4 = (TRAIN_NB, 6, "GPU_Preset", "t4")  # batch 1, 8-bit Adam, gradient checkpointing
@@ -60,17 +66,17 @@ OPTIONS: dict[str, Option] = {
     "instance_token": Option(SESSION_SET, "--token", ((TRAIN_NB, 2, "Instance_Token"),)),
     "class_word": Option(SESSION_SET, "--class", ((TRAIN_NB, 2, "Class_Word"),)),
     "resolution": Option(SESSION_SET, "--resolution", ((TRAIN_NB, 2, "Resolution"),)),
-    "change_settings": Option(SESSION_SET, None, ((TRAIN_NB, 2, "Change_Settings"),)),
+    "change_settings": _box(SESSION_SET, None, (TRAIN_NB, 2, "Change_Settings")),
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
-    "change_base_model": Option(SESSION_SET, None, ((TRAIN_NB, 3, "Change_Base_Model"),)),
+    "change_base_model": _box(SESSION_SET, None, (TRAIN_NB, 3, "Change_Base_Model")),
     # photos (fastsd images import; cell 4)
     "source": Option("fastsd images import SESSION PHOTOS", None,
                      ((TRAIN_NB, 4, "Source"),)),
     # training (fastsd train; cell 6)
-    "resume": Option(TRAIN, "--resume", _t("Resume")),
-    "restart": Option(TRAIN, "--restart", _t("Restart")),
-    "accept_changed_data": Option(TRAIN, "--accept-changed-data", _t("Accept_Changed_Photos")),
+    "resume": _box(TRAIN, "--resume", *_t("Resume")),
+    "restart": _box(TRAIN, "--restart", *_t("Restart")),
+    "accept_changed_data": _box(TRAIN, "--accept-changed-data", *_t("Accept_Changed_Photos")),
     "unet_steps": Option(TRAIN, "--unet-steps", _t("UNet_Steps")),
     "unet_lr": Option(TRAIN, "--unet-lr", _t("UNet_Learning_Rate")),
     "text_steps": Option(TRAIN, "--text-steps", _t("Text_Encoder_Steps")),
@@ -79,10 +85,10 @@ OPTIONS: dict[str, Option] = {
     "checkpoint_every": Option(TRAIN, "--checkpoint-every", _t("Checkpoint_Every")),
     "sample_every": Option(TRAIN, "--sample-every", _t("Sample_Every")),
     "sample_prompts": Option(TRAIN, "--sample-prompt", _t("Sample_Prompts")),
-    "flip": Option(TRAIN, "--flip", _t("Flip_Images")),
+    "flip": _box(TRAIN, "--flip", *_t("Flip_Images")),
     "batch_size": Option(TRAIN, "--batch-size", preset=_T4),
-    "adam_8bit": Option(TRAIN, "--adam-8bit", preset=_T4),
-    "gradient_checkpointing": Option(TRAIN, "--gradient-checkpointing", preset=_T4),
+    "adam_8bit": _box(TRAIN, "--adam-8bit", preset=_T4),
+    "gradient_checkpointing": _box(TRAIN, "--gradient-checkpointing", preset=_T4),
     "save_precision": Option(TRAIN, "--save-precision", preset=_T4),
     "keep_checkpoints": Option(TRAIN, "--keep-checkpoints"),
     # the web UI (fastsd serve; cell 7, and webui.ipynb's cell 4)
@@ -90,7 +96,7 @@ OPTIONS: dict[str, Option] = {
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
     # Drive space (fastsd space; cell 10)
     "delete": Option("fastsd space", "--delete", ((TRAIN_NB, 10, "Delete"),)),
-    "confirm_delete": Option("fastsd space", "--yes", ((TRAIN_NB, 10, "Confirm"),)),
+    "confirm_delete": _box("fastsd space", "--yes", (TRAIN_NB, 10, "Confirm")),
 }
 
 #: Steps a message may ask for first: the command, and the cell that takes the step.
@@ -155,9 +161,9 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
             field = tuple(field)
         if field is None:  # only on the command line
             return _say_flags(pairs, session)
-        if value is None and name in _BOXES:
+        if value is None and option.box:
             phrase = f"tick {field[2]}"
-        elif value is False and name in _BOXES:
+        elif value is False and option.box:
             phrase = f"untick {field[2]}"
         elif value is None:
             phrase = f"set {field[2]}"
@@ -169,11 +175,6 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
     return "; ".join(f"{_and(p)} in {cell(where)}" for where, p in by_cell.items())
 
 
-#: Options that are a box to tick in the form (a flag without a value on the command line).
-_BOXES = {"resume", "restart", "accept_changed_data", "flip", "change_settings",
-          "change_base_model", "confirm_delete", "adam_8bit", "gradient_checkpointing"}
-
-
 def _and(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
@@ -183,7 +184,7 @@ def _say_flags(pairs: list[tuple[str, Any]], session: str) -> str:
     for name, value in pairs:
         option = OPTIONS[name]
         flags = commands.setdefault(option.command or "fastsd", [])
-        if option.flag and name in _BOXES:
+        if option.flag and option.box:
             flags += [option.flag] if value in (None, True) else []  # False: left out
         elif option.flag:
             flags.append(f"{option.flag} {option.metavar if value is None else value}")
