@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from fastsd import tunnel
+from fastsd.tunnel import auto, health
 from fastsd.errors import LaunchError
 from fastsd.webui import background
 from tunnel_helpers import AUTH, LocalForward, wait_until
@@ -171,7 +171,7 @@ def test_no_tunnel_without_a_password(log_path):
 
 
 def test_launch_with_a_tunnel_shows_its_url_and_keeps_it_open(log_path, monkeypatch):
-    monkeypatch.setitem(tunnel.PROVIDERS, "local", LocalForward)
+    monkeypatch.setitem(auto.PROVIDERS, "local", LocalForward)
     port = free_port()
     urls = []
     server = background.launch(command(port, delay=1.0), port, log_path, auth=AUTH,
@@ -179,14 +179,14 @@ def test_launch_with_a_tunnel_shows_its_url_and_keeps_it_open(log_path, monkeypa
     server.wait_ready(60)
     assert server.public_url and server.public_url != server.local_url
     assert urls == [server.public_url]
-    assert tunnel.check(server.public_url, AUTH) is None
+    assert health.check(server.public_url, AUTH) is None
     first = server.public_url
     LocalForward.processes[-1].kill()
     assert wait_until(lambda: len(urls) == 2, 30)
-    assert server.public_url == urls[1] != first and tunnel.check(urls[1], AUTH) is None
+    assert server.public_url == urls[1] != first and health.check(urls[1], AUTH) is None
     assert background.answers(server.local_url, AUTH) == 200  # the server kept running
     server.stop()
-    assert tunnel.check(urls[1], AUTH, timeout=2).startswith("no answer")
+    assert health.check(urls[1], AUTH, timeout=2).startswith("no answer")
 
 
 def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path):

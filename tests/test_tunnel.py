@@ -14,7 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fastsd import tunnel
+from fastsd.tunnel import auto, health, link, tools
+from fastsd.tunnel.base import Provider
+from fastsd.tunnel.keeper import Keeper
+from fastsd.tunnel.localtunnel import Localtunnel
 from fastsd.errors import TunnelError
 from tunnel_helpers import AUTH, AuthServer, LocalForward, wait_until
 
@@ -42,11 +45,11 @@ def _no_token(monkeypatch):
     monkeypatch.delenv("NGROK_AUTHTOKEN", raising=False)
 
 
-@pytest.mark.parametrize("name", tunnel.AUTO_ORDER)
+@pytest.mark.parametrize("name", auto.AUTO_ORDER)
 def test_each_provider_fails_fast_offline_with_its_reason(name, server):
     start = time.monotonic()
     with pytest.raises(TunnelError) as e:
-        tunnel.open_tunnel(server.port, AUTH, name, timeout=BOUND)
+        auto.open_tunnel(server.port, AUTH, name, timeout=BOUND)
     elapsed = time.monotonic() - start
     assert OFFLINE_REASONS[name] in str(e.value)
     assert f"  - {name}: failed after" in str(e.value)
@@ -55,10 +58,10 @@ def test_each_provider_fails_fast_offline_with_its_reason(name, server):
 
 def test_auto_tries_every_provider_and_reports_each_reason(server):
     with pytest.raises(TunnelError) as e:
-        tunnel.open_tunnel(server.port, AUTH, "auto", timeout=BOUND)
+        auto.open_tunnel(server.port, AUTH, "auto", timeout=BOUND)
     message = str(e.value)
     lines = [ln for ln in message.splitlines() if ln.startswith("  - ")]
-    assert [ln.split(":")[0][4:] for ln in lines] == list(tunnel.AUTO_ORDER)
+    assert [ln.split(":")[0][4:] for ln in lines] == list(auto.AUTO_ORDER)
     for name, reason in OFFLINE_REASONS.items():
         assert reason in message, name
 
@@ -69,7 +72,7 @@ def test_ngrok_with_a_token_fails_on_the_download_and_never_shows_the_token(
     monkeypatch.setenv("NGROK_AUTHTOKEN", secret)
     caplog.set_level(logging.DEBUG)
     with pytest.raises(TunnelError) as e:
-        tunnel.open_tunnel(server.port, AUTH, "ngrok", timeout=BOUND)
+        auto.open_tunnel(server.port, AUTH, "ngrok", timeout=BOUND)
     assert "could not download ngrok" in str(e.value)
     assert secret not in str(e.value) and secret not in caplog.text
 
@@ -77,12 +80,12 @@ def test_ngrok_with_a_token_fails_on_the_download_and_never_shows_the_token(
 def test_no_tunnel_without_a_password(server):
     for auth in (None, ("artist", ""), ("", "pw")):
         with pytest.raises(TunnelError, match="never opened without"):
-            tunnel.open_tunnel(server.port, auth, "auto", timeout=BOUND)
+            auto.open_tunnel(server.port, auth, "auto", timeout=BOUND)
 
 
 def test_unknown_provider_is_named():
     with pytest.raises(TunnelError, match="Unknown tunnel bore"):
-        tunnel.open_tunnel(1, AUTH, "bore")
+        auto.open_tunnel(1, AUTH, "bore")
 
 
 def test_a_provider_that_hangs_is_given_up_at_its_bound(server):
@@ -94,8 +97,8 @@ def test_a_provider_that_hangs_is_given_up_at_its_bound(server):
     try:
         start = time.monotonic()
         with pytest.raises(TunnelError, match="localtunnel gave no tunnel"):
-            tunnel.open_tunnel(server.port, AUTH, "localtunnel", timeout=2.0,
-                               providers={"localtunnel": lambda: tunnel.Localtunnel(host)})
+            auto.open_tunnel(server.port, AUTH, "localtunnel", timeout=2.0,
+                               providers={"localtunnel": lambda: Localtunnel(host)})
         assert 1.5 < time.monotonic() - start < 2.0 + SLACK
     finally:
         silent.close()
@@ -109,7 +112,7 @@ def test_a_binary_that_gives_no_url_is_stopped_at_the_bound(server, workspace):
     (folder / "version.json").write_text(json.dumps({"version": "0"}))
     start = time.monotonic()
     with pytest.raises(TunnelError) as e:
-        tunnel.open_tunnel(server.port, AUTH, "cloudflared", timeout=2.0)
+        auto.open_tunnel(server.port, AUTH, "cloudflared", timeout=2.0)
     assert "cloudflared gave no URL in time" in str(e.value)
     assert "starting quietly" in str(e.value)
     assert time.monotonic() - start < 2.0 + SLACK
@@ -139,47 +142,47 @@ def test_a_tool_is_fetched_once_with_its_version_recorded(workspace):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}/ngrok.tgz"
-    tool = tunnel.Tool("ngrok", "stable", {tunnel.platform_key(): url}, member="ngrok")
+    tool = tools.Tool("ngrok", "stable", {tools.platform_key(): url}, member="ngrok")
     try:
-        first = tunnel.ensure_tool(tool)
+        first = tools.ensure_tool(tool)
     finally:
         httpd.shutdown()
         httpd.server_close()
     record = json.loads((workspace / "tools" / "ngrok" / "version.json").read_text())
     assert record["version"] == "3.20.0" and record["url"] == url
     assert (workspace / "tools" / "ngrok" / "ngrok").read_bytes() == script
-    assert tunnel.tool_version(tool) == "3.20.0"
-    second = tunnel.ensure_tool(tool)  # the server is gone: the kept copy is used
+    assert tools.tool_version(tool) == "3.20.0"
+    second = tools.ensure_tool(tool)  # the server is gone: the kept copy is used
     assert second == first and hits == ["/ngrok.tgz"]
 
 
 def test_a_failed_download_leaves_nothing_behind(workspace):
     with pytest.raises(TunnelError, match="could not download cloudflared"):
-        tunnel.ensure_tool(tunnel.CLOUDFLARED)
+        tools.ensure_tool(tools.CLOUDFLARED)
     assert not [p for p in workspace.rglob("*") if p.is_file()]
 
 
 def test_health_is_checked_through_the_tunnel(server):
-    t = tunnel.open_tunnel(server.port, AUTH, "local", timeout=BOUND,
+    t = auto.open_tunnel(server.port, AUTH, "local", timeout=BOUND,
                            providers={"local": LocalForward})
     try:
         assert t.provider == "local" and t.url != f"http://127.0.0.1:{server.port}"
-        assert tunnel.check(t.url, AUTH) is None
-        assert "401" in tunnel.check(t.url, ("artist", "wrong"))
+        assert health.check(t.url, AUTH) is None
+        assert "401" in health.check(t.url, ("artist", "wrong"))
         assert [a.provider for a in t.attempts] == ["local"] and t.attempts[0].ok
     finally:
         t.close()
-    assert tunnel.check(t.url, AUTH, timeout=2).startswith("no answer")
+    assert health.check(t.url, AUTH, timeout=2).startswith("no answer")
 
 
 def test_auto_passes_over_a_failing_provider_to_a_working_one(server):
-    class Broken(tunnel.Provider):
+    class Broken(Provider):
         name = "broken"
 
         def open(self, port, deadline, root):
             raise TunnelError("this one is down")
 
-    t = tunnel.open_tunnel(server.port, AUTH, "auto", timeout=BOUND,
+    t = auto.open_tunnel(server.port, AUTH, "auto", timeout=BOUND,
                            providers={"broken": Broken, "local": LocalForward})
     try:
         assert [(a.provider, a.ok) for a in t.attempts] == [("broken", False), ("local", True)]
@@ -191,7 +194,7 @@ def test_auto_passes_over_a_failing_provider_to_a_working_one(server):
 def test_a_server_without_auth_gets_no_tunnel():
     with AuthServer(auth=None) as open_server:
         with pytest.raises(TunnelError, match="without a password"):
-            tunnel.open_tunnel(open_server.port, AUTH, "local", timeout=BOUND,
+            auto.open_tunnel(open_server.port, AUTH, "local", timeout=BOUND,
                                providers={"local": LocalForward})
     assert all(p.poll() is not None for p in LocalForward.processes)  # closed again
 
@@ -200,11 +203,11 @@ def test_keeper_reopens_a_dead_tunnel_while_the_server_keeps_running(server):
     providers = {"local": LocalForward}
 
     def reopen():
-        return tunnel.open_tunnel(server.port, AUTH, "local", BOUND, providers=providers)
+        return auto.open_tunnel(server.port, AUTH, "local", BOUND, providers=providers)
 
     first = reopen()
     changes = []
-    keeper = tunnel.Keeper(first, AUTH, reopen, changes.append, interval=0.3, failures=2)
+    keeper = Keeper(first, AUTH, reopen, changes.append, interval=0.3, failures=2)
     keeper.start()
     try:
         time.sleep(1.0)
@@ -213,26 +216,26 @@ def test_keeper_reopens_a_dead_tunnel_while_the_server_keeps_running(server):
         assert wait_until(lambda: changes, timeout=30)
         new = changes[0]
         assert new.url != first.url and keeper.tunnel is new and keeper.reopened == 1
-        assert tunnel.check(new.url, AUTH) is None
-        assert tunnel.check(f"http://127.0.0.1:{server.port}", AUTH) is None  # never touched
+        assert health.check(new.url, AUTH) is None
+        assert health.check(f"http://127.0.0.1:{server.port}", AUTH) is None  # never touched
     finally:
         keeper.stop()
-    assert tunnel.check(new.url, AUTH, timeout=2).startswith("no answer")
+    assert health.check(new.url, AUTH, timeout=2).startswith("no answer")
 
 
 def test_auth_cannot_be_turned_off_while_a_tunnel_is_open(server):
     providers = {"local": LocalForward}
 
     def reopen():
-        return tunnel.open_tunnel(server.port, AUTH, "local", BOUND, providers=providers)
+        return auto.open_tunnel(server.port, AUTH, "local", BOUND, providers=providers)
 
     first = reopen()
-    keeper = tunnel.Keeper(first, AUTH, reopen, interval=0.3, failures=1).start()
+    keeper = Keeper(first, AUTH, reopen, interval=0.3, failures=1).start()
     try:
         server.auth_on = False  # the server starts answering without a password
         assert wait_until(lambda: keeper.last_error is not None, timeout=30)
         assert "without a password" in keeper.last_error
-        assert tunnel.check(first.url, AUTH, timeout=2).startswith("no answer")  # closed
+        assert health.check(first.url, AUTH, timeout=2).startswith("no answer")  # closed
         assert keeper.reopened == 0
     finally:
         keeper.stop()
@@ -240,7 +243,7 @@ def test_auth_cannot_be_turned_off_while_a_tunnel_is_open(server):
 
 def test_link_and_qr_code():
     url = "https://quiet-river.trycloudflare.com"
-    html = tunnel.link_html(url, note="tunnel password 1.2.3.4")
+    html = link.link_html(url, note="tunnel password 1.2.3.4")
     assert f'href="{url}"' in html and "<svg" in html and "1.2.3.4" in html
-    assert tunnel.qr_svg(url) != tunnel.qr_svg(url + "/x")
-    assert "&lt;script&gt;" in tunnel.link_html("https://a.b/<script>")
+    assert link.qr_svg(url) != link.qr_svg(url + "/x")
+    assert "&lt;script&gt;" in link.link_html("https://a.b/<script>")
