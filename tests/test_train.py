@@ -327,11 +327,6 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny
 
 
 def test_single_file_export(workspace, tiny_sd1):
-    from fastsd import convert
-
-    if not hasattr(convert, "to_single_file"):
-        pytest.skip("fastsd.convert.to_single_file (the conversion issue) is not in this tree "
-                    "yet; the trainer calls it once it is")
     link_tiny(workspace, "sd1", tiny_sd1)
     s = make_subject_session("single", workspace, n=2)
     r = train(s, TrainSettings(unet_steps=1, text_steps=1, **FAST))

@@ -210,8 +210,10 @@ def test_keeper_reopens_a_dead_tunnel_while_the_server_keeps_running(server):
     keeper = Keeper(first, AUTH, reopen, changes.append, interval=0.3, failures=2)
     keeper.start()
     try:
-        time.sleep(1.0)
-        assert keeper.reopened == 0  # a healthy tunnel is left alone
+        # A healthy tunnel is left alone: as many checks as would close a failing one ran.
+        assert wait_until(lambda: keeper.checks >= keeper.failures, timeout=30), (
+            "the keeper ran no health check")
+        assert keeper.reopened == 0 and changes == [] and keeper.tunnel is first
         LocalForward.processes[-1].kill()  # the tunnel dies
         assert wait_until(lambda: changes, timeout=30)
         new = changes[0]

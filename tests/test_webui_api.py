@@ -20,17 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import webuiapi  # a dev requirement (setup.py): the API suite never skips for want of it
 from PIL import Image
 
-webuiapi = pytest.importorskip("webuiapi")
-
-from fastsd import session as sessions  # noqa: E402
-from fastsd.webui import launch  # noqa: E402
-from fastsd.webui.api import create_app  # noqa: E402
-from fastsd.webui.auth import BasicAuth  # noqa: E402
-from fastsd.webui.catalog import Catalog  # noqa: E402
-from fastsd.webui.engine import Engine  # noqa: E402
-from fastsd.webui.worker import Worker  # noqa: E402
+from fastsd import session as sessions
+from fastsd.webui import launch
+from fastsd.webui.api import create_app
+from fastsd.webui.auth import BasicAuth
+from fastsd.webui.catalog import Catalog
+from fastsd.webui.engine import Engine
+from fastsd.webui.worker import Worker
 
 SIZE = 64
 

@@ -26,6 +26,7 @@ class Keeper:
         self.on_change, self.interval, self.failures, self.path = (
             on_change, interval, failures, path)
         self.reopened = 0
+        self.checks = 0  # health checks done, each with what followed from it
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastsd-tunnel-keeper",
@@ -42,35 +43,36 @@ class Keeper:
         if close:
             self.tunnel.close()
 
-    def _healthy(self) -> str | None:
-        return check(checked_url(self.tunnel), self.auth, self.path,
-                     timeout=min(CHECK_TIMEOUT, self.interval))
-
     def _run(self) -> None:
         bad = 0
         while not self._stop.wait(self.interval):
-            reason = self._healthy()
-            if reason is None:
-                bad = 0
-                continue
-            bad += 1
-            log.warning("The tunnel %s failed a health check (%d/%d): %s", self.tunnel.url,
-                        bad, self.failures, reason)
-            if bad < self.failures:
-                continue
-            self.tunnel.close()
+            bad = self._check(bad)
+            self.checks += 1
+
+    def _check(self, bad: int) -> int:
+        """One health check and what follows from it; returns the failed checks in a row."""
+        reason = check(checked_url(self.tunnel), self.auth, self.path,
+                       timeout=min(CHECK_TIMEOUT, self.interval))
+        if reason is None:
+            return 0
+        bad += 1
+        log.warning("The tunnel %s failed a health check (%d/%d): %s", self.tunnel.url,
+                    bad, self.failures, reason)
+        if bad < self.failures:
+            return bad
+        self.tunnel.close()
+        try:
+            new = self.reopen()
+        except TunnelError as e:
+            self.last_error = str(e)
+            log.error("The tunnel died and could not be reopened; trying again in %.0fs. "
+                      "%s", self.interval, e)
+            return bad
+        self.tunnel, self.reopened = new, self.reopened + 1
+        log.warning("The tunnel was reopened: the web UI is now at %s", new.url)
+        if self.on_change:
             try:
-                new = self.reopen()
-            except TunnelError as e:
-                self.last_error = str(e)
-                log.error("The tunnel died and could not be reopened; trying again in %.0fs. "
-                          "%s", self.interval, e)
-                continue
-            bad = 0
-            self.tunnel, self.reopened = new, self.reopened + 1
-            log.warning("The tunnel was reopened: the web UI is now at %s", new.url)
-            if self.on_change:
-                try:
-                    self.on_change(new)
-                except Exception:  # showing the URL must not kill the keeper
-                    log.exception("Showing the new tunnel URL failed")
+                self.on_change(new)
+            except Exception:  # showing the URL must not kill the keeper
+                log.exception("Showing the new tunnel URL failed")
+        return 0
