@@ -3,11 +3,12 @@ keeper against a real server and a real forwarder process on localhost."""
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
+import re
 import socket
-import tarfile
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,7 +110,7 @@ def test_a_binary_that_gives_no_url_is_stopped_at_the_bound(server, workspace):
     folder = workspace / "tools" / "cloudflared"
     folder.mkdir(parents=True)
     (folder / "cloudflared").write_text("#!/bin/sh\necho starting quietly\nexec sleep 600\n")
-    (folder / "version.json").write_text(json.dumps({"version": "0"}))
+    (folder / "version.json").write_text(json.dumps({"version": tools.CLOUDFLARED.version}))
     start = time.monotonic()
     with pytest.raises(TunnelError) as e:
         auto.open_tunnel(server.port, AUTH, "cloudflared", timeout=2.0)
@@ -118,42 +119,73 @@ def test_a_binary_that_gives_no_url_is_stopped_at_the_bound(server, workspace):
     assert time.monotonic() - start < 2.0 + SLACK
 
 
-def test_a_tool_is_fetched_once_with_its_version_recorded(workspace):
-    script = b"#!/bin/sh\necho 'ngrok version 3.20.0'\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        info = tarfile.TarInfo("ngrok")
-        info.size, info.mode = len(script), 0o755
-        tar.addfile(info, io.BytesIO(script))
-    archive = buf.getvalue()
-    hits = []
+@pytest.fixture
+def files():
+    """A real HTTP server on localhost serving ``files`` (path -> bytes); ``hits`` lists
+    the paths asked for."""
+    served: dict[str, bytes] = {}
+    hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             hits.append(self.path)
+            body = served[self.path]
             self.send_response(200)
-            self.send_header("Content-Length", str(len(archive)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(archive)
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/ngrok.tgz"
-    tool = tools.Tool("ngrok", "stable", {tools.platform_key(): url}, member="ngrok")
-    try:
-        first = tools.ensure_tool(tool)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield base, served, hits
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _tool(version: str, url: str, data: bytes) -> tools.Tool:
+    key = tools.platform_key()
+    return tools.Tool("ngrok", version, {key: url}, {key: hashlib.sha256(data).hexdigest()})
+
+
+def test_a_tool_is_fetched_once_at_its_pinned_version(workspace, files):
+    base, served, hits = files
+    served["/v3.20.0/ngrok"] = old = b"#!/bin/sh\necho 'ngrok version 3.20.0'\n"
+    served["/v3.21.0/ngrok"] = new = b"#!/bin/sh\necho 'ngrok version 3.21.0'\n"
+    pinned = _tool("3.20.0", base + "/v3.20.0/ngrok", old)
+    first = tools.ensure_tool(pinned)
     record = json.loads((workspace / "tools" / "ngrok" / "version.json").read_text())
-    assert record["version"] == "3.20.0" and record["url"] == url
-    assert (workspace / "tools" / "ngrok" / "ngrok").read_bytes() == script
-    assert tools.tool_version(tool) == "3.20.0"
-    second = tools.ensure_tool(tool)  # the server is gone: the kept copy is used
-    assert second == first and hits == ["/ngrok.tgz"]
+    assert record["version"] == "3.20.0" and record["url"] == base + "/v3.20.0/ngrok"
+    assert record["sha256"] == hashlib.sha256(old).hexdigest()
+    assert (workspace / "tools" / "ngrok" / "ngrok").read_bytes() == old
+    assert "3.20.0" in subprocess.run([first], capture_output=True, text=True).stdout
+    assert tools.ensure_tool(pinned) == first and hits == ["/v3.20.0/ngrok"]  # kept copy
+    # A new pin replaces the kept copy of the old version.
+    second = tools.ensure_tool(_tool("3.21.0", base + "/v3.21.0/ngrok", new))
+    assert hits == ["/v3.20.0/ngrok", "/v3.21.0/ngrok"]
+    assert tools.tool_version(pinned) == "3.21.0"
+    assert "3.21.0" in subprocess.run([second], capture_output=True, text=True).stdout
+
+
+def test_a_download_that_is_not_the_published_file_is_refused(workspace, files):
+    base, served, hits = files
+    served["/ngrok"] = b"#!/bin/sh\necho tampered\n"
+    tool = _tool("3.20.0", base + "/ngrok", b"the published file")
+    with pytest.raises(TunnelError, match="is not the published file"):
+        tools.ensure_tool(tool)
+    assert hits == ["/ngrok"]
+    assert not [p for p in workspace.rglob("*") if p.is_file()]
+
+
+def test_ngrok_is_pinned_with_a_checksum_per_build():
+    for tool in (tools.NGROK, tools.CLOUDFLARED):
+        assert re.fullmatch(r"\d+\.\d+\.\d+", tool.version), tool
+        assert all(tool.version in url and "stable" not in url for url in tool.urls.values())
+    assert tools.NGROK.sha256.keys() == tools.NGROK.urls.keys()
+    assert all(re.fullmatch("[0-9a-f]{64}", h) for h in tools.NGROK.sha256.values())
 
 
 def test_a_failed_download_leaves_nothing_behind(workspace):
