@@ -110,6 +110,37 @@ def test_cells_never_read_a_variable_only_a_later_cell_makes():
             assert not missing, f"{path.name}: {c.source.splitlines()[0]} reads {missing}"
 
 
+def form_defaults(path: Path) -> dict:
+    """Every form field of a notebook with the value it is stored with."""
+    return {m.group(1): ast.literal_eval(m.group(2)) for c in code_cells(path)
+            for m in map(PARAM.match, c.source.splitlines()) if m}
+
+
+def test_form_defaults_are_the_packages_defaults():
+    """A form's fields are literal values (Colab shows them as typed): those that stand for a
+    default of the package hold that default, so it is set in one place, the package."""
+    from fastsd import session
+    from fastsd.train import TrainSettings
+    from fastsd.webui import auth
+
+    t = TrainSettings()
+    train = form_defaults(NOTEBOOKS / "fast_dreambooth.ipynb")
+    webui = form_defaults(NOTEBOOKS / "webui.ipynb")
+    checks = [
+        (train, "UNet_Steps", t.unet_steps), (train, "Text_Encoder_Steps", t.text_steps),
+        (train, "UNet_Learning_Rate", t.unet_lr), (train, "Text_Encoder_Learning_Rate", t.text_lr),
+        (train, "Checkpoint_Every", t.checkpoint_every), (train, "Sample_Every", t.sample_every),
+        (train, "Flip_Images", t.flip), (train, "GPU_Preset", t.preset),
+        (train, "Instance_Token", session.DEFAULT_SETTINGS["instance_token"]),
+        (train, "Class_Word", session.DEFAULT_SETTINGS["class_word"]),
+        (train, "Resolution", session.DEFAULT_SETTINGS["resolution"]),
+        (train, "Port", auth.DEFAULT_PORT), (webui, "Port", auth.DEFAULT_PORT),
+        (webui, "User", auth.DEFAULT_USER),
+    ]
+    differ = [(name, form[name], want) for form, name, want in checks if form[name] != want]
+    assert not differ, f"form field, its value, the package's default: {differ}"
+
+
 def assigned(source: str) -> set[str]:
     names = set()
     for n in ast.walk(ast.parse(source)):

@@ -17,13 +17,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 
+from fastsd import env
 from fastsd.errors import FastSDError
 
 log = logging.getLogger("fastsd")
@@ -110,12 +110,8 @@ def _settings_args(settings) -> list[str]:
 
 
 def gpu_count() -> int:
-    """GPUs this runtime has, asked of nvidia-smi so that the kernel never touches CUDA."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    res = subprocess.run([smi, "-L"], capture_output=True, text=True)
-    return sum(1 for ln in res.stdout.splitlines() if ln.startswith("GPU "))
+    """GPUs this runtime has, asked of the driver so that the kernel never touches CUDA."""
+    return len(env.driver_gpus() or [])
 
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,

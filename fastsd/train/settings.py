@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsd.errors import DataError
+from fastsd.session import DEFAULT_TEXT_STEPS, DEFAULT_UNET_STEPS
 
 log = logging.getLogger("fastsd")
 
@@ -34,12 +35,12 @@ class TrainSettings:
     """Everything the two-stage trainer can be told. ``None`` means "from the preset"."""
 
     # stage 1 (UNet, text encoder frozen) and stage 2 (text encoder, UNet frozen)
-    unet_steps: int = _opt(1500, "UNet stage: training steps (0 skips the stage)")
+    unet_steps: int = _opt(DEFAULT_UNET_STEPS, "UNet stage: training steps (0 skips the stage)")
     unet_lr: float = _opt(2e-6, "UNet stage: learning rate")
     unet_schedule: str = _opt("linear", "UNet stage: learning-rate schedule",
                               choices=SCHEDULES)
     unet_warmup: int = _opt(0, "UNet stage: warm-up steps")
-    text_steps: int = _opt(350, "text encoder stage: training steps (0 skips the stage)")
+    text_steps: int = _opt(DEFAULT_TEXT_STEPS, "text encoder stage: training steps (0 skips the stage)")
     text_lr: float = _opt(1e-6, "text encoder stage: learning rate")
     text_schedule: str = _opt("linear", "text encoder stage: learning-rate schedule",
                               choices=SCHEDULES)

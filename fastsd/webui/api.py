@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from fastsd import __version__
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui import infotext, samplers, xyz
-from fastsd.webui.auth import AuthMiddleware, BasicAuth
+from fastsd.webui.auth import DEFAULT_PORT, AuthMiddleware, BasicAuth
 from fastsd.webui.engine import GenerationFailed, OutOfMemory, Result
 from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.outputs import Outputs
@@ -49,7 +49,7 @@ class ServerInfo:
     """What /cmd-flags reports about how the server was started (never a secret)."""
 
     host: str = "127.0.0.1"
-    port: int = 7860
+    port: int = DEFAULT_PORT
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -18,7 +18,7 @@ from typing import Any
 from fastsd import models, session as sessions
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui.api import ServerInfo, create_app
-from fastsd.webui.auth import BasicAuth, generate_password, required
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, BasicAuth, generate_password, required
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog, Checkpoint
 from fastsd.webui.engine import Engine
 from fastsd.webui.memory import MemoryPolicy
@@ -29,7 +29,6 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
 _lock = threading.Lock()
 _current: dict[str, Any] = {}  # the process's worker, and what it was made for
 
@@ -195,7 +194,7 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
     if required(host, tunnel) or password:
         if user is not None and not user:
             raise FastSDError("The user name is empty; give --user NAME or leave it out.")
-        auth = BasicAuth(user or "fastsd", password or generate_password())
+        auth = BasicAuth(user or DEFAULT_USER, password or generate_password())
     app = create_app(worker, outputs=outputs, auth=auth,
                      server=ServerInfo(host, port, s.name if s else None))
     page_api = None

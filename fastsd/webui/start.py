@@ -18,12 +18,10 @@ from fastsd import drive, session as sessions
 from fastsd.workspace import Workspace
 from fastsd.errors import LaunchError
 from fastsd.webui import background, external
-from fastsd.webui.auth import PASSWORD_ENV, generate_password
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, PASSWORD_ENV, generate_password
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
-DEFAULT_USER = "fastsd"
 PASSWORD_FILE = "webui-password.txt"
 UIS = ("fastsd", *external.UIS)
 
