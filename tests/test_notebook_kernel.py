@@ -137,13 +137,14 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
 
 def test_an_out_of_memory_child_is_a_message_with_what_to_lower(workspace, monkeypatch):
     from fastsd import session
+    from fastsd.errors import OutOfMemory
     from fastsd.train import TrainSettings, runner
 
     s = session.create("oom", workspace, base_model="tiny-sd1")
     child = ("import sys; print('step 1'); sys.stderr.write('torch.OutOfMemoryError: CUDA out "
              "of memory. Tried to allocate 2.00 GiB\\n'); sys.exit(1)")
     monkeypatch.setattr(runner, "command", lambda *a, **k: [sys.executable, "-c", child])
-    with pytest.raises(runner.OutOfMemory, match="ran out of memory.*batch_size=2.*Lower "
+    with pytest.raises(OutOfMemory, match="ran out of memory.*batch_size=2.*Lower "
                        "batch_size"):
         runner.train_in_child(s, TrainSettings(batch_size=2))
 

@@ -219,7 +219,8 @@ def test_cuda_out_of_memory_is_one_requests_error(tiny_sd1, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: out-of-memory can only happen on one")
     from fastsd.webui.catalog import Catalog
-    from fastsd.webui.engine import Engine, OutOfMemory
+    from fastsd.errors import OutOfMemory
+    from fastsd.webui.engine import Engine
 
     engine = Engine(Catalog([tiny_sd1.parent]), MemoryPolicy(attention_slicing=False,
                                                              vae_tiling=False,

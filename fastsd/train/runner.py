@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from fastsd import env
-from fastsd.errors import FastSDError
+from fastsd.errors import FastSDError, OutOfMemory
 
 log = logging.getLogger("fastsd")
 
@@ -49,10 +49,6 @@ class TrainingStopped(FastSDError):
 
 class TrainingFailed(FastSDError):
     """The training process ended with an error."""
-
-
-class OutOfMemory(TrainingFailed):
-    """The GPU ran out of memory while training."""
 
 
 # --------------------------------------------------------------------------- child side
@@ -171,7 +167,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
-    error in the child raises TrainingFailed (OutOfMemory with what to lower).
+    error in the child raises TrainingFailed, or fastsd.errors.OutOfMemory (with what to
+    lower) when the GPU ran out of memory.
     """
     from tqdm.auto import tqdm
 
