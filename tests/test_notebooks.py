@@ -258,14 +258,14 @@ def nbval(notebook: str, env: dict, kernel: str | None = None) -> None:
 def serving(env: dict, port: int, password: str, tries: int = 240) -> str:
     """The status our web UI answers on ``port`` with the password (after it loaded, for up
     to ``tries`` half seconds) and without it, then stop it as a user's Stop cell would."""
-    code = (f"from fastsd.webui import background, start\n"
-            f"url = 'http://127.0.0.1:{port}' + background.HEALTH_PATH\n"
+    code = (f"from fastsd.webui import process, start\n"
+            f"url = 'http://127.0.0.1:{port}' + process.HEALTH_PATH\n"
             f"import time\n"
             f"for _ in range({tries}):\n"
-            f"    status = background.answers(url, ('fastsd', {password!r}))\n"
+            f"    status = process.answers(url, ('fastsd', {password!r}))\n"
             f"    if status == 200: break\n"
             f"    time.sleep(0.5)\n"
-            f"print('STATUS', status, background.answers(url, ('fastsd', 'wrong')))\n"
+            f"print('STATUS', status, process.answers(url, ('fastsd', 'wrong')))\n"
             f"if status == 200:\n"
             f"    import requests\n"
             f"    print('MODEL', requests.get('http://127.0.0.1:{port}/sdapi/v1/options', "

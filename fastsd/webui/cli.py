@@ -8,18 +8,18 @@ import argparse
 def _serve(args) -> None:
     import os
 
-    from fastsd.webui import launch
     from fastsd.webui.auth import PASSWORD_ENV
     from fastsd.webui.memory import MemoryPolicy
+    from fastsd.webui.server import serve, shutdown
 
     from fastsd.cli_common import home
 
     policy = MemoryPolicy(**{k: getattr(args, k) for k in MemoryPolicy.field_names()})
     root = home(args)
     password = args.password or os.environ.get(PASSWORD_ENV) or None
-    server = launch.serve(args.session, args.model, listen=args.listen, port=args.port,
-                          user=args.user, password=password, root=root, policy=policy,
-                          max_queue=args.max_queue, page=args.page)
+    server = serve(args.session, args.model, listen=args.listen, port=args.port,
+                   user=args.user, password=password, root=root, policy=policy,
+                   max_queue=args.max_queue, page=args.page)
     print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)"
           + (f", page: {server.url}/" if args.page else ""))
     if server.auth is not None:
@@ -30,7 +30,7 @@ def _serve(args) -> None:
         server.wait()
     finally:
         server.stop()
-        launch.shutdown()
+        shutdown()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

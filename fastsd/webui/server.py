@@ -1,5 +1,6 @@
-"""Starting it all: the one worker of this process, the server, and the notebook's
-:func:`generate`.
+"""The web UI's server in this process: the one worker, the API server on it
+(:func:`serve`), and the notebook's :func:`generate`. (To run it as its own process, in
+the background of a cell: :mod:`fastsd.webui.start`.)
 
 A process has one worker (it owns the device): :func:`worker_for` makes it or reuses it,
 so a notebook that runs :func:`generate` and :func:`serve` side by side drives one

@@ -1,4 +1,4 @@
-"""Running a web server in the background from a notebook cell.
+"""A web server run as its own process, in the background of a notebook cell.
 
 :func:`launch` starts the server as its own process and returns at once, so the cell ends
 and the kernel stays free (for captioning, notes, another cell). A thread waits for the
@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from fastsd import drive
+from fastsd.errors import LaunchError, TunnelError
 from fastsd.tunnel.auto import open_tunnel, providers_for
 from fastsd.tunnel.base import DEFAULT_TIMEOUT, Auth, Tunnel
 from fastsd.tunnel.health import request_status, require_auth
 from fastsd.tunnel.keeper import Keeper
 from fastsd.tunnel.link import link_html
-from fastsd.errors import LaunchError, TunnelError
-from fastsd.webui.auth import PASSWORD_ENV, generate_password
+from fastsd.webui.auth import PASSWORD_ENV
 
 log = logging.getLogger("fastsd")
 
