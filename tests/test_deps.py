@@ -218,7 +218,7 @@ def test_doctor_reads_the_gpu_from_the_driver_without_importing_torch(workspace,
                               "A100 MIG 1g.10gb, [N/A], [N/A]")
     got = run_doctor(workspace, f"{bin_dir}:/usr/bin:/bin")
     assert got["torch_imported"] is False, "doctor must not load torch into the kernel"
-    assert got["checks"]["GPU"] == ["Tesla T4, 14.58 of 15.0 GB free", True]
+    assert got["checks"]["GPU"] == ["Tesla T4, 14.58 of 15.0 GiB free", True]
     assert got["checks"]["GPU 1"] == ["A100 MIG 1g.10gb, memory not reported", True]
     # this machine's torch is a CPU build: with a GPU present that is a known problem
     assert got["checks"]["known problem"][0] == "a GPU but a CPU-only torch"

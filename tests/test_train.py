@@ -355,17 +355,38 @@ def test_presets_follow_the_gpu():
 
 def test_vram_estimate_for_sd15_on_a_t4():
     from fastsd.env import DeviceInfo
-    from fastsd.train.settings import describe, estimate_vram_gb, resolve
+    from fastsd.train.settings import describe, estimate_vram_gib, resolve
 
     s, preset = resolve(TrainSettings(), DeviceInfo("cuda", "Tesla T4", 14.5, 15, (7, 5)), 512)
     sd15 = {"unet": 859_520_964, "text_encoder": 123_060_480}
-    vram = estimate_vram_gb(s, "sd1", sd15)
+    vram = estimate_vram_gib(s, "sd1", sd15)
     assert 8 < vram["unet"] < 15 and vram["text"] < vram["unet"]
-    no_tricks = estimate_vram_gb(TrainSettings(resolution=512, batch_size=1,
+    no_tricks = estimate_vram_gib(TrainSettings(resolution=512, batch_size=1,
                                                mixed_precision="no", adam_8bit=False,
                                                gradient_checkpointing=False), "sd1", sd15)
     assert no_tricks["unet"] > 15  # why the T4 preset needs its tricks
     assert "Estimated peak VRAM" in describe(s, preset, vram)
+
+
+def test_vram_is_counted_in_gib_on_both_sides_of_the_comparison():
+    from fastsd.env import GIB, DeviceInfo
+    from fastsd.train.parts import placement_policy
+    from fastsd.train.settings import ROOMY_GIB, choose_preset, estimate_vram_gib
+
+    # fp32 weights + gradients + AdamW moments: 16 B a parameter. GIB / 4 more UNet
+    # parameters are 4 GiB more, the unit the device's total is read in (4.3 in 10^9 bytes).
+    plain = TrainSettings(resolution=512, batch_size=1, mixed_precision="no", adam_8bit=False)
+    small = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16, "text_encoder": 0})
+    large = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16 + GIB // 4, "text_encoder": 0})
+    assert round(large["unet"] - small["unet"], 1) == 4.0
+    # One threshold says both that a GPU is of an A100's class and that it has room to keep
+    # every part of the model on it.
+    import torch
+
+    for total in (ROOMY_GIB - 0.5, ROOMY_GIB + 0.5):
+        info = DeviceInfo("cuda", "Some GPU", total - 1, total, (8, 6))
+        roomy = not placement_policy(torch.device("cuda"), info).offload
+        assert roomy == (choose_preset(info) == "a100") == (total >= ROOMY_GIB)
 
 
 def test_settings_are_checked():

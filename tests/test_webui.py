@@ -82,13 +82,13 @@ def test_api_lists_come_from_the_one_table():
 # --------------------------------------------------------------------------- memory
 
 
-def gpu(free: float, total: float = 16.0) -> DeviceInfo:
+def gpu(free: float, total: float = 15.0) -> DeviceInfo:
     return DeviceInfo("cuda", "Tesla T4", free, total, (7, 5))
 
 
 @pytest.mark.parametrize("free,weights,expect", [
     (14.5, 4.0, set()),  # SD 1.5 on a free T4: fp16 only
-    (14.5, 13.0, set()),  # SDXL (6.5 GB fp16) on a free T4: fits
+    (14.5, 13.0, set()),  # SDXL (6.5 GiB fp16) on a free T4: fits
     (8.0, 13.0, {"attention_slicing", "vae_slicing"}),
     (7.2, 13.0, {"attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload"}),
     (3.5, 4.0, {"attention_slicing", "vae_slicing"}),
