@@ -231,7 +231,7 @@ def _load(source: Source, plan: LoadPlan, name: str):
         model = Kosmos2ForConditionalGeneration.from_pretrained(source.path, **kwargs)
         processor = AutoProcessor.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:  # AutoProcessor turns a missing file into ValueError
-        if source.cache is not None and (source.local_only or offline()
+        if source.cache is not None and (source.local_only or use_cache_only()
                                          or "connect" in str(e).lower()):
             raise _offline_error(name, source.cache) from e
         raise ModelError(f"Could not load the captioning model {name!r}: {e}. Check the "
