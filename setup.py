@@ -16,6 +16,9 @@ setup(
     name="fastsd",
     version="0.1.0",
     description="DreamBooth fine-tuning of Stable Diffusion from Colab, resumable and offline-testable",
+    # The project's public address, set here only: `python tests/test_notebooks.py` writes
+    # it into the install cell's default source and the README's Colab links.
+    url="https://github.com/fastsd/fastsd",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -78,8 +78,7 @@ def step_convert(s: session.Session) -> None:
                      key=lambda p: p.stat().st_mtime)
     # The trainer writes NAME/ and NAME.safetensors under session.models/; without them
     # (training skipped), the session's base model is converted instead.
-    src = trained[-1] if trained else models.resolve_model(s.settings["base_model"],
-                                                                  s.workspace)
+    src = trained[-1] if trained else models.resolve_model(s.base_model, s.workspace)
     single = s.models / f"{src.name}.safetensors"
     if not single.is_file():
         single = to_single_file(src, single)

@@ -130,6 +130,30 @@ def report(workspace: Path) -> dict:
 
 
 FORM_ENV = "FASTSD_FORM"
+CALLER_ENV = "FASTSD_CALLER"  # the notebook cell a child process works for
+NOTEBOOK = "notebook"  # caller() of a notebook whose running cell has no #@title line
+_caller: str | None = None
+
+
+def caller() -> str | None:
+    """The notebook cell this process works for: its title (``"6. Train"``), ``NOTEBOOK``
+    when a notebook cell without a title called :func:`form`, or None on the command line.
+    A notebook cell says so by calling :func:`form`; a child process it starts (the train
+    cell's) is told through ``$FASTSD_CALLER`` (:func:`caller_env`)."""
+    return _caller or os.environ.get(CALLER_ENV) or None
+
+
+def caller_env() -> dict[str, str]:
+    """What a child process's environment needs to work for the same notebook cell."""
+    who = caller()
+    return {CALLER_ENV: who} if who else {}
+
+
+def _cell_title(namespace: dict) -> str:
+    """The ``#@title`` of the cell running now (IPython keeps it last in ``_ih``)."""
+    history = namespace.get("_ih") or [""]
+    first = str(history[-1]).lstrip().split("\n", 1)[0]
+    return first[len("#@title"):].strip() if first.startswith("#@title") else ""
 
 
 def form(namespace: dict) -> dict:
@@ -139,9 +163,14 @@ def form(namespace: dict) -> dict:
     Each field of it that ``namespace`` (the cell's ``globals()``) holds is replaced, so the
     same cells a Colab user runs can run in CI on the tiny models. Unset (on Colab), it
     does nothing. Returns the fields it replaced.
+
+    It also records that a notebook cell is the caller (:func:`caller`), so that messages
+    name its form fields rather than command-line flags (:mod:`fastsd.options`).
     """
     import json
 
+    global _caller
+    _caller = _cell_title(namespace) or NOTEBOOK
     raw = os.environ.get(FORM_ENV, "").strip()
     if not raw:
         return {}

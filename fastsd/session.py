@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastsd import drive
-from fastsd.errors import (ConfirmationNeeded, InvalidName, SchemaError, SessionExists,
-                           SessionNotFound)
+from fastsd import drive, options
+from fastsd.errors import (ConfirmationNeeded, DataError, InvalidName, SchemaError,
+                           SessionExists, SessionNotFound)
 from fastsd.workspace import Workspace
 
 Root = Workspace | Path | None  # a workspace, its folder, or None for this runtime's
@@ -33,7 +33,9 @@ README = Path(__file__).resolve().parent / "session_readme.txt"  # package data
 FOLDERS = ("instance_images", "captions", "checkpoints", "models", "outputs")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "base_model": "tiny-sd1",
+    # None until the user chooses one (the notebook's base model cell, or --model): a
+    # session never trains a model it was not given.
+    "base_model": None,
     "instance_token": "sks",
     "class_word": "person",
     "resolution": 512,
@@ -139,6 +141,16 @@ class Session:
     def file(self) -> Path:
         return self.path / SESSION_FILE
 
+    @property
+    def base_model(self) -> str:
+        """The name of the base model (what :func:`fastsd.models.resolve_model` takes), or
+        a DataError that says how to choose one."""
+        name = self.settings.get("base_model")
+        if not name:
+            raise DataError(f"Session {self.name} has no base model yet. Choose one: "
+                            f"{options.say('base_model', session=self.name)}.")
+        return str(name)
+
     # persistence ---------------------------------------------------------
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "name": self.name, "created": self.created,
@@ -214,6 +226,9 @@ def load(name: str, root: Root = None) -> Session:
     return session
 
 
+_current: tuple[str, Workspace] | None = None  # what open() opened last in this process
+
+
 @dataclass
 class Opened:
     """What :func:`open` did: the session, whether it was created, and each setting it
@@ -229,8 +244,11 @@ class Opened:
         lines = [f"{'Created' if self.created else 'Loaded'} session {s.name}: {s.path}"]
         lines += [f"  changed {k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items()]
         if self.kept:
-            lines.append("  kept the session's settings (the form differs; tick the change "
-                         "option to change them):")
+            change = [(k, new) for k, (_, new) in self.kept.items() if k in options.OPTIONS]
+            ticks = sorted({"change_base_model" if k == "base_model" else "change_settings"
+                            for k in self.kept})
+            lines.append("  kept the session's settings (the form differs; to change them, "
+                         f"{options.say(*change, *ticks, session=s.name)}):")
             lines += [f"    {k}: {old!r} (the form says {new!r})"
                       for k, (old, new) in self.kept.items()]
         return "\n".join(lines)
@@ -245,11 +263,15 @@ def open(name: str, root: Root = None, settings: dict[str, Any] | None = None,
     changed and reported in ``changed``. A setting the session has not chosen yet (None)
     is filled in from ``settings`` without ``change``.
     """
+    global _current
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     try:
         session = load(name, root)
     except SessionNotFound:
-        return Opened(create(name, root, **settings), created=True)
+        session = create(name, root, **settings)
+        _current = (session.name, session.workspace)
+        return Opened(session, created=True)
+    _current = (session.name, session.workspace)
     opened = Opened(session)
     for key, new in settings.items():
         old = session.settings.get(key)
@@ -263,6 +285,17 @@ def open(name: str, root: Root = None, settings: dict[str, Any] | None = None,
         session.update(**{k: new for k, (_, new) in opened.changed.items()})
         log.info("Changed %s of session %s", ", ".join(opened.changed), session.name)
     return opened
+
+
+def current() -> Session:
+    """The session this process opened last with :func:`open` (a notebook's session
+    cell), loaded again from its folder, so a later cell sees what the earlier ones
+    saved. In a runtime that opened none (a restarted one), a FastSDError that says which
+    cell to run first."""
+    if _current is None:
+        raise SessionNotFound("No session is open in this runtime (a new or restarted one): "
+                              f"{options.run('session')} first.")
+    return load(*_current)
 
 
 def list_sessions(root: Root = None) -> list[str]:

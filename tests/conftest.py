@@ -53,6 +53,14 @@ def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Pa
     return request.param, _tiny(tiny_root, request.param)
 
 
+def tiny_session(name: str, root=None, family: str = "sd1", **settings):
+    """A session on the tiny random model of ``family``. A session has no base model until
+    one is named (never a default), and tests name the tiny ones, built offline."""
+    from fastsd import session
+
+    return session.create(name, root, **{"base_model": f"tiny-{family}", **settings})
+
+
 def cached_repo(cache: Path, repo_id: str, files: dict[str, str | bytes]) -> Path:
     """Lay out a repo in a Hugging Face cache folder as huggingface_hub itself does."""
     commit = "1" * 40

@@ -3,8 +3,9 @@ import logging
 
 import pytest
 
-from fastsd import session
-from fastsd.errors import ConfirmationNeeded, InvalidName, SchemaError, SessionExists, SessionNotFound
+from fastsd import env, session
+from fastsd.errors import (ConfirmationNeeded, DataError, InvalidName, SchemaError, SessionExists,
+                           SessionNotFound)
 
 
 @pytest.mark.parametrize("name, why", [
@@ -144,7 +145,7 @@ def test_corrupt_session_json_gives_a_clear_error(workspace):
         session.load("dog", workspace)
 
 
-def test_open_loads_an_existing_session_without_changing_its_settings(workspace):
+def test_open_loads_an_existing_session_without_changing_its_settings(workspace, monkeypatch):
     first = session.open("dog", workspace, {"class_word": "dog", "resolution": 512})
     assert first.created and first.session.settings["class_word"] == "dog"
     before = (workspace / "sessions" / "dog" / "session.json").read_bytes()
@@ -158,7 +159,13 @@ def test_open_loads_an_existing_session_without_changing_its_settings(workspace)
     assert session.load("dog", workspace).settings["resolution"] == 512
     text = str(again)
     assert text.startswith("Loaded session dog") and "class_word: 'dog' (the form says 'person')" \
-        in text and "tick the change option" in text
+        in text
+    # how to change them, on the command line, then in the notebook's session cell
+    assert "to change them, run 'fastsd session set dog --class person --resolution 768'" \
+        in text, text
+    monkeypatch.setenv(env.CALLER_ENV, "2. Drive and session")
+    assert "to change them, set Class_Word to 'person', set Resolution to 768 and tick " \
+        "Change_Settings in cell 2 (Drive and session)" in str(again), str(again)
 
 
 def test_open_with_change_says_what_it_changed(workspace):
@@ -177,3 +184,32 @@ def test_open_fills_in_a_setting_not_chosen_yet(workspace):
     assert session.load("new", workspace).settings["base_model"] == "tiny-sd1"
     again = session.open("new", workspace, {"base_model": "tiny-sd2"})
     assert again.kept == {"base_model": ("tiny-sd1", "tiny-sd2")}
+
+
+def test_a_new_session_has_no_base_model_until_one_is_chosen(workspace, monkeypatch):
+    """The notebook's session cell opens a session without a base model; the base model
+    cell's choice then becomes it without ticking Change. Never a model nobody chose."""
+    cell2 = session.open("my_subject", workspace, dict(instance_token="sks", class_word="person",
+                                                       resolution=512, base_model=None))
+    assert cell2.created and cell2.session.settings["base_model"] is None
+    with pytest.raises(DataError, match="has no base model yet. Choose one: run 'fastsd "
+                       "session set my_subject --model MODEL'"):
+        cell2.session.base_model
+    monkeypatch.setenv(env.CALLER_ENV, "6. Train")
+    with pytest.raises(DataError, match=r"Choose one: set Base_Model in cell 3 \(Base model\)"):
+        session.load("my_subject", workspace).base_model
+    cell3 = session.open("my_subject", workspace, {"base_model": "sdxl"})  # Change unticked
+    assert cell3.changed == {"base_model": (None, "sdxl")} and not cell3.kept
+    assert session.load("my_subject", workspace).base_model == "sdxl"
+
+
+def test_current_is_the_session_opened_last_read_again(workspace, monkeypatch):
+    monkeypatch.setattr(session, "_current", None)  # a fresh runtime
+    monkeypatch.setenv(env.CALLER_ENV, "3. Base model")
+    with pytest.raises(SessionNotFound, match=r"No session is open in this runtime .*: run "
+                       r"cell 2 \(Drive and session\) first\.$"):
+        session.current()
+    session.open("dog", workspace, {"class_word": "dog"})
+    session.load("dog", workspace).update(class_word="terrier")  # saved by another cell
+    now = session.current()
+    assert now.name == "dog" and now.settings["class_word"] == "terrier"

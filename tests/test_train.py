@@ -222,9 +222,9 @@ def test_captions_fall_back_to_the_instance_prompt(workspace):
 
 
 def test_no_images_is_a_clear_error(workspace):
-    from fastsd import session
+    from conftest import tiny_session
 
-    s = session.create("empty", workspace)
+    s = tiny_session("empty", workspace)
     with pytest.raises(DataError, match="No training images"):
         train(s, TrainSettings(**FAST))
 

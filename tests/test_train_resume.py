@@ -39,10 +39,9 @@ def make_subject_session(name: str, root: Path, family: str = "sd1", n: int = 4,
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from fastsd import session
+    from conftest import tiny_session
 
-    s = session.create(name, root, base_model=f"tiny-{family}", instance_token="sks",
-                       class_word="toy", resolution=64)
+    s = tiny_session(name, root, family, instance_token="sks", class_word="toy", resolution=64)
     rng = np.random.default_rng(0)
     for i in range(n):
         bg = (200 + rng.normal(0, 6, (size, size, 3))).clip(0, 255).astype("uint8")

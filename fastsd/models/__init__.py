@@ -43,9 +43,10 @@ def resolve_model(name: str | os.PathLike[str],
     """
     from fastsd.models import registry
 
-    if not name:
-        raise ModelError("No base model is chosen for this session yet. Choose one in the "
-                         "notebook's base model cell (or 'fastsd session create NAME --model').")
+    if not name:  # a session's unset base model is refused earlier (Session.base_model)
+        raise ModelError("No model was named. Give a registry name ('fastsd models list'), "
+                         "a Hugging Face repo id, a diffusers folder, or a .safetensors/.ckpt "
+                         "file or a link to one.")
     ws = Workspace.current(ws)
     name = os.fspath(name)
     if registry.get(name) is not None:

@@ -32,6 +32,11 @@ FP16 = ".fp16."
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+#: The base model a session gets when none is named (`fastsd session create` without
+#: --model; the notebooks' model fields start at it): Stable Diffusion 1.5.
+DEFAULT_BASE_MODEL = "sd15"
+
+
 @lru_cache(maxsize=1)
 def data() -> dict[str, Any]:
     """The registry file shipped with the package."""

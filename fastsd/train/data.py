@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsd import drive
+from fastsd import drive, options
 from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
@@ -48,8 +48,7 @@ def instance_examples(session) -> list[Example]:
     images = crop.training_images(session)
     if not images:
         raise DataError(f"No training images in {session.instance_images}. Add images to "
-                        "the session first "
-                        "('fastsd images import' or the images cell).")
+                        f"the session first: {options.run('images', session.name)}.")
     fallback = instance_prompt(session.settings)
     out = []
     for p in images:

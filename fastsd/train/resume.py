@@ -27,6 +27,7 @@ import json
 import logging
 from typing import Any
 
+from fastsd import options
 from fastsd.errors import DataError, ModelError
 from fastsd.train.settings import TrainSettings
 
@@ -65,9 +66,9 @@ def resumed_settings(stored: dict[str, Any], given: dict[str, Any]) -> TrainSett
     if fixed:
         raise DataError(
             "These options cannot change when resuming: "
-            + "; ".join(f"{k.replace('_', '-')}: the run uses {stored.get(k)!r}, you gave "
+            + "; ".join(f"{options.name(k)}: the run uses {stored.get(k)!r}, you gave "
                         f"{v!r}" for k, v in sorted(fixed.items()))
-            + ". Resume without them, or start over with --restart to use them.")
+            + f". Resume without them, or start over to use them: {options.say('restart')}.")
     return TrainSettings.from_dict({**stored, **{k: v for k, v in given.items()
                                                  if k in CHANGEABLE}})
 
@@ -83,20 +84,22 @@ def apply_step_changes(state, old: TrainSettings, new: TrainSettings) -> str | N
         if before == after:
             continue
         title = STAGE_TITLES[stage]
-        flag = f"--{stage}-steps"
+        steps = f"{stage}_steps"
+        flag = options.name(steps)
         if i < state.stage:  # finished
             later = [t for t in order[i + 1:] if state.stage_steps.get(t, 0) > 0]
             if after < before:
                 raise DataError(f"The {title} stage already finished its {before} steps; "
-                                f"{flag} {after} cannot undo them. Resume without {flag}, "
-                                "or start over with --restart.")
+                                f"{flag} {after} cannot undo them. Resume with {before} "
+                                f"or more ({options.say((steps, before), 'resume')}), or "
+                                f"start over: {options.say('restart')}.")
             if later:
                 raise DataError(
                     f"The {title} stage cannot be extended to {after} steps: the "
                     f"{STAGE_TITLES[later[0]]} stage has trained after it "
                     f"({state.stage_steps[later[0]]} steps), and going back would train the "
-                    f"{title} against a changed model. Start over with --restart and "
-                    f"{flag} {after}.")
+                    f"{title} against a changed model. Start over with the longer stage: "
+                    f"{options.say('restart', (steps, after))}.")
             state.stage, state.stage_step = i, state.stage_steps.get(stage, 0)
             log.info("Extending the %s stage from %d to %d steps.", title, before, after)
             changed = stage
@@ -104,7 +107,9 @@ def apply_step_changes(state, old: TrainSettings, new: TrainSettings) -> str | N
             if after < state.stage_step:
                 raise DataError(f"The {title} stage has already trained {state.stage_step} "
                                 f"steps, more than {flag} {after}. Give at least "
-                                f"{state.stage_step}, or start over with --restart.")
+                                f"{state.stage_step} ("
+                                f"{options.say((steps, state.stage_step), 'resume')}), or "
+                                f"start over: {options.say('restart')}.")
             changed = stage
     return changed
 
@@ -133,9 +138,9 @@ def check_base_model(recorded: dict[str, str] | None, name: str, fingerprint: st
         raise ModelError(
             f"This run was trained from the base model {recorded['name']!r} (fingerprint "
             f"{recorded['fingerprint']}), but {what} (fingerprint {fingerprint}). Resuming "
-            "would mix the two. Set the session's base model back to "
-            f"{recorded['name']!r} to resume, or start a new run on the new model with "
-            "--restart.")
+            "would mix the two. To resume, set the session's base model back: "
+            f"{options.say(('base_model', recorded['name']), 'change_base_model')}; or start "
+            f"a new run on the new model: {options.say('restart')}.")
     if recorded["name"] != name:
         log.info("The base model is now named %r (was %r); same weights, resuming.", name,
                  recorded["name"])
@@ -154,9 +159,8 @@ def check_data(recorded: dict[str, str] | None, current: dict[str, str],
     if not accept_changed:
         raise DataError(
             f"The training images or captions changed since this run's checkpoint ({what}). "
-            "Put them back to resume exactly, start over with --restart (in the notebook: "
-            "tick Restart), or go on with the new ones with --accept-changed-data (in the "
-            "notebook: tick Accept_Changed_Photos); the run then no longer matches an "
-            "uninterrupted one.")
+            f"Put them back to resume exactly; or start over: {options.say('restart')}; or "
+            f"go on with the new ones: {options.say('accept_changed_data', 'resume')} (the "
+            "run then no longer matches an uninterrupted one).")
     log.warning("Going on with changed training images or captions (%s).", what)
     return True

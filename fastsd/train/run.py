@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastsd import drive, env, models
+from fastsd import drive, env, models, options
 from fastsd.errors import DataError
 from fastsd.train import checkpoint, data
 from fastsd.train import resume as resume_mod
@@ -161,6 +161,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    base_name = session.base_model  # none chosen yet: say how, before anything else
     ckroot = Path(session.checkpoints)
     given = resume_mod.given_options(settings)
     data.clean_local_leftovers()
@@ -171,14 +172,16 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
         ckpt = checkpoint.latest(ckroot)
         if ckpt is not None and ckpt.state.get("format") != checkpoint.FORMAT:
             raise DataError(f"Checkpoint {ckpt.path} was written by another version of "
-                            "fastsd and cannot be resumed by this one. Start over with "
-                            "--restart (it deletes the old checkpoints).")
+                            "fastsd and cannot be resumed by this one. To start over, which "
+                            "deletes the old checkpoints: "
+                            f"{options.say('restart', session=session.name)}.")
         stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
         if stored is None and not given:
             raise DataError(
                 f"Session {session.name} has no checkpoint and no stored training settings "
                 "to resume from (the run stopped before saving them). Start the run again "
-                "without --resume, with the options you want.")
+                "with the options you want: "
+                f"{options.say(('resume', False), session=session.name)}.")
         chosen = (resume_mod.resumed_settings(stored, given) if stored is not None
                   else resume_mod.fresh_settings(given))
         if ckpt is None:
@@ -189,9 +192,9 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
         if checkpoint.listing(ckroot):
             if not restart:
                 raise DataError(
-                    f"Session {session.name} already has checkpoints in {ckroot}. Resume "
-                    "that run ('fastsd train SESSION --resume', or tick 'resume'), or start "
-                    "over with --restart, which deletes them.")
+                    f"Session {session.name} already has checkpoints in {ckroot}. To "
+                    f"resume that run: {options.say('resume', session=session.name)}; to start "
+                    f"over, which deletes them: {options.say('restart', session=session.name)}.")
             log.warning("Starting over: removed %d checkpoints.", checkpoint.clear(ckroot))
         chosen = resume_mod.fresh_settings(given)
     info = env.device_info()
@@ -214,7 +217,6 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     # ---- model, and what the checkpoint must match
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
-    base_name = session.settings["base_model"]
     model_dir = models.stage(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,
@@ -298,7 +300,7 @@ def check_drive_space(session, s: TrainSettings, parts: Parts, ckpt) -> None:
         raise DriveError(
             f"Not enough free space on Drive for this run: it needs about {gb(plan.total)} "
             f"({plan.describe()}), and {gb(free)} is free at {session.path}. To fit: "
-            + plan.advice(s) + ", or free space on Drive (and empty its trash).")
+            + plan.advice(s, session.name) + ", or free space on Drive (and empty its trash).")
 
 
 def gb(n: float) -> str:

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastsd import options
 from fastsd.env import GIB
 from fastsd.errors import DataError
 from fastsd.session import DEFAULT_TEXT_STEPS, DEFAULT_UNET_STEPS
@@ -252,16 +253,20 @@ class DrivePlan:
                 + f", model folder {g(self.model)}, single file {g(self.single_file)}, "
                 f"samples {g(self.samples)}")
 
-    def advice(self, s: TrainSettings) -> str:
+    def advice(self, s: TrainSettings, session: str = "SESSION") -> str:
+        """What shrinks the run, each with how to set it (fastsd.options)."""
         tips = []
         if s.keep_checkpoints > 1:
-            tips.append(f"--keep-checkpoints 1 (now {s.keep_checkpoints})")
+            tips.append(f"keep one checkpoint, not {s.keep_checkpoints} "
+                        f"({options.say(('keep_checkpoints', 1), session=session)})")
         if not s.adam_8bit:
-            tips.append("--adam-8bit on a GPU (a quarter of the optimizer state)")
+            tips.append("8-bit Adam on a GPU, a quarter of the optimizer state "
+                        f"({options.say('adam_8bit', session=session)})")
         if s.save_precision != "fp16":
-            tips.append("--save-precision fp16 (half the model folder)")
+            tips.append("an fp16 model folder, half the size "
+                        f"({options.say(('save_precision', 'fp16'), session=session)})")
         if s.sample_every:
-            tips.append("fewer samples (--sample-every)")
+            tips.append(f"fewer samples ({options.say('sample_every', session=session)})")
         return "; ".join(tips) or "nothing in the settings shrinks it further"
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastsd import options
 from fastsd.train import data
 from fastsd.train.resume import STAGE_TITLES
 from fastsd.train.settings import TrainSettings
@@ -48,9 +49,8 @@ class StopSignals:
             signal.signal(s, old)
 
     def raise_stop(self, step: int, where: Path, session: str = "SESSION") -> None:
-        log.warning("Stopped at step %d; the checkpoint is in %s. Resume with "
-                    "'fastsd train %s --resume' (or tick 'resume' in the notebook).",
-                    step, where, session)
+        log.warning("Stopped at step %d; the checkpoint is in %s. To resume: %s.", step,
+                    where, options.say("resume", session=session))
         if self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(self.signum or signal.SIGTERM))

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastsd import drive, session as sessions
+from fastsd import drive, env, options, session as sessions
 from fastsd.workspace import Workspace
 from fastsd.errors import LaunchError
 from fastsd.webui import external, process
@@ -24,6 +24,14 @@ log = logging.getLogger("fastsd")
 
 PASSWORD_FILE = "webui-password.txt"
 UIS = ("fastsd", *external.UIS)
+
+
+def colab_note() -> str:
+    """The one line said where a web UI starts on Colab."""
+    return ("Colab restricts web UIs on its free runtimes (one may be disconnected for it); "
+            "on a free runtime, generate in the notebook instead: "
+            f"{options.cell((options.TRAIN_NB, 7))}, or fastsd.webui.generate(PROMPT, "
+            "SESSION) in any cell.")
 
 
 def password_file(root: Workspace | Path | None = None) -> Path:
@@ -79,6 +87,8 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     """
     if ui not in UIS:
         raise LaunchError(f"Unknown web UI {ui!r}: choose one of {', '.join(UIS)}.")
+    if env.runtime() == "colab":
+        log.warning("%s", colab_note())
     root = Workspace.current(home).root
     s = sessions.load(session, root) if session else None
     logs = (s.path if s else root) / "logs"
@@ -89,7 +99,7 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     if ui == "fastsd":
         cmd = serve_command(port, user, s.name if s else None, model, root)
         return process.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
-                              health_path=process.HEALTH_PATH,
+                              health_path=process.HEALTH_PATH, env=env.caller_env(),
                               ready_timeout=ready_timeout)
     return external.start(ui, port, auth, model=model, session=s, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
