@@ -200,10 +200,12 @@ def whole_process(kind: str, home: Path) -> float:
 
 
 def measure_sd15_activations() -> dict[str, float]:
-    """GB of tensors autograd saves in one 512 px forward of the SD 1.5 UNet (16-bit),
+    """GiB of tensors autograd saves in one 512 px forward of the SD 1.5 UNet (16-bit),
     without and with gradient checkpointing' peak, on the meta device."""
     import torch
     from diffusers import UNet2DConditionModel
+
+    from fastsd.env import GIB
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
@@ -239,44 +241,44 @@ def measure_sd15_activations() -> dict[str, float]:
         return kept[0]
 
     full = forward()
-    total = sum(full.values()) / 1e9
-    attn_gb = attn[0] / 1e9
+    total = sum(full.values()) / GIB
+    attn_gib = attn[0] / GIB
     unet.enable_gradient_checkpointing()  # now only block inputs are kept...
-    inputs = sum(forward().values()) / 1e9
-    largest = max(v for k, v in full.items() if k != "outside") / 1e9  # ...+ one recomputed
-    return {"params": params, "saved_gb": total, "ckpt_inputs_gb": inputs,
-            "largest_block_gb": largest, "attn_matrices_gb": attn_gb}
+    inputs = sum(forward().values()) / GIB
+    largest = max(v for k, v in full.items() if k != "outside") / GIB  # ...+ one recomputed
+    return {"params": params, "saved_gib": total, "ckpt_inputs_gib": inputs,
+            "largest_block_gib": largest, "attn_matrices_gib": attn_gib}
 
 
 def t4_estimate(act: dict) -> tuple[float, str]:
-    from fastsd.env import DeviceInfo
+    from fastsd.env import GIB, DeviceInfo
     from fastsd.train import settings as S
 
     st, preset = S.resolve(S.TrainSettings(), DeviceInfo("cuda", "Tesla T4", 14.7, 15.0,
                                                          (7, 5)), 512)
     te = 123_060_480  # SD 1.5's CLIP ViT-L/14 text encoder
-    est = S.estimate_vram_gb(st, "sd1", {"unet": act["params"], "text_encoder": te})
+    est = S.estimate_vram_gib(st, "sd1", {"unet": act["params"], "text_encoder": te})
     u = act["params"]
-    acts = (S.ACTIVATION_GB_512["sd1"] * S.BACKWARD_FACTOR * S.CHECKPOINTED_FRACTION)
+    acts = (S.ACTIVATION_BYTES_512["sd1"] / GIB * S.BACKWARD_FACTOR * S.CHECKPOINTED_FRACTION)
     note = (
         f"**T4 VRAM estimate, SD 1.5 at 512 px, T4 preset** ({preset}: fp16 mixed precision, "
         f"8-bit AdamW, gradient checkpointing, batch 1; VAE and text encoder leave the GPU "
-        f"once the caches are built): UNet stage **{est['unet']:.1f} GB**, text encoder "
-        f"stage {est['text']:.1f} GB, under the T4's 15 GB. Derivation, UNet stage: "
+        f"once the caches are built): UNet stage **{est['unet']:.1f} GiB**, text encoder "
+        f"stage {est['text']:.1f} GiB, under the T4's 15 GiB. Derivation, UNet stage: "
         f"{u / 1e6:.1f} M UNet parameters (counted on the meta device) x (4 B fp32 weights + "
         f"4 B fp32 gradients + 2 B 8-bit Adam moments + 2 B fp16 autocast copies) = "
-        f"{u * 12 / 1e9:.2f} GB; activations: autograd keeps {act['saved_gb']:.2f} GB in a "
+        f"{u * 12 / GIB:.2f} GiB; activations: autograd keeps {act['saved_gib']:.2f} GiB in a "
         f"512 px fp16 forward (measured on the meta device by a saved-tensors hook, without "
-        f"the {act['attn_matrices_gb']:.1f} GB of L x L attention matrices that SDPA's "
+        f"the {act['attn_matrices_gib']:.1f} GiB of L x L attention matrices that SDPA's "
         f"memory-efficient kernel does not store); with checkpointing, block inputs "
-        f"{act['ckpt_inputs_gb']:.2f} GB + the largest block recomputed "
-        f"{act['largest_block_gb']:.2f} GB, a fraction "
-        f"{(act['ckpt_inputs_gb'] + act['largest_block_gb']) / act['saved_gb']:.2f} of it "
+        f"{act['ckpt_inputs_gib']:.2f} GiB + the largest block recomputed "
+        f"{act['largest_block_gib']:.2f} GiB, a fraction "
+        f"{(act['ckpt_inputs_gib'] + act['largest_block_gib']) / act['saved_gib']:.2f} of it "
         f"(the estimate uses {S.CHECKPOINTED_FRACTION}, for margin, on its stored "
-        f"{S.ACTIVATION_GB_512['sd1']} GB), "
-        f"x {S.BACKWARD_FACTOR} for backward temporaries = {acts:.2f} GB; plus "
-        f"{S.CUDA_OVERHEAD_GB} GB CUDA context and workspace. Text encoder stage: the frozen "
-        f"UNet in fp32 ({u * 4 / 1e9:.2f} GB) + {te / 1e6:.0f} M text encoder parameters x 12 B "
+        f"{S.ACTIVATION_BYTES_512['sd1'] / GIB:.2f} GiB), "
+        f"x {S.BACKWARD_FACTOR} for backward temporaries = {acts:.2f} GiB; plus "
+        f"{S.CUDA_OVERHEAD_GIB} GiB CUDA context and workspace. Text encoder stage: the frozen "
+        f"UNet in fp32 ({u * 4 / GIB:.2f} GiB) + {te / 1e6:.0f} M text encoder parameters x 12 B "
         f"+ the same activations and overhead. An estimate, not a measurement on a T4.")
     return est["unet"], note
 
@@ -373,7 +375,7 @@ def main() -> None:
         "so the tiny ratio overstates the gain on the real model.\n\n" + note)
     write_result("train", "DreamBooth UNet stage: caching and the fused optimizer, each "
                  "measured alone and together", rows, "python benchmarks/bench_train.py", notes)
-    print(f"both vs neither {sps('ours') / sps('baseline'):.2f}x, T4 estimate {est} GB")
+    print(f"both vs neither {sps('ours') / sps('baseline'):.2f}x, T4 estimate {est} GiB")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# Device memory (VRAM) is counted in GiB (2**30 bytes) everywhere in fastsd: what the driver
+# and torch report, what Colab's resource panel shows as "GB", and what every VRAM estimate
+# and threshold (web UI, Kosmos-2, trainer) is written in. Disk and download sizes are GB.
 GIB = 1024**3
 
 
@@ -37,8 +40,8 @@ def reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
 class DeviceInfo:
     device: str  # "cuda", "mps" or "cpu"
     name: str
-    vram_free_gb: float | None = None
-    vram_total_gb: float | None = None
+    vram_free_gib: float | None = None
+    vram_total_gib: float | None = None
     capability: tuple[int, int] | None = None
 
     @property
@@ -48,9 +51,9 @@ class DeviceInfo:
     @property
     def memory(self) -> str:
         """Its free and total memory, as a report shows them."""
-        if self.vram_total_gb is None:
+        if self.vram_total_gib is None:
             return "memory not reported"
-        return f"{self.vram_free_gb} of {self.vram_total_gb} GB free"
+        return f"{self.vram_free_gib} of {self.vram_total_gib} GiB free"
 
 
 def _gib(mib: str) -> float | None:

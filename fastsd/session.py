@@ -40,6 +40,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "class_word": "person",
     "resolution": 512,
 }
+# How long each training stage runs unless told otherwise, in steps: TrainSettings'
+# defaults, and the plan the image check measures a set of photos against before a run.
+DEFAULT_UNET_STEPS = 1500
+DEFAULT_TEXT_STEPS = 350
 
 
 def validate_name(name: str) -> str:

@@ -87,6 +87,18 @@ def cache_family_configs(home: Path, family: str, model: Path) -> Path:
     return cached_repo(home / "models" / "hub", CONFIG_REPOS[(family, False)], files)
 
 
+def fake_nvidia_smi(bin_dir: Path, *gpus: str) -> Path:
+    """nvidia-smi cannot run here (no GPU): a script in ``bin_dir`` that answers the query
+    fastsd.env.driver_gpus makes as a driver with ``gpus`` ("name, free MiB, total MiB")
+    does, and fails any other. Returns ``bin_dir``, to put first on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name,memory.free,memory.total ] || exit 9\n"
+                   + "".join(f"echo '{g}'\n" for g in gpus))
+    smi.chmod(0o755)
+    return bin_dir
+
+
 COLAB = Path(__file__).resolve().parent / "colab"
 
 

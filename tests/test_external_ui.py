@@ -21,7 +21,7 @@ import requests
 from fastsd import deps, session as sessions
 from fastsd.errors import DriveError, LaunchError
 from fastsd.models import registry
-from fastsd.webui import background, external, start
+from fastsd.webui import external, process, start
 from fastsd.workspace import Workspace
 from test_colab_drive import fuse_drive, standin  # noqa: F401  (the FUSE Drive fixture)
 from tunnel_helpers import AUTH
@@ -29,10 +29,10 @@ from tunnel_helpers import AUTH
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     yield
-    server = background.current()
+    server = process.current()
     if server is not None:
         server.stop(timeout=5)
 
@@ -260,7 +260,7 @@ def lora_file(path: Path) -> Path:
 
 @dataclass
 class Launched:
-    server: background.Server
+    server: process.Server
     home: Path
     folder: Path  # the UI's clone
     chosen: Path  # the diffusers model named in the notebook
@@ -299,8 +299,8 @@ def launched(tmp_path_factory, tiny_sd1):
     shutil.copytree(tiny_sd1 / "unet", ws.hub_cache / "models--a--b" / "snapshots" / "1" / "unet")
     old = base / "local" / "stable-diffusion-webui" / "models" / "Stable-diffusion"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(background.RUN_DIR_ENV, str(base / "run"))
-        mp.setattr(background, "_current", None)
+        mp.setenv(process.RUN_DIR_ENV, str(base / "run"))
+        mp.setattr(process, "_current", None)
         mp.setitem(external.UIS, "a1111", external.ExternalUI(
             "AUTOMATIC1111", str(repo), commit, "stable-diffusion-webui"))
         mp.setattr(external, "local_root", lambda: base / "local")

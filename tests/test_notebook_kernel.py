@@ -12,6 +12,7 @@ import time
 import pytest
 from jupyter_client.manager import start_new_kernel
 
+from conftest import fake_nvidia_smi
 from fastsd import env
 
 
@@ -199,3 +200,14 @@ def test_the_child_command_is_fastsd_train_with_the_settings():
 
     args = build_parser().parse_args(cmd[3:])
     assert args.unet_steps == 10 and args.flip and args.resume and args.events
+
+
+def test_the_child_runs_one_process_per_gpu_the_driver_lists(tmp_path, monkeypatch):
+    from fastsd.train import runner
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert runner.command("dog")[1:3] == ["-m", "fastsd.cli"]  # no driver: one process
+    two = fake_nvidia_smi(tmp_path / "bin", "NVIDIA L4, 22000, 23034", "NVIDIA L4, 22000, 23034")
+    monkeypatch.setenv("PATH", f"{two}:/usr/bin:/bin")
+    assert runner.command("dog")[1:5] == ["-m", "accelerate.commands.launch",
+                                          "--num_processes", "2"]

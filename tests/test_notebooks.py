@@ -116,6 +116,37 @@ def test_each_cell_reads_only_names_it_makes_itself():
             assert not missing, f"{path.name}: {c.source.splitlines()[0]} reads {missing}"
 
 
+def form_defaults(path: Path) -> dict:
+    """Every form field of a notebook with the value it is stored with."""
+    return {m.group(1): ast.literal_eval(m.group(2)) for c in code_cells(path)
+            for m in map(PARAM.match, c.source.splitlines()) if m}
+
+
+def test_form_defaults_are_the_packages_defaults():
+    """A form's fields are literal values (Colab shows them as typed): those that stand for a
+    default of the package hold that default, so it is set in one place, the package."""
+    from fastsd import session
+    from fastsd.train import TrainSettings
+    from fastsd.webui import auth
+
+    t = TrainSettings()
+    train = form_defaults(NOTEBOOKS / "fast_dreambooth.ipynb")
+    webui = form_defaults(NOTEBOOKS / "webui.ipynb")
+    checks = [
+        (train, "UNet_Steps", t.unet_steps), (train, "Text_Encoder_Steps", t.text_steps),
+        (train, "UNet_Learning_Rate", t.unet_lr), (train, "Text_Encoder_Learning_Rate", t.text_lr),
+        (train, "Checkpoint_Every", t.checkpoint_every), (train, "Sample_Every", t.sample_every),
+        (train, "Flip_Images", t.flip), (train, "GPU_Preset", t.preset),
+        (train, "Instance_Token", session.DEFAULT_SETTINGS["instance_token"]),
+        (train, "Class_Word", session.DEFAULT_SETTINGS["class_word"]),
+        (train, "Resolution", session.DEFAULT_SETTINGS["resolution"]),
+        (train, "Port", auth.DEFAULT_PORT), (webui, "Port", auth.DEFAULT_PORT),
+        (webui, "User", auth.DEFAULT_USER),
+    ]
+    differ = [(name, form[name], want) for form, name, want in checks if form[name] != want]
+    assert not differ, f"form field, its value, the package's default: {differ}"
+
+
 def test_the_options_table_names_real_cells_fields_and_flags():
     """fastsd.options, which messages use to name what to set, agrees with the notebooks
     (each cell's title, each field a form field of that cell) and with the CLI's parser."""
@@ -265,14 +296,14 @@ def nbval(notebook: str, env: dict, kernel: str | None = None) -> None:
 def serving(env: dict, port: int, password: str, tries: int = 240) -> str:
     """The status our web UI answers on ``port`` with the password (after it loaded, for up
     to ``tries`` half seconds) and without it, then stop it as a user's Stop cell would."""
-    code = (f"from fastsd.webui import background, start\n"
-            f"url = 'http://127.0.0.1:{port}' + background.HEALTH_PATH\n"
+    code = (f"from fastsd.webui import process, start\n"
+            f"url = 'http://127.0.0.1:{port}' + process.HEALTH_PATH\n"
             f"import time\n"
             f"for _ in range({tries}):\n"
-            f"    status = background.answers(url, ('fastsd', {password!r}))\n"
+            f"    status = process.answers(url, ('fastsd', {password!r}))\n"
             f"    if status == 200: break\n"
             f"    time.sleep(0.5)\n"
-            f"print('STATUS', status, background.answers(url, ('fastsd', 'wrong')))\n"
+            f"print('STATUS', status, process.answers(url, ('fastsd', 'wrong')))\n"
             f"if status == 200:\n"
             f"    import requests\n"
             f"    print('MODEL', requests.get('http://127.0.0.1:{port}/sdapi/v1/options', "

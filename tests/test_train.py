@@ -327,11 +327,6 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny
 
 
 def test_single_file_export(workspace, tiny_sd1):
-    from fastsd import convert
-
-    if not hasattr(convert, "to_single_file"):
-        pytest.skip("fastsd.convert.to_single_file (the conversion issue) is not in this tree "
-                    "yet; the trainer calls it once it is")
     link_tiny(workspace, "sd1", tiny_sd1)
     s = make_subject_session("single", workspace, n=2)
     r = train(s, TrainSettings(unet_steps=1, text_steps=1, **FAST))
@@ -360,17 +355,38 @@ def test_presets_follow_the_gpu():
 
 def test_vram_estimate_for_sd15_on_a_t4():
     from fastsd.env import DeviceInfo
-    from fastsd.train.settings import describe, estimate_vram_gb, resolve
+    from fastsd.train.settings import describe, estimate_vram_gib, resolve
 
     s, preset = resolve(TrainSettings(), DeviceInfo("cuda", "Tesla T4", 14.5, 15, (7, 5)), 512)
     sd15 = {"unet": 859_520_964, "text_encoder": 123_060_480}
-    vram = estimate_vram_gb(s, "sd1", sd15)
+    vram = estimate_vram_gib(s, "sd1", sd15)
     assert 8 < vram["unet"] < 15 and vram["text"] < vram["unet"]
-    no_tricks = estimate_vram_gb(TrainSettings(resolution=512, batch_size=1,
+    no_tricks = estimate_vram_gib(TrainSettings(resolution=512, batch_size=1,
                                                mixed_precision="no", adam_8bit=False,
                                                gradient_checkpointing=False), "sd1", sd15)
     assert no_tricks["unet"] > 15  # why the T4 preset needs its tricks
     assert "Estimated peak VRAM" in describe(s, preset, vram)
+
+
+def test_vram_is_counted_in_gib_on_both_sides_of_the_comparison():
+    from fastsd.env import GIB, DeviceInfo
+    from fastsd.train.parts import placement_policy
+    from fastsd.train.settings import ROOMY_GIB, choose_preset, estimate_vram_gib
+
+    # fp32 weights + gradients + AdamW moments: 16 B a parameter. GIB / 4 more UNet
+    # parameters are 4 GiB more, the unit the device's total is read in (4.3 in 10^9 bytes).
+    plain = TrainSettings(resolution=512, batch_size=1, mixed_precision="no", adam_8bit=False)
+    small = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16, "text_encoder": 0})
+    large = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16 + GIB // 4, "text_encoder": 0})
+    assert round(large["unet"] - small["unet"], 1) == 4.0
+    # One threshold says both that a GPU is of an A100's class and that it has room to keep
+    # every part of the model on it.
+    import torch
+
+    for total in (ROOMY_GIB - 0.5, ROOMY_GIB + 0.5):
+        info = DeviceInfo("cuda", "Some GPU", total - 1, total, (8, 6))
+        roomy = not placement_policy(torch.device("cuda"), info).offload
+        assert roomy == (choose_preset(info) == "a100") == (total >= ROOMY_GIB)
 
 
 def test_settings_are_checked():
@@ -396,8 +412,9 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
     for f in dataclasses.fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-").rstrip("s" if f.name == "sample_prompts" else "")
         assert flag in text, flag
-    assert "--resume" in text and "(default: 1500)" in text and "(default: 2e-06)" in text
-    assert "(default: 350)" in text and "(default: 1e-06)" in text
+    d = TrainSettings()
+    assert "--resume" in text and f"(default: {d.unet_steps})" in text
+    assert f"(default: {d.text_steps})" in text and f"(default: {d.unet_lr})" in text
     assert text.count("(default:") >= len(dataclasses.fields(TrainSettings))
     args = build_parser().parse_args(["train", "S", "--unet-steps", "5", "--flip",
                                       "--sample-prompt", "a", "--sample-prompt", "b"])

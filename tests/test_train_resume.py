@@ -57,12 +57,19 @@ def make_subject_session(name: str, root: Path, family: str = "sd1", n: int = 4,
 # --------------------------------------------------------------------------- child process
 
 
-def _wait_for_checkpoint(folder: Path, step: int) -> None:
+def wait_for_checkpoint(folder: Path, step: int, timeout: float = 60.0) -> None:
     """Checkpoints are written in the background: a kill meant to land after checkpoint
-    ``step`` waits until it is on disk."""
+    ``step`` waits until it is on disk. When it is not there by the deadline the kill would
+    land somewhere else, so this raises (and logs) instead of going on."""
     done = folder / f"step-{step:07d}" / "manifest.json"
-    deadline = time.monotonic() + 60
-    while not done.is_file() and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while not done.is_file():
+        if time.monotonic() > deadline:
+            message = (f"checkpoint step-{step:07d} was not on disk {timeout:.0f}s after it "
+                       f"was due ({done} is missing): the kill would not land where the "
+                       "test means it to")
+            logging.getLogger("fastsd").error(message)
+            raise TimeoutError(message)
         time.sleep(0.02)
 
 
@@ -92,7 +99,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 
         def save_file(tensors, filename, *a, **kw):
             if "/models/.fastsd-tmp-" in str(filename):
-                _wait_for_checkpoint(checkpoints, start)
+                wait_for_checkpoint(checkpoints, start)
                 os.kill(me, signal.SIGKILL)
             return real_save(tensors, filename, *a, **kw)
 
@@ -105,7 +112,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
                or (what == "stage_start" and event == "stage_start"
                    and info["stage_name"] == arg))
         if hit and what != "sigterm":
-            _wait_for_checkpoint(checkpoints, start)
+            wait_for_checkpoint(checkpoints, start)
             os.kill(me, signal.SIGKILL)
         if hit and what == "sigterm":
             os.kill(me, signal.SIGTERM)  # handled: finish the step, checkpoint, exit 143
@@ -143,6 +150,12 @@ def run_child(home: Path, name: str, kill: str | None = None, resume: bool = Fal
     p.start()
     p.join()
     return p.exitcode
+
+
+def log_tail(home: Path, name: str, lines: int = 20) -> str:
+    """The end of a child's log, for the message of a failed exit-code check."""
+    log = home / f"{name}.log"
+    return "\n".join(log.read_text().splitlines()[-lines:]) if log.is_file() else "(no log)"
 
 
 # --------------------------------------------------------------------------- checks
@@ -197,7 +210,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
-    assert run_child(workspace, case, kill, start=start) == code
+    assert run_child(workspace, case, kill, start=start) == code, log_tail(workspace, case)
     assert not (s.models / case).exists(), "a killed run must not have exported a model"
     if case == "checkpoint_write":  # the half-written checkpoint is there, but not as one
         leftovers = [p.name for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
@@ -208,7 +221,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
         assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
     assert checkpoint.latest(s.checkpoints).step == start
 
-    assert run_child(workspace, case, resume=True) == 0
+    assert run_child(workspace, case, resume=True) == 0, log_tail(workspace, case)
     log = (workspace / f"{case}.log").read_text()
     assert f"Resuming from step-{start:07d}" in log
     if case == "export":

@@ -59,13 +59,13 @@ class Entry:
     components: tuple[str, ...] = ()
     download_gb: float = 0.0
     params: dict[str, int] = field(default_factory=dict)
-    vram_gb: dict[str, float] = field(default_factory=dict)
+    vram_gib: dict[str, float] = field(default_factory=dict)
     tiny: bool = False
 
     def trains_on(self) -> dict[str, bool]:
         """Whether the trainer's VRAM estimate fits each GPU (T4, L4, A100)."""
         gpus = data()["gpus"]
-        return {g: self.tiny or self.vram_gb.get(g, float("inf")) <= gpus[g] for g in gpus}
+        return {g: self.tiny or self.vram_gib.get(g, float("inf")) <= gpus[g] for g in gpus}
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "repo": self.repo or None,

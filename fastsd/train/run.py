@@ -17,7 +17,7 @@ from fastsd.train import checkpoint, data
 from fastsd.train import resume as resume_mod
 from fastsd.train.parts import (Parts, Placement, encode_text, load_parts, placement_policy,
                                 tokenize)
-from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gb,
+from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gib,
                                    resolve)
 from fastsd.train.state import StopSignals, TrainState, rng_states
 
@@ -231,14 +231,14 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
                                              accept_changed_data)
     for m in [parts.vae, *parts.modules().values()]:
         m.requires_grad_(False).eval()
-    vram = estimate_vram_gb(s, parts.family, parts.param_counts())
+    vram = estimate_vram_gib(s, parts.family, parts.param_counts())
     log.info("%s\n%s", f"Base model {model_dir} ({parts.family}, "
              f"{'v-prediction' if parts.v_prediction else 'epsilon'})", describe(s, preset, vram))
-    if info.vram_total_gb and max(vram.values()) > info.vram_total_gb:
-        log.warning("The estimated peak VRAM (%.1f GB) is more than this GPU's %.1f GB: "
+    if info.vram_total_gib and max(vram.values()) > info.vram_total_gib:
+        log.warning("The estimated peak VRAM (%.1f GiB) is more than this GPU's %.1f GiB: "
                     "lower the resolution or batch size, or turn on 8-bit Adam and gradient "
                     "checkpointing, if it runs out of memory.", max(vram.values()),
-                    info.vram_total_gb)
+                    info.vram_total_gib)
     if accelerator.is_main_process:
         check_drive_space(session, s, parts, ckpt)
     if s.gradient_checkpointing:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from fastsd import env as fastsd_env, options
-from fastsd.errors import FastSDError
+from fastsd.errors import FastSDError, OutOfMemory
 
 log = logging.getLogger("fastsd")
 
@@ -50,10 +49,6 @@ class TrainingStopped(FastSDError):
 
 class TrainingFailed(FastSDError):
     """The training process ended with an error."""
-
-
-class OutOfMemory(TrainingFailed):
-    """The GPU ran out of memory while training."""
 
 
 # --------------------------------------------------------------------------- child side
@@ -111,12 +106,8 @@ def _settings_args(settings) -> list[str]:
 
 
 def gpu_count() -> int:
-    """GPUs this runtime has, asked of nvidia-smi so that the kernel never touches CUDA."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    res = subprocess.run([smi, "-L"], capture_output=True, text=True)
-    return sum(1 for ln in res.stdout.splitlines() if ln.startswith("GPU "))
+    """GPUs this runtime has, asked of the driver so that the kernel never touches CUDA."""
+    return len(fastsd_env.driver_gpus() or [])
 
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
@@ -180,7 +171,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
-    error in the child raises TrainingFailed (OutOfMemory with what to lower).
+    error in the child raises TrainingFailed, or fastsd.errors.OutOfMemory (with what to
+    lower) when the GPU ran out of memory.
     """
     from tqdm.auto import tqdm
 

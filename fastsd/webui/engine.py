@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastsd import __version__, drive, env, models
-from fastsd.errors import FastSDError, ModelError
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
 from fastsd.webui import infotext, memory, samplers
 from fastsd.webui.catalog import Catalog, Checkpoint
 from fastsd.webui.params import GenerationParams
@@ -28,10 +28,6 @@ from fastsd.workspace import Workspace
 log = logging.getLogger("fastsd")
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-class OutOfMemory(FastSDError):
-    """The device ran out of memory for one request; the engine has freed it and goes on."""
 
 
 class GenerationFailed(FastSDError):
@@ -190,7 +186,7 @@ class Engine:
             raise ModelError(f"{ckpt.title} is {det.describe()}, not a model to generate with.")
         info = env.device_info()
         device = self.device or info.device
-        policy = self.policy.resolve(info, memory.weights_gb(folder))
+        policy = self.policy.resolve(info, memory.weights_gib(folder))
         dtype = torch.float16 if policy.fp16 else torch.float32
         start = time.perf_counter()
         kwargs: dict[str, Any] = {"torch_dtype": dtype}

@@ -17,13 +17,11 @@ from pathlib import Path
 from fastsd import drive, env, options, session as sessions
 from fastsd.workspace import Workspace
 from fastsd.errors import LaunchError
-from fastsd.webui import background, external
-from fastsd.webui.auth import PASSWORD_ENV, generate_password
+from fastsd.webui import external, process
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, PASSWORD_ENV, generate_password
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
-DEFAULT_USER = "fastsd"
 PASSWORD_FILE = "webui-password.txt"
 UIS = ("fastsd", *external.UIS)
 
@@ -76,7 +74,7 @@ def serve_command(port: int, user: str, session: str | None = None,
 def start(session: str | None = None, *, model: str | None = None, ui: str = "fastsd",
           tunnel: str | None = "auto", port: int = DEFAULT_PORT, user: str = DEFAULT_USER,
           password: str | None = None, home: Path | None = None,
-          ready_timeout: float = background.READY_TIMEOUT) -> background.Server:
+          ready_timeout: float = process.READY_TIMEOUT) -> process.Server:
     """Start the web UI in the background and return at once (the cell ends; the link and
     QR code appear in it when the server answers). A second call with the same settings
     reuses the running server; other settings replace it.
@@ -100,13 +98,13 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
                  "prints it).", password_file(root))
     if ui == "fastsd":
         cmd = serve_command(port, user, s.name if s else None, model, root)
-        return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
-                                 health_path=background.HEALTH_PATH, env=env.caller_env(),
-                                 ready_timeout=ready_timeout)
+        return process.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
+                              health_path=process.HEALTH_PATH, env=env.caller_env(),
+                              ready_timeout=ready_timeout)
     return external.start(ui, port, auth, model=model, session=s, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
 
 
 def stop() -> bool:
     """Stop the web UI running on this machine, if any."""
-    return background.stop()
+    return process.stop()

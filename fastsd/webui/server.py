@@ -1,5 +1,6 @@
-"""Starting it all: the one worker of this process, the server, and the notebook's
-:func:`generate`.
+"""The web UI's server in this process: the one worker, the API server on it
+(:func:`serve`), and the notebook's :func:`generate`. (To run it as its own process, in
+the background of a cell: :mod:`fastsd.webui.start`.)
 
 A process has one worker (it owns the device): :func:`worker_for` makes it or reuses it,
 so a notebook that runs :func:`generate` and :func:`serve` side by side drives one
@@ -18,7 +19,7 @@ from typing import Any
 from fastsd import models, options, session as sessions
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui.api import ServerInfo, create_app
-from fastsd.webui.auth import BasicAuth, generate_password, required
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, BasicAuth, generate_password, required
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog, Checkpoint
 from fastsd.webui.engine import Engine
 from fastsd.webui.memory import MemoryPolicy
@@ -29,7 +30,6 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
 _lock = threading.Lock()
 _current: dict[str, Any] = {}  # the process's worker, and what it was made for
 
@@ -197,7 +197,7 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
         if user is not None and not user:
             raise FastSDError(f"The user name is empty: {options.say('user')}, or leave it "
                               "out.")
-        auth = BasicAuth(user or "fastsd", password or generate_password())
+        auth = BasicAuth(user or DEFAULT_USER, password or generate_password())
     app = create_app(worker, outputs=outputs, auth=auth,
                      server=ServerInfo(host, port, s.name if s else None))
     page_api = None
