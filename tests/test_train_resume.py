@@ -181,7 +181,7 @@ def reference(tmp_path_factory, tiny_root):
 
 CASES = {
     # name: (kill, expected exit code, checkpoint the resume starts from)
-    "stage1": ("step:3", -signal.SIGKILL, 2),
+    "stage1": ("step:3", -signal.SIGKILL, 2),  # resumed with the workspace at another path
     "boundary": ("stage_start:text", -signal.SIGKILL, 4),
     "stage2": ("step:7", -signal.SIGKILL, 6),
     "checkpoint_write": ("write:4", -signal.SIGKILL, 2),
@@ -192,6 +192,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
+    from fastsd import session
     from fastsd.train import checkpoint
 
     kill, code, start = CASES[case]
@@ -209,6 +210,10 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
         assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
     assert checkpoint.latest(s.checkpoints).step == start
 
+    if case == "stage1":  # a new runtime: Drive mounted at another path, the model loaded
+        moved = workspace.with_name("moved-home")  # from a folder of another name
+        workspace = workspace.rename(moved)
+        s = session.load(case, workspace)
     assert run_child(workspace, case, resume=True) == 0
     log = (workspace / f"{case}.log").read_text()
     assert f"Resuming from step-{start:07d}" in log
@@ -227,3 +232,69 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def _unet_copy(src: Path, dest: Path, **config):
+    """The UNet of ``src`` loaded from a copy in ``dest`` whose config.json has ``config``
+    merged in (a value of None removes the key)."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(src / "unet", dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(config)
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                  if v is not None}))
+    return UNet2DConditionModel.from_pretrained(dest)
+
+
+def test_the_base_model_fingerprint_is_its_weights_not_where_it_was_loaded(tiny_sd1,
+                                                                            tmp_path):
+    import torch
+
+    from fastsd.train import resume
+
+    a = _unet_copy(tiny_sd1, tmp_path / "staged-a")
+    # another folder, another diffusers (which lacks an option whose default it has)
+    b = _unet_copy(tiny_sd1, tmp_path / "gdrive-b", _diffusers_version="0.30.0", dropout=None)
+    assert a.config._name_or_path != b.config._name_or_path
+    assert resume._scheme1_fingerprint(a) != resume._scheme1_fingerprint(b), \
+        "the earlier fingerprint counted the folder and the version"
+    fa, fb = resume.model_fingerprint(a), resume.model_fingerprint(b)
+    assert fa == fb and fa.startswith(f"{resume.FINGERPRINT_SCHEME}:")
+    with torch.no_grad():  # other weights: one layer fine-tuned
+        b.conv_out.weight += 1e-3 * torch.randn_like(b.conv_out.weight)
+    assert resume.model_fingerprint(b) != fa
+    c = _unet_copy(tiny_sd1, tmp_path / "c", upcast_attention=True)  # another structure
+    assert resume.model_fingerprint(c) != fa
+
+
+def test_a_checkpoint_of_the_earlier_fingerprint_resumes(tiny_sd1, tmp_path, caplog):
+    from fastsd.errors import ModelError
+    from fastsd.train import resume
+
+    then = _unet_copy(tiny_sd1, tmp_path / "then")  # loaded by the earlier fastsd
+    now = _unet_copy(tiny_sd1, tmp_path / "now")
+    old = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(then)}
+    fingerprint = resume.model_fingerprint(now)
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(old, "tiny-sd1", fingerprint)
+    assert "written by an earlier fastsd" in caplog.text and "cannot be compared" in caplog.text
+    caplog.clear()
+    same_place = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(now)}
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(same_place, "tiny-sd1", fingerprint)
+    assert "matches when computed the old way" in caplog.text
+    with pytest.raises(ModelError, match="now names 'other'.*earlier fastsd"):
+        resume.check_base_model(old, "other", fingerprint)
+    with pytest.raises(ModelError, match="'tiny-sd1' now holds other weights"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "2:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)
+    with pytest.raises(ModelError, match="newer fastsd"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "9:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)
