@@ -71,6 +71,20 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     """Test-only fault injection: returns an on_event hook (or None) for ``kill``."""
     what, _, arg = kill.partition(":")
     me = os.getpid()
+    if what == "drop":  # Drive (the FUSE stand-in) drops mid-copy of the file named ARG
+        from test_colab_drive import kill_after_writes
+
+        from fastsd import drive
+
+        real, cut = drive._open_dest, kill_after_writes(1)
+
+        def open_dest(path, mode="wb"):
+            hit = drive.is_temporary(path) and Path(path).name.endswith("-" + arg)
+            return cut(path, mode) if hit and drive.on_drive(path) else real(path, mode)
+
+        drive._open_dest = open_dest
+        drive.DEFAULT_DELAY = 0.05  # Drive stays down: give up after 5 quick tries
+        return None
     if what == "write":  # SIGKILL while the 2nd file of checkpoint step-ARG is being written
         from fastsd import drive
 
@@ -114,7 +128,8 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     return hook
 
 
-def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> None:
+def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
+           logs: str, env: dict, settings: dict) -> None:
     import sys
 
     import torch
@@ -122,25 +137,38 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> 
     torch.set_num_threads(1)  # on a busy machine, threads that wait for each other crawl
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(levelname)s %(message)s",
-                        filename=str(Path(home) / f"{name}.log"))
+                        filename=str(Path(logs) / f"{name}.log"))
     os.environ["FASTSD_HOME"] = home
+    for k, v in env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    hook = _install_kill(kill, Path(home) / "sessions" / name / "checkpoints", start) \
+        if kill else None
     if resume:
         from fastsd import cli
 
+        sys.stderr = open(Path(logs) / f"{name}.err", "a")  # what the user reads
         sys.exit(cli.main(["train", name, "--resume", "--home", home]))
     from fastsd import session
+    from fastsd.errors import FastSDError
     from fastsd.train import TrainSettings, train
 
     s = session.load(name, Path(home))
-    hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**SETTINGS), on_event=hook)
+    try:
+        train(s, TrainSettings(**{**SETTINGS, **settings}), on_event=hook)
+    except FastSDError as e:  # shown as its message, as the notebook and the CLI do
+        (Path(logs) / f"{name}.err").write_text(f"error: {e}\n")
+        sys.exit(2)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
-              start: int = 0) -> int:
+              start: int = 0, logs: Path | None = None, env: dict | None = None,
+              settings: dict | None = None) -> int:
+    """Train (or resume) session ``name`` in a child process; its log and the message of a
+    FastSDError go to ``logs`` (default ``home``): NAME.log, NAME.err."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start,
+                                         str(logs or home), env or {}, settings or {}))
     p.start()
     p.join()
     return p.exitcode
@@ -176,7 +204,13 @@ def reference(tmp_path_factory, tiny_root):
     (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
     s = make_subject_session("ref", home)
     assert run_child(home, "ref") == 0
-    return final_tensors(s), final_state(s)
+    return final_tensors(s), final_state(s), single_file(s)
+
+
+def single_file(s) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(s.models / f"{s.name}.safetensors")
 
 
 CASES = {
@@ -220,7 +254,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state = reference
+    ref_tensors, ref_state, _ = reference
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
     different = [k for k in got if not got[k].equal(ref_tensors[k])]
@@ -232,6 +266,69 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]
+
+
+def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume(
+        reference, tmp_path, monkeypatch, tiny_sd1):
+    """Drive (the real FUSE stand-in, mounted where fastsd did not mount it: a local Jupyter's
+    Drive, or Colab's at another path, which fastsd cannot remount) drops while a sample
+    image is copied to it, then, in the resumed run, while the single .safetensors is: each
+    run ends in one message, the next run after Drive is back goes on, leaves no temporary
+    on Drive and ends bit-identical to an uninterrupted run."""
+    from PIL import Image
+
+    from conftest import colab_module
+    from fastsd import session
+
+    standin = colab_module("standin")
+    monkeypatch.setenv("COLAB_STANDIN_BACKING", str(tmp_path / "backing"))
+    mount, logs = tmp_path / "drive", tmp_path / "logs"
+    logs.mkdir()
+    env = {"COLAB_STANDIN_BACKING": str(tmp_path / "backing"), "COLAB_RELEASE_TAG": None}
+    standin.start(mount)
+    try:
+        home = mount / "MyDrive" / "Fast-Dreambooth"
+        (home / "models").mkdir(parents=True)
+        (home / "models" / "tiny-sd1").symlink_to(tiny_sd1)
+        make_subject_session("drops", home)
+        samples = {"sample_every": 3, "sample_steps": 2}
+
+        def run(kill, resume):
+            code = run_child(home, "drops", kill, resume=resume, logs=logs, env=env,
+                             settings=samples)
+            out = (logs / "drops.err").read_text() if (logs / "drops.err").exists() else ""
+            (logs / "drops.err").unlink(missing_ok=True)  # (progress bars are there too)
+            assert "Traceback" not in out, out
+            err = "\n".join(ln for ln in out.splitlines() if ln.startswith("error:"))
+            if kill:  # the next run: Drive is back
+                standin.unmount(mount)
+                standin.start(mount)
+            return code, err
+
+        code, err = run("drop:step-0000003-0.png", resume=False)
+        assert code == 2 and err.count("error:") == 1, err  # a FastSDError, not a traceback
+        assert "step-0000003-0.png" in err and "re-run the Drive cell" in err, err
+        code, err = run("drop:drops.safetensors", resume=True)
+        assert code == 2 and err.count("error:") == 1, err
+        assert "drops.safetensors" in err and "re-run the Drive cell" in err, err
+        assert run(None, resume=True) == (0, "")
+        s = session.load("drops", home)
+        assert [p for p in home.rglob(".fastsd-tmp-*")] == [], "temporaries left on Drive"
+        ref_tensors, ref_state, ref_single = reference
+        got = final_tensors(s)
+        assert got.keys() == ref_tensors.keys()
+        assert not [k for k in got if not got[k].equal(ref_tensors[k])], "not bit-identical"
+        single = single_file(s)
+        assert single.keys() == ref_single.keys()
+        assert all(single[k].equal(ref_single[k]) for k in single)
+        assert final_state(s)["losses"] == ref_state["losses"]
+        shots = sorted((s.outputs / "samples").glob("*.png"))
+        assert [p.name for p in shots] == ["step-0000003-0.png", "step-0000006-0.png"]
+        for p in shots:
+            with Image.open(p) as im:
+                im.verify()
+    finally:
+        standin.unmount(mount)
 
 
 # --------------------------------------------------------------------------- base model

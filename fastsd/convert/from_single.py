@@ -248,7 +248,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                                                               prediction_type=pred, **zsnr)
     counts = verify(path, pipe, family)
     log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     log.info("Wrote the diffusers model %s", out_dir)
     return out_dir

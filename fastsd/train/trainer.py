@@ -660,7 +660,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
     base_name = session.settings["base_model"]
-    model_dir = models.stage(models.resolve_model(base_name, session.workspace))
+    model_dir = models.local_copy(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_name,
@@ -779,7 +779,7 @@ def export_model(parts: Parts, dest: Path, precision: str) -> Path:
 
     if precision == "fp16":
         parts.pipe.to(dtype=torch.float16)
-    with drive.staged_folder(dest) as tmp:
+    with drive.folder_writer(dest) as tmp:
         parts.pipe.save_pretrained(tmp, safe_serialization=True)
     return dest
 

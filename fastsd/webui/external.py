@@ -183,8 +183,7 @@ def start(ui: str, port: int, auth: tuple[str, str], *, session_models: Path | N
     if not (folder / "launch.py").is_file():
         raise LaunchError(f"{folder} has no launch.py: it is not a {spec.name} folder.")
     link_models(folder, session_models, session_name)
-    workspace_models = workspace / "models"
-    workspace_models.mkdir(parents=True, exist_ok=True)
+    workspace_models = drive.make_folder(workspace / "models")
     if cpu is None:
         cpu = not _has_cuda()
     args = ui_args(folder, port, workspace_models, write_auth_file(folder, auth), cpu=cpu)
