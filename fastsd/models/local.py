@@ -65,8 +65,8 @@ def local_copy(path: str | os.PathLike[str], root: str | os.PathLike[str] | None
 
     src = Path(path)
     if not src.exists():
-        raise DriveError(f"Cannot copy {src} to local disk: it does not exist. Check the model's path (and "
-                         "that Drive is mounted).")
+        raise DriveError(f"Cannot copy {src} to local disk: it does not exist. Check the "
+                         "model's path (and that Drive is mounted).")
     if not force and not drive.on_drive(src):
         return src
     files = _files(src)
