@@ -236,7 +236,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     log.info("Loading %s (%s) with diffusers' single-file loader", path.name, det.describe())
     try:
         pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True,
-                                    torch_dtype=torch.float16 if fp16 else torch.float32)
+                                    dtype=torch.float16 if fp16 else torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
                          f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "

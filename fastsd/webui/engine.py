@@ -193,7 +193,7 @@ class Engine:
         policy = self.policy.resolve(info, memory.weights_gb(folder))
         dtype = torch.float16 if policy.fp16 else torch.float32
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         index = drive.read_json(folder / "model_index.json")
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
