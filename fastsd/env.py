@@ -125,11 +125,10 @@ def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
 def report(workspace: Path) -> dict:
     """What a user (or a bug report) needs to know about this runtime."""
     import platform
-
-    from fastsd import __version__
+    from importlib import metadata
 
     info: dict = {
-        "fastsd": __version__,
+        "fastsd": metadata.version("fastsd"),  # (this module is below the package's __init__)
         "python": platform.python_version(),
         "runtime": runtime(),
         "workspace": str(workspace),

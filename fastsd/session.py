@@ -181,6 +181,8 @@ def create(name: str, root: Root = None, **settings: Any) -> Session:
                 (tmp / rel).mkdir(parents=True, exist_ok=True)
             else:
                 (tmp / rel).write_bytes(entry.read_bytes())
+        for f in FOLDERS:  # an install built from a copy without dotfiles (as the install
+            (tmp / f).mkdir(exist_ok=True)  # cell makes) lacks the .keep files that hold them
         session = Session(path.name, tmp, ws, {**DEFAULT_SETTINGS, **settings}, time.time())
         session.save()
     session.path = path
