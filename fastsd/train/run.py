@@ -217,7 +217,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     # ---- model, and what the checkpoint must match
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
-    model_dir = models.stage(models.resolve_model(base_name, session.workspace))
+    model_dir = models.local_copy(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_name,
