@@ -191,6 +191,7 @@ def main(argv: list[str]) -> int:
         [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     times: dict[tuple[str, int], list[tuple[float, float]]] = {
         (side, n): [] for side in ("fastsd", "diffusers") for n in (LONG, SHORT)}
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-race-") as tmp:
         home = Path(tmp)
         tiny.ensure("sd1", home / "models")
@@ -204,6 +205,7 @@ def main(argv: list[str]) -> int:
                     cmd = (fastsd_cmd(home, n) if side == "fastsd"
                            else diffusers_cmd(script, home, out, n))
                     times[side, n].append(timed(cmd, env if side == "fastsd" else base_env, log))
+                    loads.append(os.getloadavg()[0])
                     print(f"round {r + 1}: {side} {n} steps: {times[side, n][-1][0]:.1f} s "
                           f"(CPU {times[side, n][-1][1]:.1f} s)", flush=True)
         assert (out / "unet").is_dir() and (home / "sessions/bench/models/bench").is_dir()
@@ -256,7 +258,9 @@ def main(argv: list[str]) -> int:
         f"over the rounds of the paired ratios (same round, back to back): whole process "
         f"{spread(paired_whole)}x, per step {spread(paired_step)}x (wall), "
         f"{spread(paired_cpu_step)}x (CPU time). The CPU-time rows count the time the "
-        f"process ran, not the time it waited for a core: steadier on a shared machine.\n\n"
+        f"process ran, not the time it waited for a core: steadier on a shared machine. "
+        f"Load average (1 min) during the runs: {spread(loads)} on {os.cpu_count()} "
+        f"cores.\n\n"
         f"diffusers' script: sha256 {record['sha256']}, {record['source']}; its "
         f"check_min_version(\"{record['check_min_version']}\") passed with the installed "
         f"diffusers {diffusers.__version__} (torch {torch.__version__}); torchvision from "
