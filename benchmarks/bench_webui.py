@@ -39,6 +39,8 @@ from pathlib import Path
 
 from common import Row, write_result
 
+from fastsd.env import GIB
+
 RUNS, WARMUP = 25, 2
 STEPS, SIZE = 10, 64
 
@@ -54,7 +56,7 @@ SDXL_UNET = dict(
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 ARCHS = {"sd1": (SD15_UNET, 768), "sd2": (SD21_UNET, 1024), "sdxl": (SDXL_UNET, 2048)}
-T4_FREE_GB = 14.5  # a free T4 after the CUDA context (of its 15 GB)
+T4_FREE_GIB = 14.5  # a free T4 after the CUDA context (of its 15 GiB, as the driver says)
 
 
 def _paired(api, direct) -> tuple[dict, dict]:
@@ -92,15 +94,16 @@ def overhead() -> tuple[list[Row], list[str]]:
     import torch
     from PIL import Image
 
-    from fastsd.models import tiny
-    from fastsd.webui import launch, samplers
+    from fastsd.models import registry, tiny
+    from fastsd.webui import samplers
+    from fastsd.webui.server import serve, shutdown
 
     torch.set_num_threads(1)  # this machine's 2 cores are shared: threads fight otherwise
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["FASTSD_HOME"] = tmp
-        tiny.ensure_controlnet("sd1", root / "models" / "controlnet" / "sd1-tiny-canny")
-        server = launch.serve(model="tiny-sd1", root=root, port=0)
+        tiny.ensure_controlnet("sd1", root / "models" / registry.CONTROLNET_DIR / "sd1-tiny-canny")
+        server = serve(model="tiny-sd1", root=root, port=0)
         engine = server.app.state.worker.engine
         body = {"prompt": "a photo of sks cat", "negative_prompt": "", "steps": STEPS,
                 "width": SIZE, "height": SIZE, "cfg_scale": 7, "sampler_name": "Euler a"}
@@ -149,7 +152,7 @@ def overhead() -> tuple[list[Row], list[str]]:
                               direct_with(cn_pipe, image=edges, controlnet_conditioning_scale=1.0))
         finally:
             server.stop()
-            launch.shutdown()
+            shutdown()
     rows1, _, raw1 = _rows(f"{STEPS}-step {SIZE}x{SIZE} txt2img, tiny SD 1.x on CPU", *plain)
     rows2, _, raw2 = _rows("the same with one ControlNet unit (tiny ControlNet, a ready map)",
                            *with_cn)
@@ -159,9 +162,10 @@ def overhead() -> tuple[list[Row], list[str]]:
 # --------------------------------------------------------------------------- memory
 
 
-def _peak_gb(fn) -> float:
-    """The peak of the bytes held by live tensors while ``fn`` runs (on the meta device),
-    leaving out the L x L attention scores (self-attention's square score tensors)."""
+def _peak_gib(fn) -> float:
+    """The peak, in GiB, of the bytes held by live tensors while ``fn`` runs (on the meta
+    device), leaving out the L x L attention scores (self-attention's square score
+    tensors)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -198,11 +202,11 @@ def _peak_gb(fn) -> float:
     mode.seen = {}
     with torch.no_grad(), mode:
         fn()
-    return mode.peak / 1e9
+    return mode.peak / GIB
 
 
 def working_memory() -> dict[str, dict[str, float]]:
-    """GB per megapixel of one image (CFG batch of 2), fp16: step, ControlNet, VAE decode;
+    """GiB per megapixel of one image (CFG batch of 2), fp16: step, ControlNet, VAE decode;
     and the UNet's parameter count (a check of the configs against the registry's)."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -228,8 +232,8 @@ def working_memory() -> dict[str, dict[str, float]]:
                 unet(x, t, e, down_block_additional_residuals=down,
                      mid_block_additional_residual=mid, **add)
 
-            step = _peak_gb(lambda: unet(x, t, e, **add))
-            both = _peak_gb(with_control)
+            step = _peak_gib(lambda: unet(x, t, e, **add))
+            both = _peak_gib(with_control)
             out[family] = {"step": round(step / mp, 3), "controlnet": round((both - step) / mp, 3),
                            "unet_params": sum(p.numel() for p in unet.parameters()),
                            "controlnet_params": sum(p.numel() for p in net.parameters())}
@@ -237,7 +241,7 @@ def working_memory() -> dict[str, dict[str, float]]:
                             down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4).to(dt)
         z = torch.randn(1, 4, px // 8, px // 8, dtype=dt)
-        out["vae"] = {"decode": round(_peak_gb(lambda: vae.decode(z)) / mp, 3)}
+        out["vae"] = {"decode": round(_peak_gib(lambda: vae.decode(z)) / mp, 3)}
     return out
 
 
@@ -246,14 +250,14 @@ def t4_notes(measured: dict) -> str:
     from fastsd.env import DeviceInfo
     from fastsd.webui import memory
 
-    t4 = DeviceInfo("cuda", "Tesla T4", T4_FREE_GB, 15.0, (7, 5))
-    gb = 4 / 1e9  # fp32 bytes per parameter, in GB
-    # fp32 GB of the whole models: UNet + text encoders + VAE (83.7 M), and ControlNets
-    sd15 = (859.5e6 + 123.1e6 + 83.7e6) * gb
-    sdxl = (2567.5e6 + 123.1e6 + 694.7e6 + 83.7e6) * gb
-    cn15 = measured["sd1"]["controlnet_params"] * gb
-    cnxl = measured["sdxl"]["controlnet_params"] * gb
-    refiner = (2.3e9 + 694.7e6 + 83.7e6) * gb
+    t4 = DeviceInfo("cuda", "Tesla T4", T4_FREE_GIB, 15.0, (7, 5))
+    gib = 4 / GIB  # fp32 bytes per parameter, in GiB
+    # fp32 GiB of the whole models: UNet + text encoders + VAE (83.7 M), and ControlNets
+    sd15 = (859.5e6 + 123.1e6 + 83.7e6) * gib
+    sdxl = (2567.5e6 + 123.1e6 + 694.7e6 + 83.7e6) * gib
+    cn15 = measured["sd1"]["controlnet_params"] * gib
+    cnxl = measured["sdxl"]["controlnet_params"] * gib
+    refiner = (2.3e9 + 694.7e6 + 83.7e6) * gib
     cases = [("SD 1.5 + 1 ControlNet, 512x512", "sd1", sd15 + cn15, 512, 1, 1),
              ("SD 1.5 + 1 ControlNet, hires fix 2x to 1024x1024", "sd1", sd15 + cn15, 1024, 1,
               1),
@@ -267,23 +271,23 @@ def t4_notes(measured: dict) -> str:
               sdxl + 2 * cnxl + refiner, 1024, 1, 2)]
     parts = []
     for what, family, weights, px, batch, units in cases:
-        work = memory.work_gb(family, px, px, batch, units)
+        work = memory.work_gib(family, px, px, batch, units)
         policy = memory.MemoryPolicy().resolve(t4, weights, work)
         on = [k.replace("_", " ") for k, v in policy.to_dict().items() if v and k != "fp16"]
-        parts.append(f"{what}: fp16 weights {weights / 2:.1f} GB, a step {work['step']:.2f} "
-                     f"GB, the decode {work['decode']:.2f} GB -> "
+        parts.append(f"{what}: fp16 weights {weights / 2:.1f} GiB, a step {work['step']:.2f} "
+                     f"GiB, the decode {work['decode']:.2f} GiB -> "
                      f"{', '.join(on) or 'nothing to turn on'}")
     return ("**T4 estimate (not measured on a T4)**, from the policy's own estimate "
-            f"(fastsd.webui.memory, {T4_FREE_GB} GB free): " + "; ".join(parts) + ".")
+            f"(fastsd.webui.memory, {T4_FREE_GIB} GiB free): " + "; ".join(parts) + ".")
 
 
 def main() -> None:
     measured = working_memory()
-    print("working memory, GB per megapixel:", measured)
+    print("working memory, GiB per megapixel:", measured)
     rows, raw = overhead()
     from fastsd.webui import memory
 
-    consts = {f: (memory.STEP_GB_PER_MP[f], memory.CONTROLNET_GB_PER_MP[f])
+    consts = {f: (memory.STEP_GIB_PER_MP[f], memory.CONTROLNET_GIB_PER_MP[f])
               for f in ("sd1", "sd2", "sdxl")}
     mem_rows = []
     for family, name in (("sd1", "SD 1.5"), ("sd2", "SD 2.1"), ("sdxl", "SDXL")):
@@ -291,11 +295,11 @@ def main() -> None:
         mem_rows += [
             Row(f"{name}: working memory of a denoising step (CFG batch of 2), per megapixel, "
                 "fp16, measured on the meta device (fastsd.webui.memory uses "
-                f"{consts[family][0]})", "GB/MP", m["step"]),
+                f"{consts[family][0]})", "GiB/MP", m["step"]),
             Row(f"{name}: what a ControlNet adds to that step, per megapixel (memory uses "
-                f"{consts[family][1]})", "GB/MP", m["controlnet"])]
+                f"{consts[family][1]})", "GiB/MP", m["controlnet"])]
     mem_rows.append(Row("VAE decode of one image, per megapixel, fp16 (memory uses "
-                        f"{memory.VAE_DECODE_GB_PER_MP})", "GB/MP", measured["vae"]["decode"]))
+                        f"{memory.VAE_DECODE_GIB_PER_MP})", "GiB/MP", measured["vae"]["decode"]))
     params = ", ".join(f"{f} UNet {measured[f]['unet_params'] / 1e6:.1f} M, ControlNet "
                        f"{measured[f]['controlnet_params'] / 1e6:.1f} M" for f in ARCHS)
     write_result(
@@ -314,8 +318,9 @@ def main() -> None:
         "on PyTorch's meta device (no memory used) with the real architectures' configs "
         f"(parameters: {params}); the L x L attention scores are left out, as SDPA's fused "
         "kernels never store them. A measurement of the architectures, not of a GPU (a real "
-        "run adds the allocator's fragmentation, which the policy counts as 0.8 GB of CUDA "
-        "overhead).\n\n" + t4_notes(measured))
+        "run adds the allocator's fragmentation, which the policy counts as "
+        f"{memory.CUDA_OVERHEAD_GIB} GiB of CUDA overhead). GiB: 2^30 bytes; MP: 10^6 "
+        "pixels.\n\n" + t4_notes(measured))
 
 
 if __name__ == "__main__":

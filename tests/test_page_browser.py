@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastsd.webui import background
+from fastsd.webui import process
 from test_notebooks import NOTEBOOKS, cell
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,8 +46,8 @@ def server(tmp_path, monkeypatch, workspace, tiny_sd1):
     a notebook runs them, with the form filled from FASTSD_FORM."""
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium.")
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     shutil.copytree(tiny_sd1, workspace / "models" / "tiny-sd1")  # as cell 2 would build it
     form = {"Session": "", "Model": "tiny-sd1", "ControlNets": "tiny-canny", "UI": "fastsd",
             "Tunnel": "none", "User": USER, "Port": free_port(), "Password": PASSWORD}

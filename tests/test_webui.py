@@ -82,13 +82,13 @@ def test_api_lists_come_from_the_one_table():
 # --------------------------------------------------------------------------- memory
 
 
-def gpu(free: float, total: float = 16.0) -> DeviceInfo:
+def gpu(free: float, total: float = 15.0) -> DeviceInfo:
     return DeviceInfo("cuda", "Tesla T4", free, total, (7, 5))
 
 
 @pytest.mark.parametrize("free,weights,expect", [
     (14.5, 4.0, set()),  # SD 1.5 on a free T4: fp16 only
-    (14.5, 13.0, set()),  # SDXL (6.5 GB fp16) on a free T4: fits
+    (14.5, 13.0, set()),  # SDXL (6.5 GiB fp16) on a free T4: fits
     (8.0, 13.0, {"attention_slicing", "vae_slicing"}),
     (7.2, 13.0, {"attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload"}),
     (3.5, 4.0, {"attention_slicing", "vae_slicing"}),
@@ -103,10 +103,10 @@ def on(policy: MemoryPolicy) -> set[str]:
     return {k for k, v in policy.to_dict().items() if v and k != "fp16"}
 
 
-# fp32 sizes in GB, from the parameter counts: SD 1.5 (UNet, text encoder, VAE) 4.3,
-# SD 1.5 ControlNet 1.45; SDXL 10.3 + 0.5 + 2.8 + 0.3 = 13.9, SDXL ControlNet 5.0,
-# SDXL refiner 9.1
-SD15, SD15_CN, SDXL, SDXL_CN, REFINER = 4.3, 1.45, 13.9, 5.0, 9.1
+# fp32 sizes in GiB, from the parameter counts: SD 1.5 (UNet, text encoder, VAE) 4.0,
+# SD 1.5 ControlNet 1.35; SDXL 9.6 + 0.46 + 2.6 + 0.31 = 12.9, SDXL ControlNet 4.66,
+# SDXL refiner 8.5
+SD15, SD15_CN, SDXL, SDXL_CN, REFINER = 4.0, 1.35, 12.9, 4.66, 8.5
 
 
 @pytest.mark.parametrize("what,weights,work,expect", [
@@ -122,12 +122,12 @@ SD15, SD15_CN, SDXL, SDXL_CN, REFINER = 4.3, 1.45, 13.9, 5.0, 9.1
 ])
 def test_controlnet_and_hires_fix_on_a_t4_follow_the_estimate(what, weights, work, expect):
     """The estimate of a request's working memory (a denoising step with its ControlNets,
-    the VAE's decode) raises the headroom the policy asks for: on a free T4 (14.5 GB) SDXL
+    the VAE's decode) raises the headroom the policy asks for: on a free T4 (14.5 GiB) SDXL
     with a ControlNet fits at 1024 but needs the tiled VAE at 2048 (hires fix's second
     pass), and with two ControlNets and the refiner its weights need offload."""
     from fastsd.webui import memory
 
-    est = memory.work_gb(*work)
+    est = memory.work_gib(*work)
     assert on(MemoryPolicy().resolve(gpu(14.5), weights, est)) == expect, (what, est)
     # the same weights at the model's native size ask for no more than before
     plain = MemoryPolicy().resolve(gpu(14.5), weights)
@@ -137,11 +137,11 @@ def test_controlnet_and_hires_fix_on_a_t4_follow_the_estimate(what, weights, wor
 def test_the_work_estimate_grows_with_pixels_batch_and_controlnets():
     from fastsd.webui import memory
 
-    one = memory.work_gb("sd1", 512, 512)
-    assert memory.work_gb("sd1", 1024, 1024)["step"] == pytest.approx(4 * one["step"], 0.01)
-    assert memory.work_gb("sd1", 512, 512, 3)["decode"] == pytest.approx(3 * one["decode"], 0.01)
-    assert memory.work_gb("sd1", 512, 512, 3)["decode_one"] == one["decode_one"]
-    assert memory.work_gb("sd1", 512, 512, controlnets=2)["step"] > one["step"]
+    one = memory.work_gib("sd1", 512, 512)
+    assert memory.work_gib("sd1", 1024, 1024)["step"] == pytest.approx(4 * one["step"], 0.01)
+    assert memory.work_gib("sd1", 512, 512, 3)["decode"] == pytest.approx(3 * one["decode"], 0.01)
+    assert memory.work_gib("sd1", 512, 512, 3)["decode_one"] == one["decode_one"]
+    assert memory.work_gib("sd1", 512, 512, controlnets=2)["step"] > one["step"]
 
 
 def test_weights_are_counted_from_the_tensor_headers(tiny_sd1, tmp_path):
@@ -152,9 +152,9 @@ def test_weights_are_counted_from_the_tensor_headers(tiny_sd1, tmp_path):
     from fastsd.webui import memory
 
     save_file({"w": torch.zeros(1024, 256, dtype=torch.float16)}, tmp_path / "a.safetensors")
-    assert memory.weights_gb(tmp_path / "a.safetensors") == 1024 * 256 * 4 / 1024**3
+    assert memory.weights_gib(tmp_path / "a.safetensors") == 1024 * 256 * 4 / 1024**3
     files = sum(p.stat().st_size for p in tiny_sd1.rglob("*.safetensors"))
-    assert memory.weights_gb(tiny_sd1) == pytest.approx(files / 1024**3, rel=0.01)
+    assert memory.weights_gib(tiny_sd1) == pytest.approx(files / 1024**3, rel=0.01)
 
 
 def test_memory_policy_on_cpu_and_overrides():
@@ -277,7 +277,8 @@ def test_cuda_out_of_memory_is_one_requests_error(tiny_sd1, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: out-of-memory can only happen on one")
     from fastsd.webui.catalog import Catalog
-    from fastsd.webui.engine import Engine, OutOfMemory
+    from fastsd.errors import OutOfMemory
+    from fastsd.webui.engine import Engine
 
     engine = Engine(Catalog([tiny_sd1.parent]), MemoryPolicy(attention_slicing=False,
                                                              vae_tiling=False,

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import webuiapi  # a dev requirement (setup.py): the API suite never skips for want of it
 from PIL import Image
 
-webuiapi = pytest.importorskip("webuiapi")
-
-from fastsd.webui import controlnet, launch  # noqa: E402
-from webui_server import arr, b64png, one_thread  # noqa: E402,F401 (a fixture)
+from fastsd.webui import controlnet, server as webserver
+from webui_server import arr, b64png, one_thread  # noqa: F401 (a fixture)
 
 SIZE = 64
 
@@ -42,10 +41,10 @@ def home(tmp_path_factory, tiny_sd1, tiny_sdxl, tiny_refiner, tiny_controlnet_sd
 
 @pytest.fixture(scope="module")
 def server(home, one_thread):
-    srv = launch.serve(model="tiny-sd1", root=home, port=0)
+    srv = webserver.serve(model="tiny-sd1", root=home, port=0)
     yield srv
     srv.stop()
-    launch.shutdown()
+    webserver.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +228,24 @@ def test_the_extensions_routes(api, server):
     assert "module 'none'" in bad.json()["detail"]
 
 
+def test_tiny_controlnets_are_listed_with_a_tiny_model_only(api, server, home):
+    """The tiny test ControlNets are listed (model_list, which the page's picker shows) while
+    a tiny test model is loaded, and left out beside a real model: the real architectures'
+    UNets (SD 1.5/2.1: 320-1280 channels, SDXL: 320-1280) are not tiny."""
+    from fastsd.models import tiny
+
+    engine = server.app.state.worker.engine
+    assert engine.tiny and tiny.is_tiny_model(home / "models" / "tiny-sd1")
+    tiny_nets = {"sd1-tiny-canny", "sdxl-tiny-canny"}
+    assert tiny_nets <= {c.name for c in engine.catalog.controlnets(tiny=True) if c.tiny}
+    assert not tiny_nets & {c.name for c in engine.catalog.controlnets()}
+    assert not tiny.is_tiny({"block_out_channels": [320, 640, 1280, 1280]})
+    assert not tiny.is_tiny({"block_out_channels": [320, 640, 1280]})
+    assert not tiny.is_tiny({}) and not tiny.is_tiny_model(home / "models")
+    listed = api.controlnet_model_list()
+    assert {t.split(" [")[0] for t in listed} >= tiny_nets
+
+
 def test_every_registry_preprocessor_is_listed():
     """The notebook's ControlNets name their preprocessor; each is one of the module list's
     (run here, or listed with what it needs)."""
@@ -312,14 +329,14 @@ def test_in_process_generate_takes_controlnet_units(api, server, home):
     the extension's fields, the image a PIL image."""
     kw = dict(width=SIZE, height=SIZE, seed=7, steps=2, show=False, save=False,
               model="tiny-sd1")
-    plain = launch.generate("a cat", root=home, **kw)
-    with_cn = launch.generate("a cat", root=home, controlnet=[
+    plain = webserver.generate("a cat", root=home, **kw)
+    with_cn = webserver.generate("a cat", root=home, controlnet=[
         {"model": "sd1-tiny-canny", "image": edges(4), "module": "none"}], **kw)
-    assert server.app.state.worker is launch._current["worker"]
+    assert server.app.state.worker is webserver._current["worker"]
     assert not same(plain[0], with_cn[0])
     assert "ControlNet 0: " in with_cn[0].info["parameters"]
     with pytest.raises(controlnet.InvalidRequest, match=r"controlnet.args\[0\].weight"):
-        launch.generate("a cat", root=home, controlnet=[
+        webserver.generate("a cat", root=home, controlnet=[
             {"model": "sd1-tiny-canny", "image": edges(4), "weight": 5}], **kw)
 
 

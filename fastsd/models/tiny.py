@@ -199,6 +199,25 @@ def build_pipeline(family: str, seed: int = 0):
         add_watermarker=False)
 
 
+#: The widest UNet block of a tiny model (and of its ControlNet); a real model's narrowest
+#: has 320 channels.
+TINY_MAX_WIDTH = 64
+
+
+def is_tiny(config: dict) -> bool:
+    """Whether a UNet's or a ControlNet's ``config`` is one of the tiny test architectures
+    built here (or a model trained from one): its widest block has at most TINY_MAX_WIDTH
+    channels."""
+    widths = config.get("block_out_channels") or ()
+    return bool(widths) and max(widths) <= TINY_MAX_WIDTH
+
+
+def is_tiny_model(folder: str | Path) -> bool:
+    """Whether the diffusers folder ``folder`` holds a tiny test model (by its UNet)."""
+    config = Path(folder) / "unet" / "config.json"
+    return config.is_file() and is_tiny(drive.read_json(config))
+
+
 def _unet_of(family: str):
     return _sdxl_unet() if family == "sdxl" else _sd_unet(family == "sd2")
 
@@ -257,7 +276,7 @@ def build_refiner(seed: int = 0):
 
 
 def _save(model, out_dir: Path, meta: dict) -> Path:
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         drive.atomic_write_json(tmp / MARKER, {**meta, "version": TINY_VERSION})
     log.info("Built tiny %s in %s", meta["kind"], out_dir)

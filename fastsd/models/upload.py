@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastsd import fetch
+from fastsd import fetch, options
 from fastsd.errors import DataError, ModelError, OfflineError
 from fastsd.session import Session
 
@@ -41,7 +41,7 @@ def trained_model(session: Session, name: str | None = None) -> Path:
     if not folders:
         raise ModelError(f"Session {session.name!r} has no trained model"
                          + (f" named {name!r}" if name else "") + f" in {session.models}. "
-                         "Train it first ('fastsd train SESSION').")
+                         f"Train it first: {options.run('train', session.name)}.")
     return folders[-1]
 
 

@@ -13,7 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastsd import options
+from fastsd.env import GIB
 from fastsd.errors import DataError
+from fastsd.session import DEFAULT_TEXT_STEPS, DEFAULT_UNET_STEPS
 
 log = logging.getLogger("fastsd")
 
@@ -34,12 +37,12 @@ class TrainSettings:
     """Everything the two-stage trainer can be told. ``None`` means "from the preset"."""
 
     # stage 1 (UNet, text encoder frozen) and stage 2 (text encoder, UNet frozen)
-    unet_steps: int = _opt(1500, "UNet stage: training steps (0 skips the stage)")
+    unet_steps: int = _opt(DEFAULT_UNET_STEPS, "UNet stage: training steps (0 skips the stage)")
     unet_lr: float = _opt(2e-6, "UNet stage: learning rate")
     unet_schedule: str = _opt("linear", "UNet stage: learning-rate schedule",
                               choices=SCHEDULES)
     unet_warmup: int = _opt(0, "UNet stage: warm-up steps")
-    text_steps: int = _opt(350, "text encoder stage: training steps (0 skips the stage)")
+    text_steps: int = _opt(DEFAULT_TEXT_STEPS, "text encoder stage: training steps (0 skips the stage)")
     text_lr: float = _opt(1e-6, "text encoder stage: learning rate")
     text_schedule: str = _opt("linear", "text encoder stage: learning-rate schedule",
                               choices=SCHEDULES)
@@ -153,6 +156,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: A GPU that the name does not place gets a T4's preset below T4_CLASS_GIB of total VRAM,
+#: an L4's below ROOMY_GIB, an A100's from there. ROOMY_GIB is also where the trainer stops
+#: moving the VAE and the text encoders off the GPU between phases (train.parts.Placement).
+T4_CLASS_GIB = 18.0
+ROOMY_GIB = 30.0
+
+
 def choose_preset(info) -> str:
     """The preset for a fastsd.env.DeviceInfo: by GPU name, else by total VRAM."""
     if not getattr(info, "is_cuda", False):
@@ -161,8 +171,8 @@ def choose_preset(info) -> str:
     for key in ("T4", "L4", "A100"):
         if key in name:
             return key.lower()
-    total = info.vram_total_gb or 0
-    return "t4" if total < 18 else "l4" if total < 30 else "a100"
+    total = info.vram_total_gib or 0
+    return "t4" if total < T4_CLASS_GIB else "l4" if total < ROOMY_GIB else "a100"
 
 
 def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[TrainSettings, str]:
@@ -181,20 +191,19 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
 # --------------------------------------------------------------------------- VRAM estimate
 
 #: Activations the UNet's forward keeps for the backward pass, one 512x512 image, 16-bit,
-#: in GB: measured on the real architectures (random weights on PyTorch's meta device, no
-#: memory used) by summing the tensors autograd saves, less the L x L attention matrices
+#: in bytes: measured on the real architectures (random weights on PyTorch's meta device,
+#: no memory used) by summing the tensors autograd saves, less the L x L attention matrices
 #: that SDPA's memory-efficient kernels never store. See benchmarks/bench_train.py.
-ACTIVATION_GB_512 = {"sd1": 1.55, "sd2": 1.6, "sdxl": 6.0}
+ACTIVATION_BYTES_512 = {"sd1": 1.55e9, "sd2": 1.6e9, "sdxl": 6.0e9}
 BACKWARD_FACTOR = 1.25  # activation gradients and temporaries live during the backward
 #: With gradient checkpointing only each block's input is kept, plus one block's
-#: activations while it is recomputed: measured 0.16 + 0.34 of SD 1.5's 1.55 GB.
+#: activations while it is recomputed: measured 0.16e9 + 0.34e9 of SD 1.5's 1.55e9 bytes.
 CHECKPOINTED_FRACTION = 0.35
-CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
-GB = 1e9
+CUDA_OVERHEAD_GIB = 0.75  # CUDA context, cuBLAS workspace, allocator fragmentation
 
 
-def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int]) -> dict[str, float]:
-    """Peak VRAM of each stage in GB, from the parameter counts of the model's parts.
+def estimate_vram_gib(settings: TrainSettings, family: str, params: dict[str, int]) -> dict[str, float]:
+    """Peak VRAM of each stage in GiB, from the parameter counts of the model's parts.
 
     Trained part: fp32 weights (4 B/param) + fp32 gradients (4) + AdamW moments (8, or 2
     with 8-bit Adam) + the 16-bit copies autocast caches during the forward (2, mixed
@@ -205,7 +214,7 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     mixed = settings.mixed_precision not in (None, "no")
     trained_b = 4 + 4 + (2 if settings.adam_8bit else 8) + (2 if mixed else 0)
     res = settings.resolution or 512
-    act = (ACTIVATION_GB_512.get(family, ACTIVATION_GB_512["sd1"]) * BACKWARD_FACTOR
+    act = (ACTIVATION_BYTES_512.get(family, ACTIVATION_BYTES_512["sd1"]) * BACKWARD_FACTOR
            * (settings.batch_size or 1) * (res / 512) ** 2)
     act *= 2 if settings.prior_preservation else 1
     act *= CHECKPOINTED_FRACTION if settings.gradient_checkpointing else 1
@@ -214,9 +223,9 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     unet = params.get("unet", 0)
     out = {}
     # Stage 1: the text encoder and the VAE are used for the caches, then leave the GPU.
-    out["unet"] = (unet * trained_b) / GB + act + CUDA_OVERHEAD_GB
+    out["unet"] = (unet * trained_b + act) / GIB + CUDA_OVERHEAD_GIB
     # Stage 2: the UNet is frozen but activations still flow through it.
-    out["text"] = (unet * 4 + text * trained_b) / GB + act + CUDA_OVERHEAD_GB
+    out["text"] = (unet * 4 + text * trained_b + act) / GIB + CUDA_OVERHEAD_GIB
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -244,16 +253,20 @@ class DrivePlan:
                 + f", model folder {g(self.model)}, single file {g(self.single_file)}, "
                 f"samples {g(self.samples)}")
 
-    def advice(self, s: TrainSettings) -> str:
+    def advice(self, s: TrainSettings, session: str = "SESSION") -> str:
+        """What shrinks the run, each with how to set it (fastsd.options)."""
         tips = []
         if s.keep_checkpoints > 1:
-            tips.append(f"--keep-checkpoints 1 (now {s.keep_checkpoints})")
+            tips.append(f"keep one checkpoint, not {s.keep_checkpoints} "
+                        f"({options.say(('keep_checkpoints', 1), session=session)})")
         if not s.adam_8bit:
-            tips.append("--adam-8bit on a GPU (a quarter of the optimizer state)")
+            tips.append("8-bit Adam on a GPU, a quarter of the optimizer state "
+                        f"({options.say('adam_8bit', session=session)})")
         if s.save_precision != "fp16":
-            tips.append("--save-precision fp16 (half the model folder)")
+            tips.append("an fp16 model folder, half the size "
+                        f"({options.say(('save_precision', 'fp16'), session=session)})")
         if s.sample_every:
-            tips.append("fewer samples (--sample-every)")
+            tips.append(f"fewer samples ({options.say('sample_every', session=session)})")
         return "; ".join(tips) or "nothing in the settings shrinks it further"
 
 
@@ -300,6 +313,6 @@ def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None
     ]
     if vram:
         lines.append("Estimated peak VRAM: " + ", ".join(
-            f"{'UNet' if k == 'unet' else 'text encoder'} stage {v:.1f} GB"
+            f"{'UNet' if k == 'unet' else 'text encoder'} stage {v:.1f} GiB"
             for k, v in vram.items()))
     return "\n".join(lines)

@@ -28,10 +28,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastsd import __version__
-from fastsd.errors import FastSDError, ModelError
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
 from fastsd.webui import controlnet, infotext, samplers, xyz
-from fastsd.webui.auth import AuthMiddleware, BasicAuth
-from fastsd.webui.engine import GenerationFailed, OutOfMemory, Result
+from fastsd.webui.auth import DEFAULT_PORT, AuthMiddleware, BasicAuth
+from fastsd.webui.engine import GenerationFailed, Result
 from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.outputs import Outputs
 from fastsd.webui.params import GenerationParams, InvalidRequest, decode_image, from_request
@@ -49,7 +49,7 @@ class ServerInfo:
     """What /cmd-flags reports about how the server was started (never a secret)."""
 
     host: str = "127.0.0.1"
-    port: int = 7860
+    port: int = DEFAULT_PORT
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -281,7 +281,7 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
     async def controlnet_models(update: bool = True):
         if update:
             await run_in_threadpool(engine.catalog.refresh)
-        return {"model_list": [c.title for c in engine.catalog.controlnets()]}
+        return {"model_list": [c.title for c in engine.catalog.controlnets(engine.tiny)]}
 
     @app.get("/controlnet/module_list")
     async def controlnet_modules(alias_names: bool = False):

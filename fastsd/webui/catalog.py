@@ -16,7 +16,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsd import options
 from fastsd.errors import ModelError
+from fastsd.models import tiny
 
 log = logging.getLogger("fastsd")
 
@@ -78,6 +80,7 @@ class ControlModel:
     name: str
     path: Path  # a diffusers folder (config.json and weights) or a .safetensors file
     hash: str
+    tiny: bool = False  # a tiny test ControlNet (fastsd.models.tiny): listed for tiny models
 
     @property
     def title(self) -> str:
@@ -98,12 +101,12 @@ def _controlnet_at(p: Path) -> ControlModel | None:
         try:
             import json
 
-            if json.loads(config.read_text(encoding="utf-8")).get("_class_name") != \
-                    "ControlNetModel":
-                return None
+            data = json.loads(config.read_text(encoding="utf-8"))
         except ValueError:
             return None
-        return ControlModel(p.name, p, quick_hash(weights[0]))
+        if not isinstance(data, dict) or data.get("_class_name") != "ControlNetModel":
+            return None
+        return ControlModel(p.name, p, quick_hash(weights[0]), tiny.is_tiny(data))
     if p.is_file() and p.suffix == ".safetensors":
         return ControlModel(p.stem, p, quick_hash(p))
     return None
@@ -198,8 +201,9 @@ class Catalog:
         raise ModelError(f"Unknown checkpoint {name!r}. Known: {known}. Put models in the "
                          "session's or the workspace's models/ folder and refresh checkpoints.")
 
-    def controlnets(self) -> list[ControlModel]:
-        return list(self._controlnets)
+    def controlnets(self, tiny: bool = False) -> list[ControlModel]:
+        """The ControlNets found; the tiny test ones only with ``tiny`` (a tiny model)."""
+        return [c for c in self._controlnets if tiny or not c.tiny]
 
     def controlnet(self, name: str) -> ControlModel:
         """The ControlNet a client names by title (``name [hash]``) or name (any case)."""
@@ -209,8 +213,8 @@ class Catalog:
                 return c
         known = ", ".join(c.title for c in self._controlnets) or "none"
         raise ModelError(f"Unknown ControlNet {name!r}. Known: {known}. Put ControlNets in the "
-                         "session's or the workspace's models/controlnet/ folder (the notebook's "
-                         "ControlNet cell downloads them there).")
+                         "session's or the workspace's models/controlnet/ folder; to download "
+                         f"one there, {options.run('controlnet')}.")
 
     def lora(self, name: str) -> Lora | None:
         key = name.strip().lower()

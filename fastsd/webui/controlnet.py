@@ -447,7 +447,7 @@ def load(path: Path, title: str, unet_config: dict, model_title: str, dtype):
         why = _fits(config, unet_config)
         if why:
             raise refuse(why)
-        return ControlNetModel.from_pretrained(str(path), torch_dtype=dtype)
+        return ControlNetModel.from_pretrained(str(path), dtype=dtype)
     from safetensors.torch import load_file
 
     state = load_file(str(path))

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastsd import __version__, drive, env, models
-from fastsd.errors import FastSDError, ModelError
+from fastsd.models import tiny
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
 from fastsd.webui import controlnet, imaging, infotext, memory, samplers
 from fastsd.webui.catalog import Catalog, Checkpoint
 from fastsd.webui.params import (LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationParams,
@@ -30,10 +31,6 @@ from fastsd.workspace import Workspace
 log = logging.getLogger("fastsd")
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-class OutOfMemory(FastSDError):
-    """The device ran out of memory for one request; the engine has freed it and goes on."""
 
 
 class GenerationFailed(FastSDError):
@@ -168,6 +165,7 @@ class Engine:
         self.checkpoint: Checkpoint | None = None
         self.family = "sd1"
         self.inpainting = False
+        self.tiny = False  # a tiny test model (fastsd.models.tiny) is loaded
         self.applied: memory.MemoryPolicy | None = None  # the policy in force
         self._pipes: dict[Any, Any] = {}  # "base", a mode, or (mode, ControlNet titles)
         self._loras: set[str] = set()
@@ -175,7 +173,7 @@ class Engine:
         self._nets: dict[str, Any] = {}  # ControlNet title -> its loaded ControlNetModel
         self._refiner: tuple[Checkpoint, Any, Any] | None = None  # (ckpt, pipe, scheduler)
         self._budget: Any = None  # the device (its free VRAM) before the model was loaded
-        self._gb: dict[str, float] = {}  # weights (fp32 GB) by model path
+        self._gib: dict[str, float] = {}  # weights (fp32 GiB) by model path
 
     # ------------------------------------------------------------------ models
 
@@ -197,10 +195,10 @@ class Engine:
     def folder_of(self, ckpt: Checkpoint) -> Path:
         """The diffusers folder of a checkpoint; a single file goes through the workspace's
         one model resolver (converted once, kept in the workspace's converted/). A model on
-        Drive is loaded from its local-disk copy (models.stage)."""
+        Drive is loaded from its local-disk copy (models.local_copy)."""
         if ckpt.folder is not None:
-            return models.stage(ckpt.folder)
-        return models.stage(models.resolve_model(ckpt.path, self.workspace))
+            return models.local_copy(ckpt.folder)
+        return models.local_copy(models.resolve_model(ckpt.path, self.workspace))
 
     def load(self, name: str | Checkpoint) -> Checkpoint:
         """Load a catalog checkpoint (by title or name). The old model leaves the device first;
@@ -224,9 +222,9 @@ class Engine:
 
     def _weights(self, path: Path) -> float:
         key = str(path)
-        if key not in self._gb:
-            self._gb[key] = memory.weights_gb(path)
-        return self._gb[key]
+        if key not in self._gib:
+            self._gib[key] = memory.weights_gib(path)
+        return self._gib[key]
 
     def _load(self, ckpt: Checkpoint, folder: Path) -> None:
         import torch
@@ -244,6 +242,7 @@ class Engine:
         pipe = self._from_pretrained(folder, dtype)
         memory.apply(pipe, policy, device)
         self.checkpoint, self.family, self.inpainting = ckpt, det.family or "sd1", det.inpainting
+        self.tiny = tiny.is_tiny(dict(pipe.unet.config))
         self.applied, self._device, self._budget = policy, device, info
         self._folder = folder
         self._pipes = {"base": pipe}
@@ -257,7 +256,7 @@ class Engine:
     def _from_pretrained(folder: Path, dtype):
         from diffusers import DiffusionPipeline
 
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         index = drive.read_json(folder / "model_index.json")
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -333,7 +332,7 @@ class Engine:
                 continue
             start = time.perf_counter()
             try:
-                net = controlnet.load(models.stage(c.path), c.title, dict(base.unet.config),
+                net = controlnet.load(models.local_copy(c.path), c.title, dict(base.unet.config),
                                       self.checkpoint.title if self.checkpoint else "the model",
                                       base.unet.dtype)
             except ModelError as e:
@@ -377,16 +376,16 @@ class Engine:
             pipe.set_progress_bar_config(disable=True)
         memory.apply(pipe, self.applied or memory.MemoryPolicy(), self._device)
         self._refiner = (ckpt, pipe, pipe.scheduler.config)
-        self._gb.setdefault(str(ckpt.path), memory.weights_gb(folder))
+        self._gib.setdefault(str(ckpt.path), memory.weights_gib(folder))
         log.info("Loaded the refiner %s", ckpt.title)
         return pipe, ckpt
 
     def plan(self, p: GenerationParams) -> tuple[memory.MemoryPolicy, dict[str, float]]:
         """The memory policy a request needs (from the weights of the model, its ControlNets
         and refiner, and the request's working memory at its largest pass) and that working
-        memory's estimate, in GB."""
+        memory's estimate, in GiB."""
         w, h = p.hires_size()[:2] if p.hires else (p.width, p.height)
-        work = memory.work_gb(self.family, w, h, p.batch_size, len(p.controlnet))
+        work = memory.work_gib(self.family, w, h, p.batch_size, len(p.controlnet))
         weights = self._weights(self._folder)
         for name in {u.model for u in p.controlnet}:
             try:
@@ -601,7 +600,7 @@ class Engine:
                                     schedule=schedule, extra=extra) for s in seeds]
         info = self._info(p, seeds, infotexts, sampler, schedule)
         info.update(extra_generation_params=extra,
-                    memory={"work_gb": work, "policy": self.applied.to_dict()
+                    memory={"work_gib": work, "policy": self.applied.to_dict()
                             if self.applied else {}})
         return Result(images, seeds, infotexts, info, p, interrupted, warnings)
 
