@@ -396,8 +396,9 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
     for f in dataclasses.fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-").rstrip("s" if f.name == "sample_prompts" else "")
         assert flag in text, flag
-    assert "--resume" in text and "(default: 1500)" in text and "(default: 2e-06)" in text
-    assert "(default: 350)" in text and "(default: 1e-06)" in text
+    assert "--resume" in text and "(default: 1500)" in text and "(default: 2e-6 for full" in text
+    assert "(default: 350)" in text and "(default: 1e-6 for full" in text
+    assert "1e-4 for LoRA" in text and "1e-5 for LoRA" in text  # the method's own rates
     assert text.count("(default:") >= len(dataclasses.fields(TrainSettings))
     args = build_parser().parse_args(["train", "S", "--unet-steps", "5", "--flip",
                                       "--sample-prompt", "a", "--sample-prompt", "b"])
