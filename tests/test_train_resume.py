@@ -1,5 +1,5 @@
 """Exact resume: a run SIGKILLed (or SIGTERMed) anywhere and resumed ends bit-identical to an
-uninterrupted run with the same seed.
+uninterrupted run with the same seed, for full fine-tuning and for LoRA.
 
 Each run is a separate process. To keep this fast, processes are forked from a
 multiprocessing forkserver that has already imported torch and diffusers. The kill itself
@@ -26,6 +26,9 @@ SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
                 class_images=2, class_steps=2)
 STEPS = SETTINGS["unet_steps"] + SETTINGS["text_steps"]
+# LoRA: adapters on the frozen base, with dropout (draws from the global RNG) on
+LORA = {**SETTINGS, "method": "lora", "rank": 4, "alpha": 2.0, "lora_dropout": 0.2,
+        "unet_lr": 1e-3, "text_lr": 1e-3}
 # What the forkserver imports once, so that each run starts in a fraction of a second.
 PRELOAD = ["torch", "accelerate.accelerator", "diffusers.optimization",
            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
@@ -114,7 +117,8 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     return hook
 
 
-def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> None:
+def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
+           lora: bool) -> None:
     import sys
 
     import torch
@@ -133,14 +137,14 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> 
 
     s = session.load(name, Path(home))
     hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**SETTINGS), on_event=hook)
+    train(s, TrainSettings(**(LORA if lora else SETTINGS)), on_event=hook)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
-              start: int = 0) -> int:
+              start: int = 0, lora: bool = False) -> int:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start, lora))
     p.start()
     p.join()
     return p.exitcode
@@ -150,10 +154,11 @@ def run_child(home: Path, name: str, kill: str | None = None, resume: bool = Fal
 
 
 def final_tensors(s) -> dict:
+    """The tensors of what the run wrote: the model folder (full) or the LoRA file."""
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted((s.models / s.name).rglob("*.safetensors")):
+    for f in sorted([*(s.models / s.name).rglob("*.safetensors"), *s.loras.glob("*")]):
         for k, v in load_file(f).items():
             out[f"{f.parent.name}/{k}"] = v
     return out
@@ -166,16 +171,16 @@ def final_state(s) -> dict:
     return drive.read_json(checkpoint.latest(s.checkpoints).path / "state.json")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_root):
-    """An uninterrupted run: final weights and final trainer state."""
+@pytest.fixture(scope="module", params=["full", "lora"])
+def reference(request, tmp_path_factory, tiny_root):
+    """An uninterrupted run of each method: final weights and final trainer state."""
     from fastsd.models import tiny
 
-    home = tmp_path_factory.mktemp("ref-home")
+    home = tmp_path_factory.mktemp(f"ref-home-{request.param}")
     (home / "models").mkdir()
     (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
     s = make_subject_session("ref", home)
-    assert run_child(home, "ref") == 0
+    assert run_child(home, "ref", lora=request.param == "lora") == 0
     return final_tensors(s), final_state(s)
 
 
@@ -190,16 +195,22 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
+LORA_CASES = ["stage2", "checkpoint_write"]  # adapters of both stages; the boundary crossed
+
+
+@pytest.mark.parametrize("reference,case", [("full", c) for c in CASES]
+                         + [("lora", c) for c in LORA_CASES], indirect=["reference"])
+def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1, request):
     from fastsd.train import checkpoint
 
+    lora = request.node.callspec.params["reference"] == "lora"
     kill, code, start = CASES[case]
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
-    assert run_child(workspace, case, kill, start=start) == code
+    assert run_child(workspace, case, kill, start=start, lora=lora) == code
     assert not (s.models / case).exists(), "a killed run must not have exported a model"
+    assert not s.loras.exists(), "a killed run must not have written its LoRA"
     if case == "checkpoint_write":  # the half-written checkpoint is there, but not as one
         leftovers = [p.name for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
         assert leftovers and all("step-0000004" in n for n in leftovers)
@@ -207,7 +218,18 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
         assert [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
     if case == "sigterm":
         assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
-    assert checkpoint.latest(s.checkpoints).step == start
+    ck = checkpoint.latest(s.checkpoints)
+    assert ck.step == start
+    if lora:  # a LoRA checkpoint holds the adapters only, and the base model's fingerprint
+        from fastsd import models
+        from fastsd.train.parts import load_parts
+        from fastsd.train.resume import model_fingerprint
+
+        assert all(".lora_A." in k or ".lora_B." in k for sd in ck.tensors.values()
+                   for k in sd)
+        base = models.stage(models.resolve_model("tiny-sd1", s.workspace))
+        assert ck.state["base_model"]["fingerprint"] == model_fingerprint(
+            load_parts(base).unet)
 
     assert run_child(workspace, case, resume=True) == 0
     log = (workspace / f"{case}.log").read_text()
