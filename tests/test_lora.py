@@ -363,3 +363,30 @@ def test_lora_settings_rates_estimate_and_cli():
     lora = drive_plan(lora_t4, sdxl, 83_653_863, adapters=adapters)
     assert lora.model == lora.single_file == 0 and lora.lora == 61_000_000 * 2
     assert lora.total * 50 < full.total and "LoRA file" in lora.describe()
+
+
+def test_a_16_bit_base_trains_fp32_adapters(workspace, tiny_sd1):
+    """Mixed precision (bf16 here, the CPU's; fp16 on a T4): the frozen base is loaded in
+    16 bits, the VAE in fp32, the adapters and their optimizer state in fp32."""
+    import torch
+
+    from fastsd.train import checkpoint
+
+    link(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("half", workspace, n=2)
+    seen = {}
+
+    def keep(event, info):
+        if event == "stage_end":
+            p = info["parts"]
+            seen[info["stage_name"]] = (
+                {p_.dtype for n, p_ in p.unet.named_parameters() if ".lora_" not in n},
+                {p_.dtype for n, p_ in p.unet.named_parameters() if ".lora_" in n},
+                {p_.dtype for p_ in p.vae.parameters()})
+    r = train(s, TrainSettings(method="lora", mixed_precision="bf16", rank=RANK, unet_steps=1,
+                               text_steps=1, checkpoint_every=0), on_event=keep)
+    assert seen["unet"] == ({torch.bfloat16}, {torch.float32}, {torch.float32})
+    assert all(np.isfinite(r.losses)) and r.lora.is_file()
+    opt = checkpoint.latest(s.checkpoints).object("optimizer")
+    assert {t.dtype for st in opt["state"].values() for t in st.values() if t.dim()} == {
+        torch.float32}
