@@ -55,7 +55,9 @@ def trained(request, tmp_path_factory, tiny_root):
     torch.manual_seed(0)
     r = train(s, TrainSettings(method="lora", rank=RANK, alpha=ALPHA, unet_steps=1,
                                text_steps=1, unet_lr=2e-2, text_lr=2e-2, checkpoint_every=0,
-                               sample_every=0), on_event=keep)
+                               sample_every=2 if family == "sd1" else 0, sample_steps=2),
+              on_event=keep)
+    assert [p.name for p in r.samples] == (["step-0000002-0.png"] if family == "sd1" else [])
     return family, s, r, seen["parts"], seen["base"]
 
 
@@ -367,7 +369,8 @@ def test_lora_settings_rates_estimate_and_cli():
 
 def test_a_16_bit_base_trains_fp32_adapters(workspace, tiny_sd1):
     """Mixed precision (bf16 here, the CPU's; fp16 on a T4): the frozen base is loaded in
-    16 bits, the VAE in fp32, the adapters and their optimizer state in fp32."""
+    16 bits, the VAE in fp32, the adapters and their optimizer state in fp32; the class
+    images are made by that 16-bit base and fp32 VAE."""
     import torch
 
     from fastsd.train import checkpoint
@@ -384,7 +387,9 @@ def test_a_16_bit_base_trains_fp32_adapters(workspace, tiny_sd1):
                 {p_.dtype for n, p_ in p.unet.named_parameters() if ".lora_" in n},
                 {p_.dtype for p_ in p.vae.parameters()})
     r = train(s, TrainSettings(method="lora", mixed_precision="bf16", rank=RANK, unet_steps=1,
-                               text_steps=1, checkpoint_every=0), on_event=keep)
+                               text_steps=1, checkpoint_every=0, prior_preservation=True,
+                               class_images=1, class_steps=1), on_event=keep)
+    assert len(list((s.path / "class_images").rglob("*.png"))) == 1  # by the 16-bit base
     assert seen["unet"] == ({torch.bfloat16}, {torch.float32}, {torch.float32})
     assert all(np.isfinite(r.losses)) and r.lora.is_file()
     opt = checkpoint.latest(s.checkpoints).object("optimizer")
