@@ -6,7 +6,7 @@ step each, a checkpoint after each). Counted on PyTorch's meta device (the real
 architectures built from their configs, no weights, no memory): the parameters of SDXL's and
 SD 1.5's parts and of their rank-16 adapters, and the activations autograd keeps in a
 LoRA training step. Estimated from those counts: real SDXL's checkpoints and the peak VRAM
-(fastsd.train.settings.estimate_vram_gb), labelled as estimates, never graded.
+(fastsd.train.settings.estimate_vram_gib, in GiB), labelled as estimates, never graded.
 
 Run: .venv/bin/python benchmarks/bench_lora.py
 """
@@ -65,7 +65,7 @@ def counts(parts: dict) -> tuple[dict, dict]:
 
 
 def saved_activations(unet, family: str, res: int) -> dict[str, float]:
-    """GB of what autograd keeps in one fp16 forward of ``unet`` (adapters in place) at
+    """GiB of what autograd keeps in one fp16 forward of ``unet`` (adapters in place) at
     ``res`` px, counted by a saved-tensors hook: each storage once, views of the (frozen)
     weights not counted (they are not new memory), nor the L x L attention matrices that
     SDPA's memory-efficient kernels never store. With gradient checkpointing (diffusers
@@ -73,6 +73,7 @@ def saved_activations(unet, family: str, res: int) -> dict[str, float]:
     blocks' inputs) plus the largest one block's saved tensors."""
     import torch
 
+    from fastsd.env import GIB
     from fastsd.train import lora
 
     unet = unet.to(torch.float16).train()
@@ -117,11 +118,11 @@ def saved_activations(unet, family: str, res: int) -> dict[str, float]:
 
     forward()  # learns the sequence lengths of the attentions
     full = forward()
-    total = sum(full.values()) / 1e9
-    largest = max(v for k, v in full.items() if k is not None) / 1e9
+    total = sum(full.values()) / GIB
+    largest = max(v for k, v in full.items() if k is not None) / GIB
     unet.enable_gradient_checkpointing()
-    kept = sum(forward().values()) / 1e9
-    return {"saved_gb": total, "kept_gb": kept, "largest_gb": largest,
+    kept = sum(forward().values()) / GIB
+    return {"saved_gib": total, "kept_gib": kept, "largest_gib": largest,
             "fraction": (kept + largest) / total}
 
 
@@ -142,7 +143,7 @@ def checkpoint_bytes(method: str, home: Path) -> int:
 def main() -> None:
     import os
 
-    from fastsd.env import DeviceInfo
+    from fastsd.env import GIB, DeviceInfo
     from fastsd.models import registry, tiny
     from fastsd.train import settings as S
 
@@ -152,7 +153,7 @@ def main() -> None:
         tiny.ensure("sdxl", home / "models")
         tiny_ck = {m: checkpoint_bytes(m, home) for m in ("full", "lora")}
 
-    t4 = DeviceInfo("cuda", "Tesla T4", 14.7, 15.0, (7, 5))
+    t4 = DeviceInfo("cuda", "Tesla T4", 14.5, 14.74, (7, 5))  # 15,828,320,256 bytes
     found = {}
     for family, res in (("sdxl", 1024), ("sd1", 512)):
         parts = meta_parts(family)
@@ -163,8 +164,8 @@ def main() -> None:
         st, _ = S.resolve(S.TrainSettings(method="lora", resolution=res), t4, res)
         full, _ = S.resolve(S.TrainSettings(resolution=res), t4, res)
         found[family] = dict(base=base, adapters=adapters, act=act, st=st,
-                             vram=S.estimate_vram_gb(st, family, base, adapters),
-                             vram_full=S.estimate_vram_gb(full, family, base),
+                             vram=S.estimate_vram_gib(st, family, base, adapters),
+                             vram_full=S.estimate_vram_gib(full, family, base),
                              ck=S.drive_plan(st, base, 0, adapters=adapters).checkpoint,
                              ck_full=S.drive_plan(full, base, 0).checkpoint,
                              file=S.drive_plan(st, base, 0, adapters=adapters).lora)
@@ -178,11 +179,11 @@ def main() -> None:
             higher_is_better=False),
         Row("LoRA file, SDXL, rank 16, fp16 (estimate from parameter counts)", "MB",
             round(xl["file"] / 1e6)),
-        Row("peak VRAM, SDXL LoRA at 1024 px, T4 preset (estimate)", "GB",
-            max(xl["vram"].values()), max(xl["vram_full"].values()), target="< 15 GB",
+        Row("peak VRAM, SDXL LoRA vs full at 1024 px, T4 preset (estimate)", "GiB",
+            max(xl["vram"].values()), max(xl["vram_full"].values()),
             higher_is_better=False),
-        Row("peak VRAM, SD 1.5 LoRA at 512 px, T4 preset (estimate)", "GB",
-            max(sd["vram"].values()), max(sd["vram_full"].values()), target="< 15 GB",
+        Row("peak VRAM, SD 1.5 LoRA vs full at 512 px, T4 preset (estimate)", "GiB",
+            max(sd["vram"].values()), max(sd["vram_full"].values()),
             higher_is_better=False),
     ]
 
@@ -191,30 +192,31 @@ def main() -> None:
         text = sum(v for k, v in b.items() if k != "unet")
         a_text = sum(v for k, v in a.items() if k != "unet")
         fam = "sdxl" if name == "SDXL" else "sd1"
-        acts = (S.LORA_ACTIVATION_GB_512[fam] * S.BACKWARD_FACTOR * (res / 512) ** 2
-                * S.LORA_CHECKPOINTED_FRACTION[fam])
+        acts = (S.LORA_ACTIVATION_BYTES_512[fam] * S.BACKWARD_FACTOR * (res / 512) ** 2
+                * S.LORA_CHECKPOINTED_FRACTION[fam]) / GIB
         return (
             f"**{name} at {res} px, T4 preset** (fp16 mixed precision, the frozen base in "
             f"{st.base_dtype()}, fp32 adapters, 8-bit AdamW, gradient checkpointing, batch 1, "
             f"the text encoders and the VAE off the GPU once the latent and embedding caches "
-            f"are built): UNet stage **{f['vram']['unet']:.1f} GB**, text encoder stage "
-            f"**{f['vram']['text']:.1f} GB** (full fine-tuning by the same formula: "
-            f"{max(f['vram_full'].values()):.1f} GB). UNet stage = {b['unet'] / 1e6:,.0f} M "
-            f"frozen UNet parameters x 2 B = {b['unet'] * 2 / 1e9:.2f} GB + {a['unet'] / 1e6:.1f} M "
-            f"adapter parameters (rank {RANK}; counted on the meta device) x (4 B fp32 weights + "
-            f"4 B gradients + 2 B 8-bit Adam moments + 2 B fp16 autocast copies) = "
-            f"{a['unet'] * 12 / 1e9:.2f} GB + activations {acts:.2f} GB + "
-            f"{S.CUDA_OVERHEAD_GB} GB CUDA context and workspace. Activations: autograd keeps "
-            f"{act['saved_gb']:.2f} GB in a {res} px fp16 forward with the adapters in place "
-            f"(measured on the meta device: each storage once, not the views of frozen weights "
-            f"it keeps for the input gradients, not the L x L attention matrices SDPA's "
-            f"memory-efficient kernel never stores); with gradient checkpointing, diffusers "
-            f"keeps the blocks' inputs ({act['kept_gb']:.2f} GB) and recomputes one transformer "
-            f"or ResNet block at a time (the largest keeps {act['largest_gb']:.2f} GB): a "
-            f"fraction {act['fraction']:.3f}; the estimate uses "
-            f"{S.LORA_ACTIVATION_GB_512[fam]} GB per 512 px image x {(res / 512) ** 2:.0f} "
-            f"(pixels) x {S.LORA_CHECKPOINTED_FRACTION[fam]} (rounded up) x "
-            f"{S.BACKWARD_FACTOR} for the backward's temporaries. Text encoder stage: the "
+            f"are built): UNet stage **{f['vram']['unet']:.1f} GiB**, text encoder stage "
+            f"**{f['vram']['text']:.1f} GiB** (full fine-tuning by the same formula: "
+            f"{max(f['vram_full'].values()):.1f} GiB; a T4 has {t4.vram_total_gib} GiB). "
+            f"UNet stage = {b['unet'] / 1e6:,.0f} M frozen UNet parameters x 2 B = "
+            f"{b['unet'] * 2 / GIB:.2f} GiB + {a['unet'] / 1e6:.1f} M adapter parameters "
+            f"(rank {RANK}; counted on the meta device) x (4 B fp32 weights + 4 B gradients + "
+            f"2 B 8-bit Adam moments + 2 B fp16 autocast copies) = {a['unet'] * 12 / GIB:.2f} "
+            f"GiB + activations {acts:.2f} GiB + {S.CUDA_OVERHEAD_GIB} GiB CUDA context and "
+            f"workspace. Activations: autograd keeps {act['saved_gib']:.2f} GiB in a {res} px "
+            f"fp16 forward with the adapters in place (measured on the meta device: each "
+            f"storage once, not the views of frozen weights it keeps for the input gradients, "
+            f"not the L x L attention matrices SDPA's memory-efficient kernel never stores); "
+            f"with gradient checkpointing, diffusers keeps the blocks' inputs "
+            f"({act['kept_gib']:.2f} GiB) and recomputes one transformer or ResNet block at a "
+            f"time (the largest keeps {act['largest_gib']:.2f} GiB): a fraction "
+            f"{act['fraction']:.3f}; the estimate uses "
+            f"{S.LORA_ACTIVATION_BYTES_512[fam] / GIB:.2f} GiB per 512 px image x "
+            f"{(res / 512) ** 2:.0f} (pixels) x {S.LORA_CHECKPOINTED_FRACTION[fam]} (rounded "
+            f"up) x {S.BACKWARD_FACTOR} for the backward's temporaries. Text encoder stage: the "
             f"frozen UNet and text encoders ({(b['unet'] + text) / 1e6:,.0f} M) x 2 B + the "
             f"UNet's trained adapters x 4 B + {a_text / 1e6:.1f} M text encoder adapters x "
             f"12 B + the same activations and overhead.")
@@ -233,7 +235,7 @@ def main() -> None:
         "fastsd.train.settings.drive_plan), the largest being the text encoder stage's "
         "(its weights and state + the UNet's trained weights). An estimate, not a "
         "measurement.\n\n**T4 VRAM estimates for LoRA** (not measured on a T4; "
-        "fastsd.train.settings.estimate_vram_gb):\n\n" + derivation("SDXL", xl, 1024) + "\n\n"
+        "fastsd.train.settings.estimate_vram_gib):\n\n" + derivation("SDXL", xl, 1024) + "\n\n"
         + derivation("SD 1.5", sd, 512))
     write_result("lora", "LoRA: checkpoint sizes and the T4 VRAM estimate", rows,
                  command=".venv/bin/python benchmarks/bench_lora.py", notes=notes)

@@ -28,13 +28,13 @@ STEPS, SIZE = 10, 64
 def main() -> None:
     import torch
 
-    from fastsd.webui import launch
+    from fastsd.webui.server import serve, shutdown
 
     torch.set_num_threads(1)  # this machine's 2 cores are shared: threads fight otherwise
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["FASTSD_HOME"] = tmp
-        server = launch.serve(model="tiny-sd1", root=root, port=0)
+        server = serve(model="tiny-sd1", root=root, port=0)
         worker = server.app.state.worker
         pipe = worker.engine.pipeline("txt2img")
         body = {"prompt": "a photo of sks cat", "negative_prompt": "", "steps": STEPS,
@@ -77,7 +77,7 @@ def main() -> None:
                         cpu[name].append(c)
         finally:
             server.stop()
-            launch.shutdown()
+            shutdown()
     ours, base = statistics.median(times["api"]), statistics.median(times["direct"])
     paired = statistics.median(a / d for a, d in zip(times["api"], times["direct"]))
     cpu_ours, cpu_base = statistics.median(cpu["api"]), statistics.median(cpu["direct"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from fastsd import drive, session as sessions
+from fastsd import drive, options, session as sessions
 from fastsd.errors import ConfirmationNeeded, DataError
 from fastsd.workspace import Workspace
 
@@ -177,9 +177,10 @@ def free(picks: Iterable[int | str | os.PathLike[str]], root: Workspace | Path |
     listing = "\n".join(f"  {human(i.size):>9}  {i.kind}: {i.path}" for i in chosen)
     total = human(sum(i.size for i in chosen))
     if not confirm:
+        numbers = ",".join(str(items.index(i) + 1) for i in chosen)
         raise ConfirmationNeeded(
-            f"This would delete {len(chosen)} item(s), {total}:\n{listing}\nTick Confirm "
-            f"(CLI: --yes) to delete them. {TRASH_NOTE}.")
+            f"This would delete {len(chosen)} item(s), {total}:\n{listing}\nTo delete them: "
+            f"{options.say(('delete', numbers), 'confirm_delete')}. {TRASH_NOTE}.")
     for i in chosen:
         drive.delete(i.path)  # retries after a Drive drop
         log.info("Deleted %s (%s)", i.path, human(i.size))

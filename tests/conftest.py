@@ -53,6 +53,14 @@ def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Pa
     return request.param, _tiny(tiny_root, request.param)
 
 
+def tiny_session(name: str, root=None, family: str = "sd1", **settings):
+    """A session on the tiny random model of ``family``. A session has no base model until
+    one is named (never a default), and tests name the tiny ones, built offline."""
+    from fastsd import session
+
+    return session.create(name, root, **{"base_model": f"tiny-{family}", **settings})
+
+
 def cached_repo(cache: Path, repo_id: str, files: dict[str, str | bytes]) -> Path:
     """Lay out a repo in a Hugging Face cache folder as huggingface_hub itself does."""
     commit = "1" * 40
@@ -77,6 +85,18 @@ def cache_family_configs(home: Path, family: str, model: Path) -> Path:
     files = {str(p.relative_to(model)): p.read_text() for pattern in CONFIG_FILES
              for p in model.glob(pattern)}
     return cached_repo(home / "models" / "hub", CONFIG_REPOS[(family, False)], files)
+
+
+def fake_nvidia_smi(bin_dir: Path, *gpus: str) -> Path:
+    """nvidia-smi cannot run here (no GPU): a script in ``bin_dir`` that answers the query
+    fastsd.env.driver_gpus makes as a driver with ``gpus`` ("name, free MiB, total MiB")
+    does, and fails any other. Returns ``bin_dir``, to put first on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name,memory.free,memory.total ] || exit 9\n"
+                   + "".join(f"echo '{g}'\n" for g in gpus))
+    smi.chmod(0o755)
+    return bin_dir
 
 
 COLAB = Path(__file__).resolve().parent / "colab"

@@ -251,16 +251,16 @@ def test_merge_into_the_base_model_and_its_single_file(trained, tiny_root):
 def test_the_web_ui_lists_the_lora_and_the_plot_sweeps_its_weight(trained, monkeypatch):
     import requests
 
-    from fastsd.webui import launch, xyz
+    from fastsd.webui import server, xyz
     from fastsd.webui.catalog import Catalog
 
     _, s, r, _, _ = trained
     ws = s.workspace
     # every server lists the sessions' LoRAs, where they are (not copied)
-    names = {lo.name: lo.path for lo in Catalog([ws.models], launch.session_loras(ws)).loras()}
+    names = {lo.name: lo.path for lo in Catalog([ws.models], server.session_loras(ws)).loras()}
     assert names == {"face": r.lora}
-    assert launch.with_session_lora(PROMPT, s, 0.5) == PROMPT + " <lora:face:0.5>"
-    srv = launch.serve("face", root=ws.root, port=0)  # the session's server: its base model
+    assert server.with_session_lora(PROMPT, s, 0.5) == PROMPT + " <lora:face:0.5>"
+    srv = server.serve("face", root=ws.root, port=0)  # the session's server: its base model
     try:
         api = f"{srv.url}/sdapi/v1"
         listed = requests.get(f"{api}/loras", timeout=30).json()
@@ -277,7 +277,7 @@ def test_the_web_ui_lists_the_lora_and_the_plot_sweeps_its_weight(trained, monke
                                                           "prompt": PROMPT}, timeout=600).json()
     finally:
         srv.stop()
-        launch.shutdown()
+        server.shutdown()
 
     def arr(b64):
         import base64
@@ -316,6 +316,22 @@ def test_upload_sends_the_lora_with_a_card_naming_the_base(trained, hub, monkeyp
 
 
 @sd1_only
+def test_a_lora_session_is_chosen_as_its_base_model_and_its_lora(trained, tiny_root):
+    """webui.ipynb's model cell: a session that trained a LoRA (no model) gives its base
+    model and its LoRA; asked for its trained model, it says how to merge one."""
+    from fastsd.errors import ModelError
+    from fastsd.models.upload import trained_model
+    from fastsd.webui import choice
+
+    _, s, r, _, _ = trained
+    c = choice.choose("face", root=s.workspace)
+    assert c.model.resolve() == (tiny_root / "tiny-sd1").resolve() and c.lora == r.lora
+    assert (c.family, c.model_name) == ("sd1", None)  # the server loads the session's own
+    with pytest.raises(ModelError, match="<lora:face:1>.*'fastsd lora merge face'"):
+        trained_model(s)
+
+
+@sd1_only
 def test_session_show_and_space_know_the_lora(trained, capsys):
     from fastsd import cli, space
 
@@ -337,9 +353,10 @@ def test_lora_settings_rates_estimate_and_cli():
     from fastsd.env import DeviceInfo
     from fastsd.errors import DataError
     from fastsd.train.cli import settings_from_args
-    from fastsd.train.settings import drive_plan, estimate_vram_gb, resolve
+    from fastsd.train.settings import drive_plan, estimate_vram_gib, resolve
 
-    cpu, t4 = DeviceInfo("cpu", "x86_64"), DeviceInfo("cuda", "Tesla T4", 14.5, 15, (7, 5))
+    # a T4 as torch reports it: 15,828,320,256 bytes
+    cpu, t4 = DeviceInfo("cpu", "x86_64"), DeviceInfo("cuda", "Tesla T4", 14.5, 14.74, (7, 5))
     s, _ = resolve(TrainSettings(method="lora"), cpu, 512)
     assert (s.unet_lr, s.text_lr) == (1e-4, 1e-5)  # LoRA's own, where none was given
     s, _ = resolve(TrainSettings(), cpu, 512)
@@ -358,8 +375,8 @@ def test_lora_settings_rates_estimate_and_cli():
     lora_t4, _ = resolve(TrainSettings(method="lora"), t4, 1024)
     full_t4, _ = resolve(TrainSettings(), t4, 1024)
     assert lora_t4.base_dtype() == "fp16" and full_t4.base_dtype() == "fp32"
-    assert max(estimate_vram_gb(full_t4, "sdxl", sdxl).values()) > 15
-    assert max(estimate_vram_gb(lora_t4, "sdxl", sdxl, adapters).values()) < 15
+    assert max(estimate_vram_gib(full_t4, "sdxl", sdxl).values()) > t4.vram_total_gib
+    assert max(estimate_vram_gib(lora_t4, "sdxl", sdxl, adapters).values()) < t4.vram_total_gib
     # Drive: checkpoints of the adapters, one LoRA file, no model folder
     full = drive_plan(full_t4, sdxl, 83_653_863)
     lora = drive_plan(lora_t4, sdxl, 83_653_863, adapters=adapters)

@@ -41,7 +41,7 @@ def test_the_issue_models_are_all_there_with_every_field():
         assert e.repo.count("/") == 1 and e.revision and e.download_gb > 0
         assert "unet" in e.components and "scheduler" in e.components
         assert e.vae is None or e.vae in registry.data()["vaes"]
-        assert set(e.vram_gb) == set(registry.data()["gpus"])
+        assert set(e.vram_gib) == set(registry.data()["gpus"])
     assert es["sd15"].vae == "sd-vae-ft-mse"
     assert es["sd21"].prediction_type == "v_prediction" and es["sd21"].resolution == 768
     assert es["sd21-base"].prediction_type == "epsilon" and es["sd21-base"].resolution == 512
@@ -50,14 +50,14 @@ def test_the_issue_models_are_all_there_with_every_field():
 
 def test_vram_figures_are_the_trainers_estimate():
     # The registry copies the trainer's estimate (models sits below train); recompute it.
-    from fastsd.train.settings import PRESETS, TrainSettings, estimate_vram_gb
+    from fastsd.train.settings import PRESETS, TrainSettings, estimate_vram_gib
 
     for e in registry.entries().values():
         if e.tiny:
             continue
         for gpu in registry.data()["gpus"]:
             s = dataclasses.replace(TrainSettings(), resolution=e.resolution, **PRESETS[gpu])
-            assert e.vram_gb[gpu] == max(estimate_vram_gb(s, e.family, e.params).values()), \
+            assert e.vram_gib[gpu] == max(estimate_vram_gib(s, e.family, e.params).values()), \
                 (e.name, gpu)
     fits = registry.get("sd15").trains_on()
     assert fits == {"t4": True, "l4": True, "a100": True}

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fastsd import session
-from fastsd.webui import background, start
+from fastsd.webui import process, start
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -36,8 +36,8 @@ def free_port() -> int:
 def server(tmp_path, monkeypatch, workspace, tiny_sd1):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium.")
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     session.create("dog", workspace)
     s = start.start("dog", model=str(tiny_sd1), tunnel=None, port=free_port(), user=USER,
                     password=PASSWORD, home=workspace, ready_timeout=300)

@@ -26,9 +26,10 @@ SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
                 class_images=2, class_steps=2)
 STEPS = SETTINGS["unet_steps"] + SETTINGS["text_steps"]
-# LoRA: adapters on the frozen base, with dropout (draws from the global RNG) on
-LORA = {**SETTINGS, "method": "lora", "rank": 4, "alpha": 2.0, "lora_dropout": 0.2,
-        "unet_lr": 1e-3, "text_lr": 1e-3}
+# each method's settings over SETTINGS; LoRA: adapters on the frozen base, with dropout
+# (draws from the global RNG) on
+METHODS = {"full": {}, "lora": {"method": "lora", "rank": 4, "alpha": 2.0,
+                                "lora_dropout": 0.2, "unet_lr": 1e-3, "text_lr": 1e-3}}
 # What the forkserver imports once, so that each run starts in a fraction of a second.
 PRELOAD = ["torch", "accelerate.accelerator", "diffusers.optimization",
            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
@@ -42,10 +43,9 @@ def make_subject_session(name: str, root: Path, family: str = "sd1", n: int = 4,
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from fastsd import session
+    from conftest import tiny_session
 
-    s = session.create(name, root, base_model=f"tiny-{family}", instance_token="sks",
-                       class_word="toy", resolution=64)
+    s = tiny_session(name, root, family, instance_token="sks", class_word="toy", resolution=64)
     rng = np.random.default_rng(0)
     for i in range(n):
         bg = (200 + rng.normal(0, 6, (size, size, 3))).clip(0, 255).astype("uint8")
@@ -61,12 +61,19 @@ def make_subject_session(name: str, root: Path, family: str = "sd1", n: int = 4,
 # --------------------------------------------------------------------------- child process
 
 
-def _wait_for_checkpoint(folder: Path, step: int) -> None:
+def wait_for_checkpoint(folder: Path, step: int, timeout: float = 60.0) -> None:
     """Checkpoints are written in the background: a kill meant to land after checkpoint
-    ``step`` waits until it is on disk."""
+    ``step`` waits until it is on disk. When it is not there by the deadline the kill would
+    land somewhere else, so this raises (and logs) instead of going on."""
     done = folder / f"step-{step:07d}" / "manifest.json"
-    deadline = time.monotonic() + 60
-    while not done.is_file() and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while not done.is_file():
+        if time.monotonic() > deadline:
+            message = (f"checkpoint step-{step:07d} was not on disk {timeout:.0f}s after it "
+                       f"was due ({done} is missing): the kill would not land where the "
+                       "test means it to")
+            logging.getLogger("fastsd").error(message)
+            raise TimeoutError(message)
         time.sleep(0.02)
 
 
@@ -74,6 +81,20 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     """Test-only fault injection: returns an on_event hook (or None) for ``kill``."""
     what, _, arg = kill.partition(":")
     me = os.getpid()
+    if what == "drop":  # Drive (the FUSE stand-in) drops mid-copy of the file named ARG
+        from test_colab_drive import kill_after_writes
+
+        from fastsd import drive
+
+        real, cut = drive._open_dest, kill_after_writes(1)
+
+        def open_dest(path, mode="wb"):
+            hit = drive.is_temporary(path) and Path(path).name.endswith("-" + arg)
+            return cut(path, mode) if hit and drive.on_drive(path) else real(path, mode)
+
+        drive._open_dest = open_dest
+        drive.DEFAULT_DELAY = 0.05  # Drive stays down: give up after 5 quick tries
+        return None
     if what == "write":  # SIGKILL while the 2nd file of checkpoint step-ARG is being written
         from fastsd import drive
 
@@ -96,7 +117,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 
         def save_file(tensors, filename, *a, **kw):
             if "/models/.fastsd-tmp-" in str(filename):
-                _wait_for_checkpoint(checkpoints, start)
+                wait_for_checkpoint(checkpoints, start)
                 os.kill(me, signal.SIGKILL)
             return real_save(tensors, filename, *a, **kw)
 
@@ -109,7 +130,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
                or (what == "stage_start" and event == "stage_start"
                    and info["stage_name"] == arg))
         if hit and what != "sigterm":
-            _wait_for_checkpoint(checkpoints, start)
+            wait_for_checkpoint(checkpoints, start)
             os.kill(me, signal.SIGKILL)
         if hit and what == "sigterm":
             os.kill(me, signal.SIGTERM)  # handled: finish the step, checkpoint, exit 143
@@ -118,7 +139,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 
 
 def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
-           lora: bool) -> None:
+           logs: str, env: dict, settings: dict) -> None:
     import sys
 
     import torch
@@ -126,28 +147,48 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
     torch.set_num_threads(1)  # on a busy machine, threads that wait for each other crawl
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(levelname)s %(message)s",
-                        filename=str(Path(home) / f"{name}.log"))
+                        filename=str(Path(logs) / f"{name}.log"))
     os.environ["FASTSD_HOME"] = home
+    for k, v in env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    hook = _install_kill(kill, Path(home) / "sessions" / name / "checkpoints", start) \
+        if kill else None
     if resume:
         from fastsd import cli
 
+        sys.stderr = open(Path(logs) / f"{name}.err", "a")  # what the user reads
         sys.exit(cli.main(["train", name, "--resume", "--home", home]))
     from fastsd import session
+    from fastsd.errors import FastSDError
     from fastsd.train import TrainSettings, train
 
     s = session.load(name, Path(home))
-    hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**(LORA if lora else SETTINGS)), on_event=hook)
+    try:
+        train(s, TrainSettings(**{**SETTINGS, **settings}), on_event=hook)
+    except FastSDError as e:  # shown as its message, as the notebook and the CLI do
+        (Path(logs) / f"{name}.err").write_text(f"error: {e}\n")
+        sys.exit(2)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
-              start: int = 0, lora: bool = False) -> int:
+              start: int = 0, logs: Path | None = None, env: dict | None = None,
+              settings: dict | None = None) -> int:
+    """Train (or resume) session ``name`` in a child process, with ``settings`` over
+    :data:`SETTINGS`; its log and the message of a FastSDError go to ``logs`` (default
+    ``home``): NAME.log, NAME.err."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start, lora))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start,
+                                         str(logs or home), env or {}, settings or {}))
     p.start()
     p.join()
     return p.exitcode
+
+
+def log_tail(home: Path, name: str, lines: int = 20) -> str:
+    """The end of a child's log, for the message of a failed exit-code check."""
+    log = home / f"{name}.log"
+    return "\n".join(log.read_text().splitlines()[-lines:]) if log.is_file() else "(no log)"
 
 
 # --------------------------------------------------------------------------- checks
@@ -171,22 +212,37 @@ def final_state(s) -> dict:
     return drive.read_json(checkpoint.latest(s.checkpoints).path / "state.json")
 
 
-@pytest.fixture(scope="module", params=["full", "lora"])
-def reference(request, tmp_path_factory, tiny_root):
-    """An uninterrupted run of each method: final weights and final trainer state."""
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, tiny_root):
+    """Uninterrupted runs, one per method (made when first asked for): final weights, final
+    trainer state, and the single file (full fine-tuning; None for LoRA)."""
     from fastsd.models import tiny
 
-    home = tmp_path_factory.mktemp(f"ref-home-{request.param}")
-    (home / "models").mkdir()
-    (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
-    s = make_subject_session("ref", home)
-    assert run_child(home, "ref", lora=request.param == "lora") == 0
-    return final_tensors(s), final_state(s)
+    made = {}
+
+    def of(method: str) -> tuple:
+        if method not in made:
+            home = tmp_path_factory.mktemp(f"ref-home-{method}")
+            (home / "models").mkdir()
+            (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
+            s = make_subject_session("ref", home)
+            assert run_child(home, "ref", settings=METHODS[method]) == 0, log_tail(home, "ref")
+            made[method] = (final_tensors(s), final_state(s),
+                            single_file(s) if method == "full" else None)
+        return made[method]
+
+    return of
+
+
+def single_file(s) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(s.models / f"{s.name}.safetensors")
 
 
 CASES = {
     # name: (kill, expected exit code, checkpoint the resume starts from)
-    "stage1": ("step:3", -signal.SIGKILL, 2),
+    "stage1": ("step:3", -signal.SIGKILL, 2),  # resumed with the workspace at another path
     "boundary": ("stage_start:text", -signal.SIGKILL, 4),
     "stage2": ("step:7", -signal.SIGKILL, 6),
     "checkpoint_write": ("write:4", -signal.SIGKILL, 2),
@@ -198,17 +254,19 @@ CASES = {
 LORA_CASES = ["stage2", "checkpoint_write"]  # adapters of both stages; the boundary crossed
 
 
-@pytest.mark.parametrize("reference,case", [("full", c) for c in CASES]
-                         + [("lora", c) for c in LORA_CASES], indirect=["reference"])
-def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1, request):
+@pytest.mark.parametrize("method,case", [("full", c) for c in CASES]
+                         + [("lora", c) for c in LORA_CASES])
+def test_killed_run_resumes_bit_identical(method, case, references, workspace, tiny_sd1):
+    from fastsd import session
     from fastsd.train import checkpoint
 
-    lora = request.node.callspec.params["reference"] == "lora"
+    lora = method == "lora"
     kill, code, start = CASES[case]
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
-    assert run_child(workspace, case, kill, start=start, lora=lora) == code
+    assert run_child(workspace, case, kill, start=start, settings=METHODS[method]) == code, \
+        log_tail(workspace, case)
     assert not (s.models / case).exists(), "a killed run must not have exported a model"
     assert not s.loras.exists(), "a killed run must not have written its LoRA"
     if case == "checkpoint_write":  # the half-written checkpoint is there, but not as one
@@ -227,17 +285,21 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1, 
 
         assert all(".lora_A." in k or ".lora_B." in k for sd in ck.tensors.values()
                    for k in sd)
-        base = models.stage(models.resolve_model("tiny-sd1", s.workspace))
+        base = models.local_copy(models.resolve_model("tiny-sd1", s.workspace))
         assert ck.state["base_model"]["fingerprint"] == model_fingerprint(
             load_parts(base).unet)
 
-    assert run_child(workspace, case, resume=True) == 0
+    if case == "stage1":  # a new runtime: Drive mounted at another path, the model loaded
+        moved = workspace.with_name("moved-home")  # from a folder of another name
+        workspace = workspace.rename(moved)
+        s = session.load(case, workspace)
+    assert run_child(workspace, case, resume=True) == 0, log_tail(workspace, case)
     log = (workspace / f"{case}.log").read_text()
     assert f"Resuming from step-{start:07d}" in log
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state = reference
+    ref_tensors, ref_state, _ = references(method)
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
     different = [k for k in got if not got[k].equal(ref_tensors[k])]
@@ -249,3 +311,132 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1, 
     assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]
+
+
+def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume(
+        references, tmp_path, monkeypatch, tiny_sd1):
+    """Drive (the real FUSE stand-in, mounted where fastsd did not mount it: a local Jupyter's
+    Drive, or Colab's at another path, which fastsd cannot remount) drops while a sample
+    image is copied to it, then, in the resumed run, while the single .safetensors is: each
+    run ends in one message, the next run after Drive is back goes on, leaves no temporary
+    on Drive and ends bit-identical to an uninterrupted run."""
+    from PIL import Image
+
+    from conftest import colab_module
+    from fastsd import session
+
+    standin = colab_module("standin")
+    monkeypatch.setenv("COLAB_STANDIN_BACKING", str(tmp_path / "backing"))
+    mount, logs = tmp_path / "drive", tmp_path / "logs"
+    logs.mkdir()
+    env = {"COLAB_STANDIN_BACKING": str(tmp_path / "backing"), "COLAB_RELEASE_TAG": None}
+    standin.start(mount)
+    try:
+        home = mount / "MyDrive" / "Fast-Dreambooth"
+        (home / "models").mkdir(parents=True)
+        (home / "models" / "tiny-sd1").symlink_to(tiny_sd1)
+        make_subject_session("drops", home)
+        samples = {"sample_every": 3, "sample_steps": 2}
+
+        def run(kill, resume):
+            code = run_child(home, "drops", kill, resume=resume, logs=logs, env=env,
+                             settings=samples)
+            out = (logs / "drops.err").read_text() if (logs / "drops.err").exists() else ""
+            (logs / "drops.err").unlink(missing_ok=True)  # (progress bars are there too)
+            assert "Traceback" not in out, out
+            err = "\n".join(ln for ln in out.splitlines() if ln.startswith("error:"))
+            if kill:  # the next run: Drive is back
+                standin.unmount(mount)
+                standin.start(mount)
+            return code, err
+
+        code, err = run("drop:step-0000003-0.png", resume=False)
+        assert code == 2 and err.count("error:") == 1, err  # a FastSDError, not a traceback
+        assert "step-0000003-0.png" in err and "re-run the Drive cell" in err, err
+        code, err = run("drop:drops.safetensors", resume=True)
+        assert code == 2 and err.count("error:") == 1, err
+        assert "drops.safetensors" in err and "re-run the Drive cell" in err, err
+        assert run(None, resume=True) == (0, "")
+        s = session.load("drops", home)
+        assert [p for p in home.rglob(".fastsd-tmp-*")] == [], "temporaries left on Drive"
+        ref_tensors, ref_state, ref_single = references("full")
+        got = final_tensors(s)
+        assert got.keys() == ref_tensors.keys()
+        assert not [k for k in got if not got[k].equal(ref_tensors[k])], "not bit-identical"
+        single = single_file(s)
+        assert single.keys() == ref_single.keys()
+        assert all(single[k].equal(ref_single[k]) for k in single)
+        assert final_state(s)["losses"] == ref_state["losses"]
+        shots = sorted((s.outputs / "samples").glob("*.png"))
+        assert [p.name for p in shots] == ["step-0000003-0.png", "step-0000006-0.png"]
+        for p in shots:
+            with Image.open(p) as im:
+                im.verify()
+    finally:
+        standin.unmount(mount)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def _unet_copy(src: Path, dest: Path, **config):
+    """The UNet of ``src`` loaded from a copy in ``dest`` whose config.json has ``config``
+    merged in (a value of None removes the key)."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(src / "unet", dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(config)
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                  if v is not None}))
+    return UNet2DConditionModel.from_pretrained(dest)
+
+
+def test_the_base_model_fingerprint_is_its_weights_not_where_it_was_loaded(tiny_sd1,
+                                                                            tmp_path):
+    import torch
+
+    from fastsd.train import resume
+
+    a = _unet_copy(tiny_sd1, tmp_path / "staged-a")
+    # another folder, another diffusers (which lacks an option whose default it has)
+    b = _unet_copy(tiny_sd1, tmp_path / "gdrive-b", _diffusers_version="0.30.0", dropout=None)
+    assert a.config._name_or_path != b.config._name_or_path
+    assert resume._scheme1_fingerprint(a) != resume._scheme1_fingerprint(b), \
+        "the earlier fingerprint counted the folder and the version"
+    fa, fb = resume.model_fingerprint(a), resume.model_fingerprint(b)
+    assert fa == fb and fa.startswith(f"{resume.FINGERPRINT_SCHEME}:")
+    with torch.no_grad():  # other weights: one layer fine-tuned
+        b.conv_out.weight += 1e-3 * torch.randn_like(b.conv_out.weight)
+    assert resume.model_fingerprint(b) != fa
+    c = _unet_copy(tiny_sd1, tmp_path / "c", upcast_attention=True)  # another structure
+    assert resume.model_fingerprint(c) != fa
+
+
+def test_a_checkpoint_of_the_earlier_fingerprint_resumes(tiny_sd1, tmp_path, caplog):
+    from fastsd.errors import ModelError
+    from fastsd.train import resume
+
+    then = _unet_copy(tiny_sd1, tmp_path / "then")  # loaded by the earlier fastsd
+    now = _unet_copy(tiny_sd1, tmp_path / "now")
+    old = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(then)}
+    fingerprint = resume.model_fingerprint(now)
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(old, "tiny-sd1", fingerprint)
+    assert "written by an earlier fastsd" in caplog.text and "cannot be compared" in caplog.text
+    caplog.clear()
+    same_place = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(now)}
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(same_place, "tiny-sd1", fingerprint)
+    assert "matches when computed the old way" in caplog.text
+    with pytest.raises(ModelError, match="now names 'other'.*earlier fastsd"):
+        resume.check_base_model(old, "other", fingerprint)
+    with pytest.raises(ModelError, match="'tiny-sd1' now holds other weights"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "2:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)
+    with pytest.raises(ModelError, match="newer fastsd"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "9:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)

@@ -40,7 +40,7 @@ def test_a_stage_cannot_be_extended_after_the_next_one_trained(workspace, tiny_s
     train(s, dict(ONE, unet_steps=1, text_steps=1))
     with pytest.raises(DataError, match="text encoder stage has trained after it"):
         train(s, {"unet_steps": 3}, resume=True)
-    with pytest.raises(DataError, match=r"cannot change when resuming: unet-lr"):
+    with pytest.raises(DataError, match=r"cannot change when resuming: --unet-lr"):
         train(s, {"unet_lr": 0.5}, resume=True)
     r = train(s, {"text_steps": 2}, resume=True)  # the last stage: extended
     assert r.global_step == 3
@@ -215,7 +215,8 @@ def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_
     assert p.returncode == 2, p.stderr[-2000:]
     err = " ".join(p.stderr.split())
     assert "Not enough free space on Drive for this run" in err, err[-2000:]
-    assert "checkpoints 3 x" in err and "--keep-checkpoints 1 (now 2)" in err
+    assert "checkpoints 3 x" in err and \
+        "keep one checkpoint, not 2 (run 'fastsd train full --keep-checkpoints 1')" in err
     assert "MB is free" in err or "GB is free" in err
     assert "UNet stage:" not in err  # no step ran
 

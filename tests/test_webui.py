@@ -82,13 +82,13 @@ def test_api_lists_come_from_the_one_table():
 # --------------------------------------------------------------------------- memory
 
 
-def gpu(free: float, total: float = 16.0) -> DeviceInfo:
+def gpu(free: float, total: float = 15.0) -> DeviceInfo:
     return DeviceInfo("cuda", "Tesla T4", free, total, (7, 5))
 
 
 @pytest.mark.parametrize("free,weights,expect", [
     (14.5, 4.0, set()),  # SD 1.5 on a free T4: fp16 only
-    (14.5, 13.0, set()),  # SDXL (6.5 GB fp16) on a free T4: fits
+    (14.5, 13.0, set()),  # SDXL (6.5 GiB fp16) on a free T4: fits
     (8.0, 13.0, {"attention_slicing", "vae_slicing"}),
     (7.2, 13.0, {"attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload"}),
     (3.5, 4.0, {"attention_slicing", "vae_slicing"}),
@@ -219,7 +219,8 @@ def test_cuda_out_of_memory_is_one_requests_error(tiny_sd1, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: out-of-memory can only happen on one")
     from fastsd.webui.catalog import Catalog
-    from fastsd.webui.engine import Engine, OutOfMemory
+    from fastsd.errors import OutOfMemory
+    from fastsd.webui.engine import Engine
 
     engine = Engine(Catalog([tiny_sd1.parent]), MemoryPolicy(attention_slicing=False,
                                                              vae_tiling=False,

@@ -8,15 +8,15 @@ import pytest
 
 from fastsd import session
 from fastsd.errors import LaunchError
-from fastsd.webui import background, external, start
+from fastsd.webui import external, process, start
 
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     monkeypatch.setattr(external, "local_root", lambda: tmp_path / "local")
-    monkeypatch.delenv(background.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(process.PASSWORD_ENV, raising=False)
 
 
 def test_a_password_is_generated_once_kept_private_and_never_logged(workspace, caplog, capsys):
@@ -46,5 +46,5 @@ def test_forge_offline_fails_fast_with_the_reason(workspace, tmp_path):
     session.create("dog", workspace)
     with pytest.raises(LaunchError, match="Could not get Forge"):
         start.start("dog", ui="forge", home=workspace, tunnel=None)
-    assert background.current() is None
+    assert process.current() is None
     assert not (tmp_path / "local" / "stable-diffusion-webui-forge").exists()

@@ -9,10 +9,10 @@ USER, PASSWORD = "artist", "pw"
 
 @pytest.fixture
 def server(tiny_sd1, workspace):
-    from fastsd.webui import launch
+    from fastsd.webui.server import serve, shutdown
 
-    s = launch.serve(model=str(tiny_sd1), port=0, user=USER, password=PASSWORD,
-                     root=workspace, page=True)
+    s = serve(model=str(tiny_sd1), port=0, user=USER, password=PASSWORD,
+              root=workspace, page=True)
     yield s
     s.stop()
-    launch.shutdown()
+    shutdown()

@@ -101,6 +101,15 @@ class TensorFile:
         self.close()
 
 
+def _close_read_only(f) -> None:
+    """Close a file opened for reading. On a Drive that dropped, closing raises Errno 107;
+    nothing of a read is lost, and that error would hide the one that matters."""
+    try:
+        f.close()
+    except OSError as e:
+        log.debug("Closing %s: %s", getattr(f, "name", f), e)
+
+
 def _bad(path: Path, what: str) -> DataError:
     return DataError(f"{path} is not a usable model file: {what}. Download it again (the copy "
                      "may be incomplete) or check that it is a .safetensors or .ckpt model.")
@@ -149,7 +158,7 @@ class SafetensorsFile(TensorFile):
                 raise _bad(path, f"it is truncated ({size} bytes, the header promises "
                                  f"{self.base + end})")
         except BaseException:
-            self._f.close()
+            _close_read_only(self._f)
             raise
 
     def keys(self) -> list[str]:
@@ -180,7 +189,7 @@ class SafetensorsFile(TensorFile):
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
-        self._f.close()
+        _close_read_only(self._f)
 
 
 class PickleFile(TensorFile):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fastsd.convert import keymap
 from fastsd.convert.tensors import (FLOATS, Info, TensorFile, open_tensors, torch_dtype,
                                     write_safetensors)
-from fastsd.errors import ModelError
+from fastsd.errors import DriveError, FastSDError, ModelError
 from fastsd.convert import detect
 
 if TYPE_CHECKING:
@@ -151,6 +151,32 @@ def prediction_markers(folder: Path, prediction_type: str | None) -> list[str]:
     return [detect.V_PRED_MARK] + ([detect.ZTSNR_MARK] if zsnr else [])
 
 
+def planned_size(src: str | os.PathLike[str], fp16: bool = True) -> int:
+    """The bytes of tensor data :func:`to_single_file` writes for ``src`` (the header adds a
+    few hundred KB), from its configs and file headers alone."""
+    src = Path(src)
+    det = detect.detect_folder(src)
+    if not det.convertible:
+        raise detect.refuse(det, src)
+    assert det.family is not None
+    with contextlib.ExitStack() as stack:
+        return sum(p.info.nbytes for p in plan(src, det.family, fp16, stack))
+
+
+@contextlib.contextmanager
+def _drive_errors(src: Path, dst: Path):
+    """The model folder read (from Drive, in a trainer's export) failing mid-way: one
+    message. The file is written through drive.atomic_writer, so ``dst`` is untouched."""
+    try:
+        yield
+    except FastSDError:
+        raise
+    except OSError as e:
+        raise DriveError(f"Converting {src} to {dst.name} failed while reading it: {e}. Google "
+                         "Drive may have disconnected: re-run the Drive cell, then run this "
+                         f"again; {dst.name} was not written.") from e
+
+
 def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                    fp16: bool = True, ckpt: bool = False,
                    global_step: int | None = None) -> Path:
@@ -178,7 +204,7 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if global_step is not None:
         meta[detect.META_STEP] = str(int(global_step))
     markers = prediction_markers(src, det.prediction_type)
-    with contextlib.ExitStack() as stack:
+    with _drive_errors(src, dst), contextlib.ExitStack() as stack:
         planned = plan(src, family, fp16, stack)
         planned += [Planned(m, Info("F16" if fp16 else "F32", (0,)), [], "marker")
                     for m in markers]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastsd import drive
+from fastsd import drive, options
 from fastsd.dataset import captions
 from fastsd.dataset.originals import originals
 from fastsd.errors import DataError
@@ -134,7 +134,7 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     found = originals(session)
     if not found:
         raise DataError(f"Session {session.name!r} has no images to crop: import some first "
-                        "(the images cell, or 'fastsd images import').")
+                        f"({options.run('images', session.name)}).")
     for path in found:
         if wanted is not None and path.stem not in wanted:
             continue

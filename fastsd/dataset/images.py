@@ -378,8 +378,7 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
     image among the files is that image's caption (written unless one exists). Then the
     whole set is checked (``check_set``), and the warnings are part of the report.
     """
-    folder = originals_dir(session)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = drive.make_folder(originals_dir(session))
     index_path = folder / INDEX
     taken = {p.stem for p in originals(session)}
     # pixel hash -> stem; entries whose original was deleted since are forgotten.

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsd import session as sessions
+from fastsd import options, session as sessions
 from fastsd.dataset import images
 from fastsd.errors import DataError
 from fastsd.workspace import Workspace
@@ -37,9 +37,11 @@ class LegacyImport:
     model: Path | None
 
     def __str__(self) -> str:
+        base = self.session.settings.get("base_model")
         model = (f"base model: the trained model {self.model}" if self.model else
-                 "no trained model found: the session's base model is "
-                 f"{self.session.settings.get('base_model')}")
+                 f"no trained model found: the session's base model is {base}" if base else
+                 "no trained model found: choose the base model next ("
+                 f"{options.say('base_model', session=self.session.name)})")
         return (f"Imported into session {self.session.name}: {self.report.summary()}\n"
                 f"{model}")
 

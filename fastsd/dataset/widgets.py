@@ -11,9 +11,10 @@ import html
 import io
 import logging
 
-from fastsd import env
+from fastsd import env, options
 from fastsd.dataset import captions, check, images, sheet
 from fastsd.dataset.originals import originals, preview
+from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
 
@@ -30,7 +31,13 @@ def upload(session):
     if env.runtime() == "colab":
         from google.colab import files  # type: ignore[import-not-found]
 
-        return images.import_images(session, files.upload())
+        try:
+            picked = files.upload()
+        except Exception as e:  # Colab's MessageError: the browser side of the upload failed
+            raise DataError(f"The upload from this device did not finish ({e}). Run the cell "
+                            "again; or put the photos (or a .zip) in a Drive folder and "
+                            f"{options.say('source')}.") from e
+        return images.import_images(session, picked)
     return UploadWidget(session).widget
 
 

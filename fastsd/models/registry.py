@@ -27,8 +27,14 @@ log = logging.getLogger("fastsd")
 
 MARKER = "fastsd_model.json"  # written last: a folder without it is not whole
 PARTIAL = ".partial"  # where a download in progress lives (resumable)
+CONTROLNET_DIR = "controlnet"  # in the workspace's models/: one diffusers folder per ControlNet
 FP16 = ".fp16."
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+#: The base model a session gets when none is named (`fastsd session create` without
+#: --model; the notebooks' model fields start at it): Stable Diffusion 1.5.
+DEFAULT_BASE_MODEL = "sd15"
 
 
 @lru_cache(maxsize=1)
@@ -53,13 +59,13 @@ class Entry:
     components: tuple[str, ...] = ()
     download_gb: float = 0.0
     params: dict[str, int] = field(default_factory=dict)
-    vram_gb: dict[str, float] = field(default_factory=dict)
+    vram_gib: dict[str, float] = field(default_factory=dict)
     tiny: bool = False
 
     def trains_on(self) -> dict[str, bool]:
         """Whether the trainer's VRAM estimate fits each GPU (T4, L4, A100)."""
         gpus = data()["gpus"]
-        return {g: self.tiny or self.vram_gb.get(g, float("inf")) <= gpus[g] for g in gpus}
+        return {g: self.tiny or self.vram_gib.get(g, float("inf")) <= gpus[g] for g in gpus}
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "repo": self.repo or None,
@@ -169,8 +175,7 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            (tmp / plain).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)  # within the workspace: a rename
             files[plain] = n
         index_path = tmp / "model_index.json"
         index = drive.read_json(index_path)
@@ -225,7 +230,7 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     shared ``models/controlnet/``."""
     ws = Workspace.current(ws)
     c = controlnet(name, family)
-    out = ws.models / "controlnet" / f"{family}-{name}"
+    out = ws.models / CONTROLNET_DIR / f"{family}-{name}"
     if is_whole(out):
         return out
     partial = ws.models / PARTIAL / f"controlnet-{family}-{name}"
@@ -240,7 +245,7 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)
             files[plain] = n
         drive.atomic_write_json(tmp / MARKER, {"name": c.name, "repo": c.repo,
                                                "commits": {c.repo: commit}, "files": files})

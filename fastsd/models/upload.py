@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastsd import fetch
+from fastsd import fetch, options
 from fastsd.errors import DataError, ModelError, OfflineError
 from fastsd.session import Session
 
@@ -45,9 +45,9 @@ def trained_model(session: Session, name: str | None = None) -> Path:
         raise ModelError(f"Session {session.name!r} has no trained model"
                          + (f" named {name!r}" if name else "") + f" in {session.models}. "
                          + (f"It trained a LoRA ({lora.name}): use it with its base model "
-                            f"(<lora:{lora.stem}:1> in a prompt), or merge it into one with "
-                            f"'fastsd lora merge {session.name}'." if lora else
-                            "Train it first ('fastsd train SESSION')."))
+                            f"(<lora:{lora.stem}:1> in a prompt), or merge it into one: "
+                            f"{options.run('lora_merge', session.name)}." if lora else
+                            f"Train it first: {options.run('train', session.name)}."))
     return folders[-1]
 
 

@@ -64,7 +64,7 @@ def export_lora(run: Run, dest: Path) -> Path:
 
     s, st, settings = run.settings, run.state, run.session.settings
     meta = lora_export.metadata(run.parts, s, title=dest.stem,
-                                base_model=str(settings.get("base_model")),
+                                base_model=run.session.base_model,
                                 trigger=instance_prompt(settings),
                                 captions=[ex.caption for ex in run.examples],
                                 steps=st.global_step)
@@ -78,7 +78,7 @@ def export_model(parts: Parts, dest: Path, precision: str) -> Path:
 
     if precision == "fp16":
         parts.pipe.to(dtype=torch.float16)
-    with drive.staged_folder(dest) as tmp:
+    with drive.folder_writer(dest) as tmp:
         parts.pipe.save_pretrained(tmp, safe_serialization=True)
     return dest
 

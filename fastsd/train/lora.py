@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fastsd import options
 from fastsd.errors import DataError
 
 #: kohya's target blocks: the UNet's transformer blocks, the text encoders' attention and
@@ -71,7 +72,8 @@ def add(model, blocks: tuple[str, ...], adapters: Adapters) -> int:
     targets = target_modules(model, blocks)
     if not targets:
         raise DataError(f"{type(model).__name__} has none of the layers a LoRA trains "
-                        f"(inside {', '.join(blocks)}); train it with --method full.")
+                        f"(inside {', '.join(blocks)}); train the whole model: "
+                        f"{options.say(('method', 'full'))}.")
     config = LoraConfig(r=adapters.rank, lora_alpha=adapters.alpha,
                         lora_dropout=adapters.dropout, target_modules=targets,
                         init_lora_weights=True)
@@ -125,5 +127,5 @@ def load_state(model, tensors: dict[str, Any]) -> None:
         raise DataError(
             f"The checkpoint's LoRA does not fit this model ({len(missing)} adapters "
             f"missing, e.g. {missing[:1]}; {len(extra)} unknown, e.g. {extra[:1]}). Resume "
-            "with the settings the run started with, or start over with --restart.")
+            f"with the settings the run started with, or start over: {options.say('restart')}.")
     set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER)

@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fastsd import drive
+from fastsd import drive, options
 from fastsd.errors import ModelError
 from fastsd.train import lora
 
@@ -177,7 +177,7 @@ def merge(lora_file: Path, base_dir: Path, dest: Path, weight: float = 1.0,
                          "trained on.") from e
     pipe.fuse_lora(lora_scale=weight, adapter_names=["merge"])
     pipe.unload_lora_weights()
-    with drive.staged_folder(dest) as tmp:
+    with drive.folder_writer(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     single = to_single_file(dest, dest.parent / f"{dest.name}.safetensors",
                             fp16=precision != "fp32")
@@ -192,7 +192,8 @@ def session_lora(session, name: str | None = None) -> Path:
     if found is None:
         raise ModelError(f"Session {session.name!r} has no trained LoRA"
                          + (f" named {name!r}" if name else "") + f" in {session.loras}. "
-                         "Train one first ('fastsd train SESSION --method lora').")
+                         "Train one first: "
+                         f"{options.say(('method', 'lora'), session=session.name)}.")
     return found
 
 
@@ -203,7 +204,6 @@ def merge_session(session, weight: float = 1.0, name: str | None = None,
     from fastsd import models
 
     lora_file = session_lora(session, name)
-    base = models.stage(models.resolve_model(session.settings["base_model"],
-                                             session.workspace))
+    base = models.local_copy(models.resolve_model(session.base_model, session.workspace))
     return merge(lora_file, base, Path(session.models) / f"{lora_file.stem}-merged", weight,
                  precision)

@@ -11,6 +11,7 @@ from typing import Any
 from fastsd import drive
 from fastsd.errors import ModelError
 from fastsd.train import lora
+from fastsd.train.settings import ROOMY_GIB
 
 
 @dataclass
@@ -186,15 +187,14 @@ def denoise_loss(parts: Parts, unet, latents, noise, timesteps, hidden, added=No
 class Placement:
     """Where the VAE, the text encoders and the UNet live in each phase of a run.
 
-    On a GPU with less than ``ROOMY_GB`` of memory, what a phase does not run leaves it:
-    the VAE after the latent cache is built, the text encoders during the UNet stage (their
-    embeddings are cached). On CPU, or a GPU with room, everything stays on the device.
+    On a GPU with less than ``settings.ROOMY_GIB`` of memory (below an A100's class), what
+    a phase does not run leaves it: the VAE after the latent cache is built, the text
+    encoders during the UNet stage (their embeddings are cached). On CPU, or a GPU with
+    room, everything stays on the device.
     """
 
     device: Any
     offload: bool
-
-    ROOMY_GB = 30.0
 
     def where(self, phase: str) -> dict[str, Any]:
         """Device of each group ("vae", "text", "unet") in ``phase``: "cache", "unet",
@@ -215,5 +215,5 @@ class Placement:
 
 
 def placement_policy(device, info) -> Placement:
-    vram = getattr(info, "vram_total_gb", None) or 0.0
-    return Placement(device, device.type == "cuda" and vram < Placement.ROOMY_GB)
+    vram = getattr(info, "vram_total_gib", None) or 0.0
+    return Placement(device, device.type == "cuda" and vram < ROOMY_GIB)

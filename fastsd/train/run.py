@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastsd import drive, env, models
+from fastsd import drive, env, models, options
 from fastsd.errors import DataError
 from fastsd.train import checkpoint, data, lora
 from fastsd.train import resume as resume_mod
 from fastsd.train.parts import (Parts, Placement, encode_text, load_parts, placement_policy,
                                 tokenize)
-from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gb,
+from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gib,
                                    resolve)
 from fastsd.train.state import StopSignals, TrainState, rng_states
 
@@ -162,6 +162,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    base_name = session.base_model  # none chosen yet: say how, before anything else
     ckroot = Path(session.checkpoints)
     given = resume_mod.given_options(settings)
     data.clean_local_leftovers()
@@ -172,14 +173,16 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
         ckpt = checkpoint.latest(ckroot)
         if ckpt is not None and ckpt.state.get("format") != checkpoint.FORMAT:
             raise DataError(f"Checkpoint {ckpt.path} was written by another version of "
-                            "fastsd and cannot be resumed by this one. Start over with "
-                            "--restart (it deletes the old checkpoints).")
+                            "fastsd and cannot be resumed by this one. To start over, which "
+                            "deletes the old checkpoints: "
+                            f"{options.say('restart', session=session.name)}.")
         stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
         if stored is None and not given:
             raise DataError(
                 f"Session {session.name} has no checkpoint and no stored training settings "
                 "to resume from (the run stopped before saving them). Start the run again "
-                "without --resume, with the options you want.")
+                "with the options you want: "
+                f"{options.say(('resume', False), session=session.name)}.")
         chosen = (resume_mod.resumed_settings(stored, given) if stored is not None
                   else resume_mod.fresh_settings(given))
         if ckpt is None:
@@ -190,9 +193,9 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
         if checkpoint.listing(ckroot):
             if not restart:
                 raise DataError(
-                    f"Session {session.name} already has checkpoints in {ckroot}. Resume "
-                    "that run ('fastsd train SESSION --resume', or tick 'resume'), or start "
-                    "over with --restart, which deletes them.")
+                    f"Session {session.name} already has checkpoints in {ckroot}. To "
+                    f"resume that run: {options.say('resume', session=session.name)}; to start "
+                    f"over, which deletes them: {options.say('restart', session=session.name)}.")
             log.warning("Starting over: removed %d checkpoints.", checkpoint.clear(ckroot))
         chosen = resume_mod.fresh_settings(given)
     info = env.device_info()
@@ -215,8 +218,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     # ---- model, and what the checkpoint must match
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
-    base_name = session.settings["base_model"]
-    model_dir = models.stage(models.resolve_model(base_name, session.workspace))
+    model_dir = models.local_copy(models.resolve_model(base_name, session.workspace))
     parts = load_parts(model_dir, s.base_dtype())
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_name,
@@ -232,14 +234,14 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
         m.requires_grad_(False).eval()
     if s.lora:  # after the fingerprint, which is the base model's own
         parts.add_adapters(lora.Adapters.of(s), s.seed)
-    vram = estimate_vram_gb(s, parts.family, parts.param_counts(), parts.adapter_counts())
+    vram = estimate_vram_gib(s, parts.family, parts.param_counts(), parts.adapter_counts())
     log.info("%s\n%s", f"Base model {model_dir} ({parts.family}, "
              f"{'v-prediction' if parts.v_prediction else 'epsilon'})", describe(s, preset, vram))
-    if info.vram_total_gb and max(vram.values()) > info.vram_total_gb:
-        log.warning("The estimated peak VRAM (%.1f GB) is more than this GPU's %.1f GB: "
+    if info.vram_total_gib and max(vram.values()) > info.vram_total_gib:
+        log.warning("The estimated peak VRAM (%.1f GiB) is more than this GPU's %.1f GiB: "
                     "lower the resolution or batch size, or turn on 8-bit Adam and gradient "
                     "checkpointing, if it runs out of memory.", max(vram.values()),
-                    info.vram_total_gb)
+                    info.vram_total_gib)
     if accelerator.is_main_process:
         check_drive_space(session, s, parts, ckpt)
     if s.gradient_checkpointing:
@@ -303,7 +305,7 @@ def check_drive_space(session, s: TrainSettings, parts: Parts, ckpt) -> None:
         raise DriveError(
             f"Not enough free space on Drive for this run: it needs about {gb(plan.total)} "
             f"({plan.describe()}), and {gb(free)} is free at {session.path}. To fit: "
-            + plan.advice(s) + ", or free space on Drive (and empty its trash).")
+            + plan.advice(s, session.name) + ", or free space on Drive (and empty its trash).")
 
 
 def gb(n: float) -> str:

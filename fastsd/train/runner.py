@@ -17,14 +17,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 
-from fastsd.errors import FastSDError
+from fastsd import env as fastsd_env, options
+from fastsd.errors import FastSDError, OutOfMemory
 
 log = logging.getLogger("fastsd")
 
@@ -50,10 +50,6 @@ class TrainingStopped(FastSDError):
 
 class TrainingFailed(FastSDError):
     """The training process ended with an error."""
-
-
-class OutOfMemory(TrainingFailed):
-    """The GPU ran out of memory while training."""
 
 
 # --------------------------------------------------------------------------- child side
@@ -112,12 +108,8 @@ def _settings_args(settings) -> list[str]:
 
 
 def gpu_count() -> int:
-    """GPUs this runtime has, asked of nvidia-smi so that the kernel never touches CUDA."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    res = subprocess.run([smi, "-L"], capture_output=True, text=True)
-    return sum(1 for ln in res.stdout.splitlines() if ln.startswith("GPU "))
+    """GPUs this runtime has, asked of the driver so that the kernel never touches CUDA."""
+    return len(fastsd_env.driver_gpus() or [])
 
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
@@ -158,16 +150,20 @@ def _stop(proc: subprocess.Popen, grace: float) -> int:
     return proc.wait()
 
 
-def _oom_message(settings) -> str:
+def _oom_message(settings, session: str) -> str:
     now = []
-    for name in ("resolution", "batch_size", "gradient_checkpointing", "adam_8bit"):
+    for name, what in (("resolution", "resolution"), ("batch_size", "batch size"),
+                       ("gradient_checkpointing", "gradient checkpointing"),
+                       ("adam_8bit", "8-bit Adam")):
         value = getattr(settings, name, None) if settings is not None else None
-        now.append(f"{name}={'preset' if value is None else value}")
-    return ("The GPU ran out of memory while training (" + ", ".join(now) + "). Lower "
-            "batch_size (1 is enough for DreamBooth) or resolution, turn on "
-            "gradient_checkpointing and adam_8bit, or train the text encoder for fewer steps; "
-            "then run the train cell again with Resume ticked. The notebook's own GPU memory "
-            "is untouched.")
+        now.append(f"{what} {'from the preset' if value is None else value}")
+    less = options.say(("batch_size", 1), "gradient_checkpointing", "adam_8bit",
+                       session=session)
+    return ("The GPU ran out of memory while training (" + ", ".join(now) + "). Use less: "
+            "one image per step (enough for DreamBooth), gradient checkpointing and 8-bit Adam "
+            f"({less}), or fewer text encoder steps; then resume: "
+            f"{options.say('resume', session=session)}. The notebook's own GPU memory is "
+            "untouched.")
 
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
@@ -177,16 +173,18 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
-    error in the child raises TrainingFailed (OutOfMemory with what to lower).
+    error in the child raises TrainingFailed, or fastsd.errors.OutOfMemory (with what to
+    lower) when the GPU ran out of memory.
     """
     from tqdm.auto import tqdm
 
     cmd = command(session.name, settings, resume=resume, restart=restart,
                   accept_changed_data=accept_changed_data, home=session.workspace.root)
     log.debug("starting %s", " ".join(cmd))
-    # The child's own bars are off: its events drive one bar here.
-    child_env = {**(os.environ if env is None else env), "TQDM_DISABLE": "1",
-                 "PYTHONUNBUFFERED": "1"}
+    # The child's own bars are off: its events drive one bar here. Its messages name what
+    # the user sets where this runs (a notebook cell's form fields: fastsd.options).
+    child_env = {**(os.environ if env is None else env), **fastsd_env.caller_env(),
+                 "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True, env=child_env,
                             stdin=subprocess.DEVNULL)
@@ -230,7 +228,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
         where = f"the checkpoint at step {ck.step}" if ck else "the start (no checkpoint yet)"
         raise TrainingStopped(
             f"Training stopped at step {last.get('global_step', 0)} (exit code {code}). "
-            f"Tick Resume and run this cell again to continue from {where}.") from None
+            f"To continue from {where}: {options.say('resume', session=session.name)}, and "
+            "run it again.") from None
     finally:
         if bar is not None:
             bar.close()
@@ -239,13 +238,14 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     if code != 0:
         text = "\n".join(tail)
         if any(m in text for m in OOM_MARKS):
-            raise OutOfMemory(_oom_message(settings))
+            raise OutOfMemory(_oom_message(settings, session.name))
         errors = [ln for ln in tail if ln.startswith("error: ")]
         if errors:
             raise TrainingFailed(errors[-1][len("error: "):])
         raise TrainingFailed(f"Training stopped with exit code {code}. The last lines it "
                              "wrote:\n" + "\n".join(list(tail)[-8:]) + "\nCheckpoints are "
-                             "kept: fix the cause, then run the cell again with Resume.")
+                             "kept: fix the cause, then "
+                             f"{options.say('resume', session=session.name)}.")
     done = done or last
     model_dir = Path(done["model_dir"]) if done.get("model_dir") else None
     single = model_dir.parent / f"{model_dir.name}.safetensors" if model_dir else None

@@ -13,7 +13,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastsd import options
+from fastsd.env import GIB
 from fastsd.errors import DataError
+from fastsd.session import DEFAULT_TEXT_STEPS, DEFAULT_UNET_STEPS
 
 log = logging.getLogger("fastsd")
 
@@ -25,6 +28,11 @@ METHODS = ("full", "lora")
 #: The learning rates each method uses where the user gave none (sources in the fields'
 #: help): LoRA's adapters start at zero and need rates ~100x those of full fine-tuning.
 DEFAULT_LR = {"full": {"unet": 2e-6, "text": 1e-6}, "lora": {"unet": 1e-4, "text": 1e-5}}
+
+
+def rate_text(lr: float) -> str:
+    """A learning rate as people write it: 2e-6."""
+    return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -50,19 +58,22 @@ class TrainSettings:
     lora_dropout: float = _opt(0.0, "LoRA: dropout on each adapter's input (diffusers' "
                                "train_dreambooth_lora*.py default: 0)")
     # stage 1 (UNet, text encoder frozen) and stage 2 (text encoder, UNet frozen)
-    unet_steps: int = _opt(1500, "UNet stage: training steps (0 skips the stage)")
-    unet_lr: float | None = _opt(None, "UNet stage: learning rate (default: 2e-6 for full "
-                                 "fine-tuning, as fast-stable-diffusion's notebook; 1e-4 for "
-                                 "LoRA, kohya's docs/train_network.md --unet_lr and diffusers' "
+    unet_steps: int = _opt(DEFAULT_UNET_STEPS, "UNet stage: training steps (0 skips the stage)")
+    unet_lr: float | None = _opt(None, "UNet stage: learning rate (default: "
+                                 f"{rate_text(DEFAULT_LR['full']['unet'])} for full "
+                                 "fine-tuning, as fast-stable-diffusion's notebook; "
+                                 f"{rate_text(DEFAULT_LR['lora']['unet'])} for LoRA, kohya's "
+                                 "docs/train_network.md --unet_lr and diffusers' "
                                  "README_sdxl.md --learning_rate)")
     unet_schedule: str = _opt("linear", "UNet stage: learning-rate schedule",
                               choices=SCHEDULES)
     unet_warmup: int = _opt(0, "UNet stage: warm-up steps")
-    text_steps: int = _opt(350, "text encoder stage: training steps (0 skips the stage)")
-    text_lr: float | None = _opt(None, "text encoder stage: learning rate (default: 1e-6 "
-                                 "for full fine-tuning; 1e-5 for LoRA, kohya's "
-                                 "docs/train_network.md --text_encoder_lr, also for both SDXL "
-                                 "encoders in docs/sdxl_train_network.md)")
+    text_steps: int = _opt(DEFAULT_TEXT_STEPS, "text encoder stage: training steps (0 skips the stage)")
+    text_lr: float | None = _opt(None, "text encoder stage: learning rate (default: "
+                                 f"{rate_text(DEFAULT_LR['full']['text'])} for full "
+                                 f"fine-tuning; {rate_text(DEFAULT_LR['lora']['text'])} for "
+                                 "LoRA, kohya's docs/train_network.md --text_encoder_lr, also "
+                                 "for both SDXL encoders in docs/sdxl_train_network.md)")
     text_schedule: str = _opt("linear", "text encoder stage: learning-rate schedule",
                               choices=SCHEDULES)
     text_warmup: int = _opt(0, "text encoder stage: warm-up steps")
@@ -192,6 +203,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+#: A GPU that the name does not place gets a T4's preset below T4_CLASS_GIB of total VRAM,
+#: an L4's below ROOMY_GIB, an A100's from there. ROOMY_GIB is also where the trainer stops
+#: moving the VAE and the text encoders off the GPU between phases (train.parts.Placement).
+T4_CLASS_GIB = 18.0
+ROOMY_GIB = 30.0
+
+
 def choose_preset(info) -> str:
     """The preset for a fastsd.env.DeviceInfo: by GPU name, else by total VRAM."""
     if not getattr(info, "is_cuda", False):
@@ -200,8 +218,8 @@ def choose_preset(info) -> str:
     for key in ("T4", "L4", "A100"):
         if key in name:
             return key.lower()
-    total = info.vram_total_gb or 0
-    return "t4" if total < 18 else "l4" if total < 30 else "a100"
+    total = info.vram_total_gib or 0
+    return "t4" if total < T4_CLASS_GIB else "l4" if total < ROOMY_GIB else "a100"
 
 
 def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[TrainSettings, str]:
@@ -223,34 +241,33 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
 # --------------------------------------------------------------------------- VRAM estimate
 
 #: Activations the UNet's forward keeps for the backward pass, one 512x512 image, 16-bit,
-#: in GB: measured on the real architectures (random weights on PyTorch's meta device, no
-#: memory used) by summing the tensors autograd saves, less the L x L attention matrices
+#: in bytes: measured on the real architectures (random weights on PyTorch's meta device,
+#: no memory used) by summing the tensors autograd saves, less the L x L attention matrices
 #: that SDPA's memory-efficient kernels never store. See benchmarks/bench_train.py.
-ACTIVATION_GB_512 = {"sd1": 1.55, "sd2": 1.6, "sdxl": 6.0}
+ACTIVATION_BYTES_512 = {"sd1": 1.55e9, "sd2": 1.6e9, "sdxl": 6.0e9}
 BACKWARD_FACTOR = 1.25  # activation gradients and temporaries live during the backward
 #: With gradient checkpointing only each block's input is kept, plus one block's
-#: activations while it is recomputed: measured 0.16 + 0.34 of SD 1.5's 1.55 GB.
+#: activations while it is recomputed: measured 0.16e9 + 0.34e9 of SD 1.5's 1.55e9 bytes.
 CHECKPOINTED_FRACTION = 0.35
 #: LoRA (the base frozen, adapters on every linear layer of the UNet's transformer blocks),
 #: measured the same way with the adapters in place, and more finely: the views of frozen
 #: weights that autograd keeps for the input gradients are not counted as activations,
 #: and diffusers' gradient checkpointing recomputes one transformer or ResNet block at a
-#: time, so its peak is the blocks' inputs plus the largest one block (SD 1.5: 0.15 + 0.09
-#: of 1.09 GB; SDXL: 0.14 + 0.05 of 2.07 GB at 512 px, 0.57 + 0.18 of 8.1 GB at 1024 px).
-#: Rounded up. See benchmarks/bench_lora.py.
-LORA_ACTIVATION_GB_512 = {"sd1": 1.1, "sd2": 1.1, "sdxl": 2.1}
+#: time, so its peak is the blocks' inputs plus the largest one block (SD 1.5: 0.15e9 +
+#: 0.09e9 of 1.09e9 bytes; SDXL: 0.14e9 + 0.05e9 of 2.07e9 at 512 px, 0.57e9 + 0.18e9 of
+#: 8.1e9 at 1024 px). Rounded up. See benchmarks/bench_lora.py.
+LORA_ACTIVATION_BYTES_512 = {"sd1": 1.1e9, "sd2": 1.1e9, "sdxl": 2.1e9}
 LORA_CHECKPOINTED_FRACTION = {"sd1": 0.25, "sd2": 0.25, "sdxl": 0.1}
-CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
-GB = 1e9
+CUDA_OVERHEAD_GIB = 0.75  # CUDA context, cuBLAS workspace, allocator fragmentation
 
 
 def _text(counts: dict[str, int]) -> int:
     return sum(v for k, v in counts.items() if k.startswith("text_encoder"))
 
 
-def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int],
-                     adapters: dict[str, int] | None = None) -> dict[str, float]:
-    """Peak VRAM of each stage in GB, from the parameter counts of the model's parts
+def estimate_vram_gib(settings: TrainSettings, family: str, params: dict[str, int],
+                      adapters: dict[str, int] | None = None) -> dict[str, float]:
+    """Peak VRAM of each stage in GiB, from the parameter counts of the model's parts
     (``adapters``: those of the LoRA adapters of each part, for the LoRA method).
 
     Trained weights: fp32 weights (4 B/param) + fp32 gradients (4) + AdamW moments (8, or 2
@@ -264,8 +281,8 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
     mixed = settings.mixed_precision not in (None, "no")
     trained_b = 4 + 4 + (2 if settings.adam_8bit else 8) + (2 if mixed else 0)
     res = settings.resolution or 512
-    table, fraction = ((LORA_ACTIVATION_GB_512, LORA_CHECKPOINTED_FRACTION.get(family, 0.25))
-                       if settings.lora else (ACTIVATION_GB_512, CHECKPOINTED_FRACTION))
+    table, fraction = ((LORA_ACTIVATION_BYTES_512, LORA_CHECKPOINTED_FRACTION.get(family, 0.25))
+                       if settings.lora else (ACTIVATION_BYTES_512, CHECKPOINTED_FRACTION))
     act = (table.get(family, table["sd1"]) * BACKWARD_FACTOR * (settings.batch_size or 1)
            * (res / 512) ** 2)
     act *= 2 if settings.prior_preservation else 1
@@ -282,7 +299,7 @@ def estimate_vram_gb(settings: TrainSettings, family: str, params: dict[str, int
         # Stage 1: the text encoder and the VAE are used for the caches, then leave the GPU.
         # Stage 2: the UNet is frozen but activations still flow through it.
         weights = {"unet": unet * trained_b, "text": unet * 4 + text * trained_b}
-    return {k: round(w / GB + act + CUDA_OVERHEAD_GB, 1) for k, w in weights.items()}
+    return {k: round((w + act) / GIB + CUDA_OVERHEAD_GIB, 1) for k, w in weights.items()}
 
 
 @dataclass
@@ -311,19 +328,24 @@ class DrivePlan:
                    f", model folder {g(self.model)}, single file {g(self.single_file)}")
                 + f", samples {g(self.samples)}")
 
-    def advice(self, s: TrainSettings) -> str:
+    def advice(self, s: TrainSettings, session: str = "SESSION") -> str:
+        """What shrinks the run, each with how to set it (fastsd.options)."""
         tips = []
         if s.keep_checkpoints > 1:
-            tips.append(f"--keep-checkpoints 1 (now {s.keep_checkpoints})")
+            tips.append(f"keep one checkpoint, not {s.keep_checkpoints} "
+                        f"({options.say(('keep_checkpoints', 1), session=session)})")
         if not s.adam_8bit:
-            tips.append("--adam-8bit on a GPU (a quarter of the optimizer state)")
+            tips.append("8-bit Adam on a GPU, a quarter of the optimizer state "
+                        f"({options.say('adam_8bit', session=session)})")
         if s.save_precision != "fp16":
-            tips.append("--save-precision fp16 (half the "
-                        + ("LoRA file)" if s.lora else "model folder)"))
+            tips.append(("an fp16 LoRA file" if s.lora else "an fp16 model folder")
+                        + ", half the size "
+                        f"({options.say(('save_precision', 'fp16'), session=session)})")
         if not s.lora:
-            tips.append("--method lora (checkpoints and the result in megabytes)")
+            tips.append("a LoRA, checkpoints and the result in megabytes "
+                        f"({options.say(('method', 'lora'), session=session)})")
         if s.sample_every:
-            tips.append("fewer samples (--sample-every)")
+            tips.append(f"fewer samples ({options.say('sample_every', session=session)})")
         return "; ".join(tips) or "nothing in the settings shrinks it further"
 
 
@@ -376,6 +398,6 @@ def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None
     ]
     if vram:
         lines.append("Estimated peak VRAM: " + ", ".join(
-            f"{'UNet' if k == 'unet' else 'text encoder'} stage {v:.1f} GB"
+            f"{'UNet' if k == 'unet' else 'text encoder'} stage {v:.1f} GiB"
             for k, v in vram.items()))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ __all__ = ["generate", "serve", "shutdown", "with_session_lora"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from fastsd.webui import launch
+        from fastsd.webui import server
 
-        return getattr(launch, name)
+        return getattr(server, name)
     raise AttributeError(name)

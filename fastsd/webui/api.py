@@ -28,10 +28,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastsd import __version__
-from fastsd.errors import FastSDError, ModelError
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
 from fastsd.webui import infotext, samplers, xyz
-from fastsd.webui.auth import AuthMiddleware, BasicAuth
-from fastsd.webui.engine import GenerationFailed, OutOfMemory, Result
+from fastsd.webui.auth import DEFAULT_PORT, AuthMiddleware, BasicAuth
+from fastsd.webui.engine import GenerationFailed, Result
 from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.outputs import Outputs
 from fastsd.webui.params import GenerationParams, InvalidRequest, decode_image, from_request
@@ -49,7 +49,7 @@ class ServerInfo:
     """What /cmd-flags reports about how the server was started (never a secret)."""
 
     host: str = "127.0.0.1"
-    port: int = 7860
+    port: int = DEFAULT_PORT
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

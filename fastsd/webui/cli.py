@@ -8,18 +8,18 @@ import argparse
 def _serve(args) -> None:
     import os
 
-    from fastsd.webui import launch
     from fastsd.webui.auth import PASSWORD_ENV
     from fastsd.webui.memory import MemoryPolicy
+    from fastsd.webui.server import serve, shutdown
 
     from fastsd.cli_common import home
 
     policy = MemoryPolicy(**{k: getattr(args, k) for k in MemoryPolicy.field_names()})
     root = home(args)
     password = args.password or os.environ.get(PASSWORD_ENV) or None
-    server = launch.serve(args.session, args.model, listen=args.listen, port=args.port,
-                          user=args.user, password=password, root=root, policy=policy,
-                          max_queue=args.max_queue, page=args.page)
+    server = serve(args.session, args.model, listen=args.listen, port=args.port,
+                   user=args.user, password=password, root=root, policy=policy,
+                   max_queue=args.max_queue, page=args.page)
     print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)"
           + (f", page: {server.url}/" if args.page else ""))
     if server.auth is not None:
@@ -30,12 +30,13 @@ def _serve(args) -> None:
         server.wait()
     finally:
         server.stop()
-        launch.shutdown()
+        shutdown()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `fastsd serve` to the `fastsd` parser."""
     from fastsd.cli_common import add_home
+    from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER
     from fastsd.webui.memory import MemoryPolicy
 
     p = sub.add_parser(
@@ -49,8 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "id, a diffusers folder or a .safetensors/.ckpt file")
     p.add_argument("--listen", action="store_true",
                    help="listen on all interfaces (0.0.0.0); turns on auth")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860; 0: any free port)")
-    p.add_argument("--user", default=None, help="HTTP Basic auth user (default: fastsd)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port (default: {DEFAULT_PORT}; 0: any free port)")
+    p.add_argument("--user", default=None,
+                   help=f"HTTP Basic auth user (default: {DEFAULT_USER})")
     p.add_argument("--password", default=None,
                    help="HTTP Basic auth password (default: $FASTSD_WEBUI_PASSWORD, else "
                    "generated and shown once)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastsd import __version__, drive, env, models
-from fastsd.errors import FastSDError, ModelError
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
 from fastsd.webui import infotext, memory, samplers
 from fastsd.webui.catalog import Catalog, Checkpoint
 from fastsd.webui.params import GenerationParams
@@ -28,10 +28,6 @@ from fastsd.workspace import Workspace
 log = logging.getLogger("fastsd")
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
-
-
-class OutOfMemory(FastSDError):
-    """The device ran out of memory for one request; the engine has freed it and goes on."""
 
 
 class GenerationFailed(FastSDError):
@@ -154,10 +150,10 @@ class Engine:
     def folder_of(self, ckpt: Checkpoint) -> Path:
         """The diffusers folder of a checkpoint; a single file goes through the workspace's
         one model resolver (converted once, kept in the workspace's converted/). A model on
-        Drive is loaded from its local-disk copy (models.stage)."""
+        Drive is loaded from its local-disk copy (models.local_copy)."""
         if ckpt.folder is not None:
-            return models.stage(ckpt.folder)
-        return models.stage(models.resolve_model(ckpt.path, self.workspace))
+            return models.local_copy(ckpt.folder)
+        return models.local_copy(models.resolve_model(ckpt.path, self.workspace))
 
     def load(self, name: str | Checkpoint) -> Checkpoint:
         """Load a catalog checkpoint (by title or name). The old model leaves the device first;
@@ -190,10 +186,10 @@ class Engine:
             raise ModelError(f"{ckpt.title} is {det.describe()}, not a model to generate with.")
         info = env.device_info()
         device = self.device or info.device
-        policy = self.policy.resolve(info, memory.weights_gb(folder))
+        policy = self.policy.resolve(info, memory.weights_gib(folder))
         dtype = torch.float16 if policy.fp16 else torch.float32
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         index = drive.read_json(folder / "model_index.json")
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -1,13 +1,13 @@
 """How a pipeline sits in memory: precision and the memory savers, chosen from free VRAM.
 
 Every field left at None is chosen by :meth:`MemoryPolicy.resolve`; a field set to True or
-False is the user's override and is kept. The rules, for a model whose weights take W GB
-on the device and F GB free before it is loaded:
+False is the user's override and is kept. The rules, for a model whose weights take W GiB
+on the device and F GiB free before it is loaded (VRAM is in GiB throughout: fastsd.env):
 
 * CUDA: fp16 weights and SDPA attention (PyTorch's fused kernel). CPU/MPS: fp32.
-* model CPU offload when F < W + 1 GB: the weights cannot sit on the GPU with room to work;
-* attention slicing when F < W + 2.5 GB, VAE slicing (one image decoded at a time) when
-  F < W + 4 GB, VAE tiling when F < W + 1.5 GB;
+* model CPU offload when F < W + 1 GiB: the weights cannot sit on the GPU with room to work;
+* attention slicing when F < W + 2.5 GiB, VAE slicing (one image decoded at a time) when
+  F < W + 4 GiB, VAE tiling when F < W + 1.5 GiB;
 * on CPU none of them (they save no RAM worth their time there).
 """
 
@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-OFFLOAD_HEADROOM_GB = 1.0
-SLICING_HEADROOM_GB = 2.5
-VAE_SLICING_HEADROOM_GB = 4.0
-VAE_TILING_HEADROOM_GB = 1.5
+from fastsd.env import GIB
+
+OFFLOAD_HEADROOM_GIB = 1.0
+SLICING_HEADROOM_GIB = 2.5
+VAE_SLICING_HEADROOM_GIB = 4.0
+VAE_TILING_HEADROOM_GIB = 1.5
 
 
 @dataclass(frozen=True)
@@ -30,20 +32,20 @@ class MemoryPolicy:
     vae_tiling: bool | None = None
     cpu_offload: bool | None = None
 
-    def resolve(self, device, weights_gb: float) -> "MemoryPolicy":
+    def resolve(self, device, weights_gib: float) -> "MemoryPolicy":
         """Fill every None from ``device`` (fastsd.env.DeviceInfo) and the fp32 weight size."""
         cuda = device.device == "cuda"
         fp16 = cuda if self.fp16 is None else self.fp16
-        w = weights_gb / 2 if fp16 else weights_gb
-        free = device.vram_free_gb if cuda and device.vram_free_gb is not None else None
+        w = weights_gib / 2 if fp16 else weights_gib
+        free = device.vram_free_gib if cuda and device.vram_free_gib is not None else None
 
         def short(headroom: float) -> bool:
             return free is not None and free < w + headroom
 
-        auto = {"cpu_offload": short(OFFLOAD_HEADROOM_GB),
-                "attention_slicing": short(SLICING_HEADROOM_GB),
-                "vae_slicing": short(VAE_SLICING_HEADROOM_GB),
-                "vae_tiling": short(VAE_TILING_HEADROOM_GB)}
+        auto = {"cpu_offload": short(OFFLOAD_HEADROOM_GIB),
+                "attention_slicing": short(SLICING_HEADROOM_GIB),
+                "vae_slicing": short(VAE_SLICING_HEADROOM_GIB),
+                "vae_tiling": short(VAE_TILING_HEADROOM_GIB)}
         return replace(self, fp16=fp16, **{k: v if getattr(self, k) is None else getattr(self, k)
                                           for k, v in auto.items()})
 
@@ -55,11 +57,11 @@ class MemoryPolicy:
         return [f.name for f in fields(cls)]
 
 
-def weights_gb(folder: Path) -> float:
-    """The size of a diffusers folder's weights as stored, in GB (fp32 for our models)."""
+def weights_gib(folder: Path) -> float:
+    """The size of a diffusers folder's weights as stored, in GiB (fp32 for our models)."""
     total = sum(p.stat().st_size for p in Path(folder).rglob("*")
                 if p.suffix in (".safetensors", ".bin") and p.is_file())
-    return total / 1024**3
+    return total / GIB
 
 
 def apply(pipe, policy: MemoryPolicy, device: str) -> None:

@@ -14,18 +14,24 @@ import os
 import sys
 from pathlib import Path
 
-from fastsd import drive, session as sessions
+from fastsd import drive, env, options, session as sessions
 from fastsd.workspace import Workspace
 from fastsd.errors import LaunchError
-from fastsd.webui import background, external
-from fastsd.webui.auth import PASSWORD_ENV, generate_password
+from fastsd.webui import external, process
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, PASSWORD_ENV, generate_password
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
-DEFAULT_USER = "fastsd"
 PASSWORD_FILE = "webui-password.txt"
 UIS = ("fastsd", *external.UIS)
+
+
+def colab_note() -> str:
+    """The one line said where a web UI starts on Colab."""
+    return ("Colab restricts web UIs on its free runtimes (one may be disconnected for it); "
+            "on a free runtime, generate in the notebook instead: "
+            f"{options.cell((options.TRAIN_NB, 7))}, or fastsd.webui.generate(PROMPT, "
+            "SESSION) in any cell.")
 
 
 def password_file(root: Workspace | Path | None = None) -> Path:
@@ -68,16 +74,21 @@ def serve_command(port: int, user: str, session: str | None = None,
 def start(session: str | None = None, *, model: str | None = None, ui: str = "fastsd",
           tunnel: str | None = "auto", port: int = DEFAULT_PORT, user: str = DEFAULT_USER,
           password: str | None = None, home: Path | None = None,
-          ready_timeout: float = background.READY_TIMEOUT) -> background.Server:
+          ready_timeout: float = process.READY_TIMEOUT) -> process.Server:
     """Start the web UI in the background and return at once (the cell ends; the link and
     QR code appear in it when the server answers). A second call with the same settings
     reuses the running server; other settings replace it.
 
-    ``tunnel`` is a provider name, ``"auto"``, or None for this machine only. A password
-    is always set; without one, the workspace's saved password is used.
+    ``model`` (any name the resolver takes, or a single file) is loaded at start, else the
+    session's trained model; AUTOMATIC1111 and Forge get it as a single file
+    (:func:`external.single_file`). ``tunnel`` is a provider name, ``"auto"``, or None for
+    this machine only. A password is always set; without one, the workspace's saved
+    password is used.
     """
     if ui not in UIS:
         raise LaunchError(f"Unknown web UI {ui!r}: choose one of {', '.join(UIS)}.")
+    if env.runtime() == "colab":
+        log.warning("%s", colab_note())
     root = Workspace.current(home).root
     s = sessions.load(session, root) if session else None
     logs = (s.path if s else root) / "logs"
@@ -87,14 +98,13 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
                  "prints it).", password_file(root))
     if ui == "fastsd":
         cmd = serve_command(port, user, s.name if s else None, model, root)
-        return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
-                                 health_path=background.HEALTH_PATH,
-                                 ready_timeout=ready_timeout)
-    return external.start(ui, port, auth, session_models=s.models if s else None,
-                          session_name=s.name if s else None, log_path=logs / f"{ui}.log",
+        return process.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
+                              health_path=process.HEALTH_PATH, env=env.caller_env(),
+                              ready_timeout=ready_timeout)
+    return external.start(ui, port, auth, model=model, session=s, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
 
 
 def stop() -> bool:
     """Stop the web UI running on this machine, if any."""
-    return background.stop()
+    return process.stop()

@@ -1,5 +1,6 @@
-"""Starting it all: the one worker of this process, the server, and the notebook's
-:func:`generate`.
+"""The web UI's server in this process: the one worker, the API server on it
+(:func:`serve`), and the notebook's :func:`generate`. (To run it as its own process, in
+the background of a cell: :mod:`fastsd.webui.start`.)
 
 A process has one worker (it owns the device): :func:`worker_for` makes it or reuses it,
 so a notebook that runs :func:`generate` and :func:`serve` side by side drives one
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsd import models, session as sessions
+from fastsd import models, options, session as sessions
 from fastsd.errors import FastSDError, ModelError
 from fastsd.webui.api import ServerInfo, create_app
-from fastsd.webui.auth import BasicAuth, generate_password, required
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, BasicAuth, generate_password, required
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog, Checkpoint
 from fastsd.webui.engine import Engine
 from fastsd.webui.memory import MemoryPolicy
@@ -29,7 +30,6 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
 _lock = threading.Lock()
 _current: dict[str, Any] = {}  # the process's worker, and what it was made for
 
@@ -96,12 +96,11 @@ def default_checkpoint(catalog: Catalog, session, model: str | None,
         lora = session.lora()
         if lora is not None:
             log.info("Session %s trained a LoRA: its base model %s is loaded; put %s in a "
-                     "prompt to use it", session.name, session.settings["base_model"],
-                     lora_tag(lora.stem))
+                     "prompt to use it", session.name, session.base_model, lora_tag(lora.stem))
         else:
             log.warning("Session %s has no trained model yet; using its base model %s",
-                        session.name, session.settings["base_model"])
-        return catalog.add(models.resolve_model(session.settings["base_model"], ws))
+                        session.name, session.base_model)
+        return catalog.add(models.resolve_model(session.base_model, ws))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
 
@@ -172,7 +171,8 @@ class Server:
         while not self._server.started:
             if not self._thread.is_alive():
                 raise FastSDError(f"The server could not start on {self.host}:{self.port} "
-                                  "(is the port in use?). Choose another with --port.")
+                                  f"(is the port in use?). Choose another: "
+                                  f"{options.say('port')}.")
             if time.monotonic() > deadline:
                 self.stop()
                 raise FastSDError(f"The server did not start within {timeout:.0f}s.")
@@ -226,8 +226,9 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
     auth = None
     if required(host, tunnel) or password:
         if user is not None and not user:
-            raise FastSDError("The user name is empty; give --user NAME or leave it out.")
-        auth = BasicAuth(user or "fastsd", password or generate_password())
+            raise FastSDError(f"The user name is empty: {options.say('user')}, or leave it "
+                              "out.")
+        auth = BasicAuth(user or DEFAULT_USER, password or generate_password())
     app = create_app(worker, outputs=outputs, auth=auth,
                      server=ServerInfo(host, port, s.name if s else None))
     page_api = None
