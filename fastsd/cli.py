@@ -47,7 +47,12 @@ def _session_list(args) -> None:
 
 
 def _session_show(args) -> None:
-    print_json(session.load(args.name, home(args)).summary())
+    from fastsd import space
+
+    s = session.load(args.name, home(args))
+    train = s.settings.get("train") or {}
+    print_json({**s.summary(), "method": train.get("method", "full") if train else None,
+                "bytes": space.session_space(s)})
 
 
 def _session_delete(args) -> None:
@@ -129,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_session_set)
     c = ss.add_parser("list", help="list sessions")
     c.set_defaults(func=_session_list)
-    c = ss.add_parser("show", help="show a session's settings and file counts")
+    c = ss.add_parser("show", help="show a session's settings, training method, file counts "
+                      "and the bytes its checkpoints, models and LoRAs take")
     c.add_argument("name")
     c.set_defaults(func=_session_show)
     c = ss.add_parser("delete", help="delete a session folder (needs --yes)")

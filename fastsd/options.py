@@ -77,6 +77,10 @@ OPTIONS: dict[str, Option] = {
     "resume": _box(TRAIN, "--resume", *_t("Resume")),
     "restart": _box(TRAIN, "--restart", *_t("Restart")),
     "accept_changed_data": _box(TRAIN, "--accept-changed-data", *_t("Accept_Changed_Photos")),
+    "method": Option(TRAIN, "--method", _t("Method"), metavar="METHOD"),
+    "rank": Option(TRAIN, "--rank", _t("LoRA_Rank")),
+    "alpha": Option(TRAIN, "--alpha", _t("LoRA_Alpha")),
+    "lora_dropout": Option(TRAIN, "--lora-dropout"),
     "unet_steps": Option(TRAIN, "--unet-steps", _t("UNet_Steps")),
     "unet_lr": Option(TRAIN, "--unet-lr", _t("UNet_Learning_Rate")),
     "text_steps": Option(TRAIN, "--text-steps", _t("Text_Encoder_Steps")),
@@ -91,6 +95,9 @@ OPTIONS: dict[str, Option] = {
     "gradient_checkpointing": _box(TRAIN, "--gradient-checkpointing", preset=_T4),
     "save_precision": Option(TRAIN, "--save-precision", preset=_T4),
     "keep_checkpoints": Option(TRAIN, "--keep-checkpoints"),
+    # trying the model (cell 7): a LoRA session's LoRA at this weight in the prompt
+    # (<lora:NAME:WEIGHT> on the command line and in the web UI)
+    "lora_weight": Option(None, None, ((TRAIN_NB, 7, "LoRA_Weight"),)),
     # the web UI (fastsd serve; cell 7, and webui.ipynb's cell 4)
     "port": Option("fastsd serve", "--port", ((TRAIN_NB, 7, "Port"), (WEBUI_NB, 4, "Port"))),
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
@@ -99,8 +106,9 @@ OPTIONS: dict[str, Option] = {
     "confirm_delete": _box("fastsd space", "--yes", (TRAIN_NB, 10, "Confirm")),
 }
 
-#: Steps a message may ask for first: the command, and the cell that takes the step.
-STEPS: dict[str, tuple[str, tuple[str, int]]] = {
+#: Steps a message may ask for first: the command, and the cell that takes the step (None:
+#: no cell does, and the command is said everywhere).
+STEPS: dict[str, tuple[str, tuple[str, int] | None]] = {
     "install": ("fastsd install", (TRAIN_NB, 1)),
     "session": ("fastsd session create SESSION", (TRAIN_NB, 2)),
     "base_model": ("fastsd session set SESSION --model NAME", (TRAIN_NB, 3)),
@@ -109,6 +117,7 @@ STEPS: dict[str, tuple[str, tuple[str, int]]] = {
     "train": ("fastsd train SESSION", (TRAIN_NB, 6)),
     "model": ("fastsd models get NAME", (WEBUI_NB, 2)),
     "controlnet": ("fastsd models controlnet get NAME", (WEBUI_NB, 3)),
+    "lora_merge": ("fastsd lora merge SESSION", None),
 }
 
 
@@ -205,8 +214,9 @@ def name(option: str) -> str:
 
 def run(step: str, session: str = "SESSION") -> str:
     """How to take ``step`` (a key of :data:`STEPS`) here: "run cell 6 (Train)" in a
-    notebook, "run 'fastsd train dog'" on the command line."""
+    notebook, "run 'fastsd train dog'" on the command line (and everywhere for a step no
+    cell takes)."""
     command, where = STEPS[step]
-    if notebook() is None:
+    if notebook() is None or where is None:
         return f"run '{command.replace('SESSION', session)}'"
     return f"run {cell(where)}"

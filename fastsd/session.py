@@ -151,6 +151,19 @@ class Session:
         return self.path / "models"
 
     @property
+    def loras(self) -> Path:
+        """The session's trained LoRAs (models/Lora, AUTOMATIC1111's folder name): the web
+        UI lists them and reads them from here."""
+        return self.models / "Lora"
+
+    def lora(self, name: str | None = None) -> Path | None:
+        """The newest trained LoRA file in :attr:`loras` (or the one named), else None."""
+        found = sorted(self.loras.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) \
+            if self.loras.is_dir() else []
+        found = [p for p in found if not name or p.stem == name]
+        return found[-1] if found else None
+
+    @property
     def outputs(self) -> Path:
         return self.path / "outputs"
 

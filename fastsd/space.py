@@ -1,8 +1,8 @@
 """Free Drive space: what fastsd keeps in the workspace, how big each piece is, and the
 deletion of the pieces the user picks, only once confirmed.
 
-:func:`usage` lists, largest first, each session's checkpoints, trained models and
-outputs, and the workspace's downloaded and converted models, the Hugging Face cache,
+:func:`usage` lists, largest first, each session's checkpoints, trained models, LoRAs
+and outputs, and the workspace's downloaded and converted models, the Hugging Face cache,
 the wheelhouses and the tools. :func:`free` deletes the items picked by their number in
 that list (or their path), and only with ``confirm=True``; without it, it says what would
 go and how much room that makes.
@@ -73,6 +73,10 @@ def _entries(ws: Workspace) -> Iterable[tuple[Path, str, str | None]]:
         for p in _children(s.checkpoints):
             yield p, "checkpoint", name
         for p in _children(s.models):
+            if p == s.loras:  # each trained LoRA is an item of its own
+                for f in _children(p):
+                    yield f, "LoRA", name
+                continue
             yield p, "trained model" if p.is_dir() else "single file", name
         if s.outputs.is_dir() and any(s.outputs.iterdir()):
             yield s.outputs, "outputs (samples, images)", name
@@ -88,6 +92,15 @@ def _entries(ws: Workspace) -> Iterable[tuple[Path, str, str | None]]:
         yield p, "wheelhouse", None
     for p in _children(ws.tools):
         yield p, "tool", None
+
+
+def session_space(s: sessions.Session) -> dict:
+    """What one session keeps on Drive, in bytes: its checkpoints (each), trained models,
+    LoRAs (each) and outputs; `fastsd session show` prints it."""
+    return {"checkpoints": {p.name: size_of(p) for p in _children(s.checkpoints)},
+            "models": sum(size_of(p) for p in _children(s.models) if p != s.loras),
+            "loras": {p.name: size_of(p) for p in _children(s.loras)},
+            "outputs": size_of(s.outputs) if s.outputs.is_dir() else 0}
 
 
 def usage(root: Workspace | Path | None = None) -> list[Item]:

@@ -291,6 +291,7 @@ def launched(tmp_path_factory, tiny_sd1):
     chosen = shutil.copytree(tiny_sd1, ws.models / "mine")  # diffusers only
     lora_file(ws.models / "Lora" / "style.safetensors")
     lora_file(ws.models / "loose-lora.safetensors")
+    lora_file(dog.loras / "dog.safetensors")  # a LoRA the session trained, named as its model
     cn = ws.models / registry.CONTROLNET_DIR / "sd1-canny"
     shutil.copytree(tiny_sd1 / "unet", cn)  # a diffusers ControlNet's files
     files = {f.name: f.stat().st_size for f in cn.iterdir()}
@@ -334,7 +335,9 @@ def test_the_chosen_diffusers_model_is_one_file_loaded_at_start(launched):
 def test_the_lists_hold_single_files_loras_and_controlnets_each_in_its_place(launched):
     titles = sorted(m["title"] for m in launched.get("/sdapi/v1/sd-models"))
     assert titles == ["dog.safetensors", "mine.safetensors", "other.safetensors"]
-    assert sorted(lo["name"] for lo in launched.get("/sdapi/v1/loras")) == ["loose-lora",
+    # the session's LoRA (models/Lora) is a LoRA, never a checkpoint, though it has the name
+    # of the session's checkpoint
+    assert sorted(lo["name"] for lo in launched.get("/sdapi/v1/loras")) == ["dog", "loose-lora",
                                                                              "style"]
     assert launched.get("/controlnet/model_list")["model_list"] == ["control_v11p_sd15_canny"]
 

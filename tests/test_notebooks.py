@@ -119,16 +119,23 @@ def form_defaults(path: Path) -> dict:
 def test_form_defaults_are_the_packages_defaults():
     """A form's fields are literal values (Colab shows them as typed): those that stand for a
     default of the package hold that default, so it is set in one place, the package."""
+    import inspect
+
     from fastsd import session
     from fastsd.train import TrainSettings
     from fastsd.webui import auth
+    from fastsd.webui.server import with_session_lora
 
     t = TrainSettings()
     train = form_defaults(NOTEBOOKS / "fast_dreambooth.ipynb")
     webui = form_defaults(NOTEBOOKS / "webui.ipynb")
+    for rate in ("UNet_Learning_Rate", "Text_Encoder_Learning_Rate"):
+        train[rate] = train[rate] or None  # the cell's "0 = the method's own rate"
     checks = [
         (train, "UNet_Steps", t.unet_steps), (train, "Text_Encoder_Steps", t.text_steps),
         (train, "UNet_Learning_Rate", t.unet_lr), (train, "Text_Encoder_Learning_Rate", t.text_lr),
+        (train, "Method", t.method), (train, "LoRA_Rank", t.rank), (train, "LoRA_Alpha", t.alpha),
+        (train, "LoRA_Weight", inspect.signature(with_session_lora).parameters["weight"].default),
         (train, "Checkpoint_Every", t.checkpoint_every), (train, "Sample_Every", t.sample_every),
         (train, "Flip_Images", t.flip), (train, "GPU_Preset", t.preset),
         (train, "Instance_Token", session.DEFAULT_SETTINGS["instance_token"]),
@@ -610,7 +617,7 @@ def test_fast_dreambooth_with_the_forms_own_defaults(standin):
     from fastsd import env, options
     from fastsd.models import registry
     from fastsd.train import TrainSettings
-    from fastsd.train.settings import resolve
+    from fastsd.train.settings import DEFAULT_LR, resolve
 
     k, ws = standin
     for n in range(3, 11):  # a new (or restarted) runtime
@@ -657,6 +664,8 @@ def test_fast_dreambooth_with_the_forms_own_defaults(standin):
                 and getattr(n.func, "id", "") == "TrainSettings")
     assert set(given) == {kw.arg for kw in call.keywords}, "every field cell 6 passes on"
     given["sample_prompts"] = [p for p in given["sample_prompts"].split(";") if p.strip()]
+    for stage in ("unet", "text"):  # a rate of 0: the method's own, as stored by the run
+        given[f"{stage}_lr"] = given[f"{stage}_lr"] or DEFAULT_LR[given["method"]][stage]
     assert {name: trained[name] for name in given} == given
     would = resolve(TrainSettings(**given), env.device_info(), form2["Resolution"])[0]
     assert trained == would.to_dict()

@@ -15,6 +15,7 @@ from test_train_resume import make_subject_session
 
 from fastsd.errors import DataError
 from fastsd.train import TrainSettings, train
+from fastsd.train.settings import DEFAULT_LR, rate_text
 
 FAST = dict(checkpoint_every=0, unet_lr=1e-4, text_lr=1e-4, class_steps=2, sample_steps=2)
 
@@ -469,7 +470,11 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
         assert flag in text, flag
     d = TrainSettings()
     assert "--resume" in text and f"(default: {d.unet_steps})" in text
-    assert f"(default: {d.text_steps})" in text and f"(default: {d.unet_lr})" in text
+    assert f"(default: {d.text_steps})" in text
+    for stage in ("unet", "text"):  # no rate of its own: the method's, named in the help
+        assert getattr(d, f"{stage}_lr") is None
+        full, lora = (rate_text(DEFAULT_LR[m][stage]) for m in ("full", "lora"))
+        assert f"(default: {full} for full" in text and f"{lora} for LoRA" in text
     assert text.count("(default:") >= len(dataclasses.fields(TrainSettings))
     args = build_parser().parse_args(["train", "S", "--unet-steps", "5", "--flip",
                                       "--sample-prompt", "a", "--sample-prompt", "b"])

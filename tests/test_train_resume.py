@@ -1,5 +1,5 @@
 """Exact resume: a run SIGKILLed (or SIGTERMed) anywhere and resumed ends bit-identical to an
-uninterrupted run with the same seed.
+uninterrupted run with the same seed, for full fine-tuning and for LoRA.
 
 Each run is a separate process. To keep this fast, processes are forked from a
 multiprocessing forkserver that has already imported torch and diffusers. The kill itself
@@ -26,6 +26,10 @@ SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
                 class_images=2, class_steps=2)
 STEPS = SETTINGS["unet_steps"] + SETTINGS["text_steps"]
+# each method's settings over SETTINGS; LoRA: adapters on the frozen base, with dropout
+# (draws from the global RNG) on
+METHODS = {"full": {}, "lora": {"method": "lora", "rank": 4, "alpha": 2.0,
+                                "lora_dropout": 0.2, "unet_lr": 1e-3, "text_lr": 1e-3}}
 # What the forkserver imports once, so that each run starts in a fraction of a second.
 PRELOAD = ["torch", "accelerate.accelerator", "diffusers.optimization",
            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
@@ -169,8 +173,9 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
               start: int = 0, logs: Path | None = None, env: dict | None = None,
               settings: dict | None = None) -> int:
-    """Train (or resume) session ``name`` in a child process; its log and the message of a
-    FastSDError go to ``logs`` (default ``home``): NAME.log, NAME.err."""
+    """Train (or resume) session ``name`` in a child process, with ``settings`` over
+    :data:`SETTINGS`; its log and the message of a FastSDError go to ``logs`` (default
+    ``home``): NAME.log, NAME.err."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
     p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start,
@@ -190,10 +195,11 @@ def log_tail(home: Path, name: str, lines: int = 20) -> str:
 
 
 def final_tensors(s) -> dict:
+    """The tensors of what the run wrote: the model folder (full) or the LoRA file."""
     from safetensors.torch import load_file
 
     out = {}
-    for f in sorted((s.models / s.name).rglob("*.safetensors")):
+    for f in sorted([*(s.models / s.name).rglob("*.safetensors"), *s.loras.glob("*")]):
         for k, v in load_file(f).items():
             out[f"{f.parent.name}/{k}"] = v
     return out
@@ -207,16 +213,25 @@ def final_state(s) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_root):
-    """An uninterrupted run: final weights and final trainer state."""
+def references(tmp_path_factory, tiny_root):
+    """Uninterrupted runs, one per method (made when first asked for): final weights, final
+    trainer state, and the single file (full fine-tuning; None for LoRA)."""
     from fastsd.models import tiny
 
-    home = tmp_path_factory.mktemp("ref-home")
-    (home / "models").mkdir()
-    (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
-    s = make_subject_session("ref", home)
-    assert run_child(home, "ref") == 0
-    return final_tensors(s), final_state(s), single_file(s)
+    made = {}
+
+    def of(method: str) -> tuple:
+        if method not in made:
+            home = tmp_path_factory.mktemp(f"ref-home-{method}")
+            (home / "models").mkdir()
+            (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
+            s = make_subject_session("ref", home)
+            assert run_child(home, "ref", settings=METHODS[method]) == 0, log_tail(home, "ref")
+            made[method] = (final_tensors(s), final_state(s),
+                            single_file(s) if method == "full" else None)
+        return made[method]
+
+    return of
 
 
 def single_file(s) -> dict:
@@ -236,17 +251,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
+LORA_CASES = ["stage2", "checkpoint_write"]  # adapters of both stages; the boundary crossed
+
+
+@pytest.mark.parametrize("method,case", [("full", c) for c in CASES]
+                         + [("lora", c) for c in LORA_CASES])
+def test_killed_run_resumes_bit_identical(method, case, references, workspace, tiny_sd1):
     from fastsd import session
     from fastsd.train import checkpoint
 
+    lora = method == "lora"
     kill, code, start = CASES[case]
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
-    assert run_child(workspace, case, kill, start=start) == code, log_tail(workspace, case)
+    assert run_child(workspace, case, kill, start=start, settings=METHODS[method]) == code, \
+        log_tail(workspace, case)
     assert not (s.models / case).exists(), "a killed run must not have exported a model"
+    assert not s.loras.exists(), "a killed run must not have written its LoRA"
     if case == "checkpoint_write":  # the half-written checkpoint is there, but not as one
         leftovers = [p.name for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
         assert leftovers and all("step-0000004" in n for n in leftovers)
@@ -254,7 +276,18 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
         assert [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
     if case == "sigterm":
         assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
-    assert checkpoint.latest(s.checkpoints).step == start
+    ck = checkpoint.latest(s.checkpoints)
+    assert ck.step == start
+    if lora:  # a LoRA checkpoint holds the adapters only, and the base model's fingerprint
+        from fastsd import models
+        from fastsd.train.parts import load_parts
+        from fastsd.train.resume import model_fingerprint
+
+        assert all(".lora_A." in k or ".lora_B." in k for sd in ck.tensors.values()
+                   for k in sd)
+        base = models.local_copy(models.resolve_model("tiny-sd1", s.workspace))
+        assert ck.state["base_model"]["fingerprint"] == model_fingerprint(
+            load_parts(base).unet)
 
     if case == "stage1":  # a new runtime: Drive mounted at another path, the model loaded
         moved = workspace.with_name("moved-home")  # from a folder of another name
@@ -266,7 +299,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state, _ = reference
+    ref_tensors, ref_state, _ = references(method)
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
     different = [k for k in got if not got[k].equal(ref_tensors[k])]
@@ -281,7 +314,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
 
 
 def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume(
-        reference, tmp_path, monkeypatch, tiny_sd1):
+        references, tmp_path, monkeypatch, tiny_sd1):
     """Drive (the real FUSE stand-in, mounted where fastsd did not mount it: a local Jupyter's
     Drive, or Colab's at another path, which fastsd cannot remount) drops while a sample
     image is copied to it, then, in the resumed run, while the single .safetensors is: each
@@ -326,7 +359,7 @@ def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume
         assert run(None, resume=True) == (0, "")
         s = session.load("drops", home)
         assert [p for p in home.rglob(".fastsd-tmp-*")] == [], "temporaries left on Drive"
-        ref_tensors, ref_state, ref_single = reference
+        ref_tensors, ref_state, ref_single = references("full")
         got = final_tensors(s)
         assert got.keys() == ref_tensors.keys()
         assert not [k for k in got if not got[k].equal(ref_tensors[k])], "not bit-identical"

@@ -54,16 +54,30 @@ def _train(args: argparse.Namespace) -> None:
     result = train(load_session(args), settings_from_args(args), resume=args.resume,
                    restart=args.restart, accept_changed_data=args.accept_changed_data,
                    on_event=hook)
+    if result.lora:
+        print(f"Trained {result.global_step} steps. LoRA: {result.lora} (in a prompt: "
+              f"<lora:{result.lora.stem}:1>)")
+        return
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
 
 
+def _lora_merge(args: argparse.Namespace) -> None:
+    from fastsd.train.lora_export import merge_session
+
+    folder, single = merge_session(load_session(args), args.weight, args.name, args.precision)
+    print(f"Merged model: {folder}; single file: {single}")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `fastsd train` to the `fastsd` parser."""
+    """Add `fastsd train` and `fastsd lora` to the `fastsd` parser."""
     p = sub.add_parser(
         "train", help="train a session's subject: UNet, then text encoder; resumable",
         description="Two-stage DreamBooth training of the session's base model on its images "
-        "and captions. Checkpoints go to the session's checkpoints/; after a dead runtime, "
+        "and captions: the whole model, or with --method lora small LoRA adapters on the "
+        "frozen base (--rank, --alpha; a .safetensors LoRA in the session's models/Lora that "
+        "AUTOMATIC1111, Forge, ComfyUI and diffusers load, used as <lora:NAME:WEIGHT>). "
+        "Checkpoints go to the session's checkpoints/; after a dead runtime, "
         "run 'fastsd train SESSION --resume' to continue exactly where it stopped, with the "
         "run's settings; --resume --unet-steps N extends a finished UNet stage (when no "
         "text encoder stage has trained after it; the learning-rate schedule is rebuilt for "
@@ -85,3 +99,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_settings_options(p)
     add_home(p)
     p.set_defaults(func=_train)
+
+    g = sub.add_parser("lora", help="a session's trained LoRA: merge it into its base model")
+    gs = g.add_subparsers(dest="lora_command", required=True)
+    m = gs.add_parser("merge", help="the base model with the LoRA merged in: a diffusers "
+                      "folder and its single file in the session's models/",
+                      description="Add the session's LoRA (times --weight) to the weights of "
+                      "its base model and write the result as models/NAME-merged (diffusers) "
+                      "and models/NAME-merged.safetensors (AUTOMATIC1111, Forge, ComfyUI).")
+    m.add_argument("session", help="session name")
+    m.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight (default: 1)")
+    m.add_argument("--name", help="which LoRA of the session (default: the newest)")
+    m.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                   help="precision of the merged model (default: fp16, which SDXL needs to "
+                   "fit Colab's memory)")
+    add_home(m)
+    m.set_defaults(func=_lora_merge)

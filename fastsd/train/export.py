@@ -21,7 +21,7 @@ LOSS_PNG = "loss.png"
 
 @dataclass
 class TrainResult:
-    model_dir: Path
+    model_dir: Path | None  # the trained diffusers model (None for a LoRA run)
     single_file: Path | None
     global_step: int
     losses: list[float]
@@ -29,24 +29,46 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     resumed_from: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    lora: Path | None = None  # the LoRA file (a LoRA run)
 
 
 def export(run: Run) -> TrainResult:
+    """Full fine-tuning: the model folder and its single file. LoRA: the LoRA file (the
+    base model is not written again). Both: the loss curve."""
     acc, s, st = run.accelerator, run.settings, run.state
-    run.placement.apply(run.parts, "export")
-    result = TrainResult(Path(run.session.models) / (s.model_name or run.session.name), None,
+    name = s.model_name or run.session.name
+    result = TrainResult(None if s.lora else Path(run.session.models) / name, None,
                          st.global_step, st.losses, None, run.samples,
                          run.resumed_from, {"vae_encodes": run.latents.encodes,
                                             "prompt_encodes": run.prompts.encodes,
                                             "checkpoint_stalls": run.checkpoint_waits})
     if acc.is_main_process:
-        export_model(run.parts, result.model_dir, s.save_precision or "fp32")
-        result.single_file = export_single_file(result.model_dir, st.global_step)
+        if s.lora:
+            result.lora = export_lora(run, Path(run.session.loras) / f"{name}.safetensors")
+        else:
+            run.placement.apply(run.parts, "export")
+            export_model(run.parts, result.model_dir, s.save_precision or "fp32")
+            result.single_file = export_single_file(result.model_dir, st.global_step)
         result.loss_curve = save_loss_curve(st.losses, s, Path(run.session.outputs) / LOSS_PNG)
     acc.wait_for_everyone()
-    log.info("Trained %d steps; the model is in %s", st.global_step, result.model_dir)
-    run.emit("done", {**st.to_dict(), "model_dir": result.model_dir})
+    log.info("Trained %d steps; %s", st.global_step,
+             f"the LoRA is {result.lora}" if s.lora else f"the model is in {result.model_dir}")
+    run.emit("done", {**st.to_dict(), "model_dir": result.model_dir, "lora": result.lora})
     return result
+
+
+def export_lora(run: Run, dest: Path) -> Path:
+    """The adapters trained (both stages') as one kohya-layout LoRA file."""
+    from fastsd.train import lora_export
+    from fastsd.train.data import instance_prompt
+
+    s, st, settings = run.settings, run.state, run.session.settings
+    meta = lora_export.metadata(run.parts, s, title=dest.stem,
+                                base_model=run.session.base_model,
+                                trigger=instance_prompt(settings),
+                                captions=[ex.caption for ex in run.examples],
+                                steps=st.global_step)
+    return lora_export.write(run.parts, s, dest, st.modified, meta)
 
 
 def export_model(parts: Parts, dest: Path, precision: str) -> Path:

@@ -4,6 +4,7 @@ and returns the :class:`Run` the stages share; the prompt embeddings (:class:`Pr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 from fastsd import drive, env, models, options
 from fastsd.errors import DataError
-from fastsd.train import checkpoint, data
+from fastsd.train import checkpoint, data, lora
 from fastsd.train import resume as resume_mod
 from fastsd.train.parts import (Parts, Placement, encode_text, load_parts, placement_policy,
                                 tokenize)
@@ -218,7 +219,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
     model_dir = models.local_copy(models.resolve_model(base_name, session.workspace))
-    parts = load_parts(model_dir)
+    parts = load_parts(model_dir, s.base_dtype())
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_name,
                              "fingerprint": resume_mod.model_fingerprint(parts.unet)},
@@ -231,7 +232,9 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
                                              accept_changed_data)
     for m in [parts.vae, *parts.modules().values()]:
         m.requires_grad_(False).eval()
-    vram = estimate_vram_gib(s, parts.family, parts.param_counts())
+    if s.lora:  # after the fingerprint, which is the base model's own
+        parts.add_adapters(lora.Adapters.of(s), s.seed)
+    vram = estimate_vram_gib(s, parts.family, parts.param_counts(), parts.adapter_counts())
     log.info("%s\n%s", f"Base model {model_dir} ({parts.family}, "
              f"{'v-prediction' if parts.v_prediction else 'epsilon'})", describe(s, preset, vram))
     if info.vram_total_gib and max(vram.values()) > info.vram_total_gib:
@@ -280,8 +283,10 @@ def class_images(session, s: TrainSettings, parts: Parts, accelerator) -> list:
     if len(class_ex) < s.class_images and accelerator.is_main_process:
         log.info("Generating %d class images of %r with the base model",
                  s.class_images - len(class_ex), prompt)
-        data.generate_class_images(parts.pipe, folder, prompt, s.class_images, s.resolution,
-                                   s.class_steps, s.seed, len(class_ex))
+        # a 16-bit base (LoRA) runs with its fp32 VAE under autocast, as for the samples
+        with accelerator.autocast() if parts.half else contextlib.nullcontext():
+            data.generate_class_images(parts.pipe, folder, prompt, s.class_images,
+                                       s.resolution, s.class_steps, s.seed, len(class_ex))
     accelerator.wait_for_everyone()
     return data.class_examples(session, prompt, s.class_images)[1]
 
@@ -293,7 +298,7 @@ def check_drive_space(session, s: TrainSettings, parts: Parts, ckpt) -> None:
 
     have = sum(f.stat().st_size for f in Path(session.checkpoints).rglob("*") if f.is_file())
     plan = drive_plan(s, parts.param_counts(), sum(p.numel() for p in parts.vae.parameters()),
-                      have)
+                      have, parts.adapter_counts())
     free = drive.free_bytes(session.path)
     log.info("Drive: this run needs about %s, %s free.", gb(plan.total), gb(free))
     if plan.total > free:

@@ -36,11 +36,12 @@ OOM_MARKS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "MPS bac
 class ChildResult:
     """What the child trained: like TrainResult, read back from the session's folders."""
 
-    model_dir: Path
+    model_dir: Path | None  # None for a LoRA run
     global_step: int
     single_file: Path | None
     loss_curve: Path | None
     samples: list[Path] = dataclasses.field(default_factory=list)  # as the child made them
+    lora: Path | None = None  # the LoRA file of a LoRA run
 
 
 class TrainingStopped(FastSDError):
@@ -58,7 +59,8 @@ def event_printer(name: str, info: dict) -> None:
     """An ``on_event`` hook for the trainer that writes each event as one JSON line on
     stdout, for the parent to read (``fastsd train --events``)."""
     keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
-            if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir")}
+            if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir",
+                     "lora")}
     if name == "samples":
         keep["paths"] = [str(p) for p in info["paths"]]
     if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples", "done"):
@@ -245,8 +247,10 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                              "kept: fix the cause, then "
                              f"{options.say('resume', session=session.name)}.")
     done = done or last
-    model_dir = Path(done["model_dir"])
-    single = model_dir.parent / f"{model_dir.name}.safetensors"
+    model_dir = Path(done["model_dir"]) if done.get("model_dir") else None
+    single = model_dir.parent / f"{model_dir.name}.safetensors" if model_dir else None
     curve = Path(session.outputs) / "loss.png"
-    return ChildResult(model_dir, int(done["global_step"]), single if single.is_file() else None,
-                       curve if curve.is_file() else None, samples)
+    return ChildResult(model_dir, int(done["global_step"]),
+                       single if single and single.is_file() else None,
+                       curve if curve.is_file() else None, samples,
+                       Path(done["lora"]) if done.get("lora") else None)

@@ -67,9 +67,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         run.placement.apply(parts, "cache")
         run.prompts.build()
     run.placement.apply(parts, stage)
-    for m in trained.values():
-        m.requires_grad_(True).train()
-    params = parts.parameters(stage)
+    params = parts.unfreeze(stage)  # the modules' weights, or for LoRA their adapters
     optimizer, schedule = build_optimizer(params, cfg, s, acc.device)
     *wrapped, optimizer = acc.prepare(*trained.values(), optimizer)
     encoders = None if stage == "unet" else wrapped
@@ -128,8 +126,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
     # the stage boundary: its optimizer is kept, so that the stage can be extended later
     st.stage, st.stage_step, st.optimizer_stage = si + 1, 0, stage
     path = run.save_checkpoint(objects())
-    for m in trained.values():
-        m.requires_grad_(False).eval()
+    parts.freeze(stage)
     acc.free_memory()  # accelerate lets go of the stage's optimizer and wrapped modules
     run.emit("stage_end", {**st.to_dict(), "stage_name": stage, "parts": parts})
     if run.stop.signum:

@@ -1,5 +1,5 @@
 """The checkpoints, LoRAs and ControlNets a server may load: the session's models/ and the
-workspace's models/, nothing else.
+workspace's models/ (and the LoRAs the workspace's sessions trained), nothing else.
 
 Clients name a checkpoint or a LoRA; the name is looked up here and never used as a path,
 so no request can make the server read a file outside those folders. A trained session's
@@ -125,10 +125,12 @@ def _is_checkpoint_file(path: Path) -> bool:
 
 
 class Catalog:
-    """What ``folders`` (searched in order) hold, re-read by :meth:`refresh`."""
+    """What ``folders`` (searched in order) hold, and the LoRAs in ``lora_folders`` (the
+    workspace's sessions' trained LoRAs, read where they are), re-read by :meth:`refresh`."""
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: list[Path], lora_folders: list[Path] = ()):
         self.folders = [Path(f) for f in folders]
+        self.lora_folders = [Path(f) for f in lora_folders]
         self.extra: list[Checkpoint] = []  # models the server's owner named on the CLI
         self._checkpoints: list[Checkpoint] = []
         self._loras: list[Lora] = []
@@ -166,6 +168,9 @@ class Catalog:
                 else:
                     continue
                 seen.setdefault(c.name.lower(), c)
+        for folder in self.lora_folders:
+            for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+                loras.setdefault(f.stem, Lora(f.stem, f))
         for c in self.extra:
             seen.setdefault(c.name.lower(), c)
         self._checkpoints = list(seen.values())

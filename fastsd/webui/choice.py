@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastsd import options, session as sessions
 from fastsd.convert.detect import detect_folder
-from fastsd.errors import FastSDError
+from fastsd.errors import FastSDError, ModelError
 from fastsd.models import resolve_model, tiny
 from fastsd.models.upload import trained_model
 from fastsd.workspace import Workspace
@@ -19,12 +19,14 @@ from fastsd.workspace import Workspace
 
 @dataclass(frozen=True)
 class Choice:
-    """A session's trained model (``session`` set) or any other model, as a folder."""
+    """A session's trained model (``session`` set) or any other model, as a folder; for a
+    session that trained a LoRA (and has no trained model), its base model and ``lora``."""
 
     root: Workspace
     session: str | None
     model: Path
     family: str
+    lora: Path | None = None
 
     @property
     def tiny(self) -> bool:
@@ -42,13 +44,25 @@ _chosen: Choice | None = None
 
 
 def choose(session: str = "", model: str = "", root: Workspace | Path | None = None) -> Choice:
-    """The trained model of ``session`` when one is named, else ``model`` (any name
-    :func:`fastsd.models.resolve_model` takes), remembered for :func:`chosen`."""
+    """The trained model of ``session`` when one is named (its base model when it trained
+    a LoRA and no model), else ``model`` (any name :func:`fastsd.models.resolve_model`
+    takes), remembered for :func:`chosen`."""
     global _chosen
     ws = Workspace.current(root)
-    folder = trained_model(sessions.load(session, ws)) if session else resolve_model(model, ws)
+    lora = None
+    if session:
+        s = sessions.load(session, ws)
+        try:
+            folder = trained_model(s)
+        except ModelError:
+            lora = s.lora()
+            if lora is None:
+                raise
+            folder = resolve_model(s.base_model, ws)  # the server loads it too
+    else:
+        folder = resolve_model(model, ws)
     _chosen = Choice(ws, sessions.validate_name(session) if session else None, folder,
-                     detect_folder(folder).family)
+                     detect_folder(folder).family, lora)
     return _chosen
 
 

@@ -16,11 +16,12 @@ outside the environment it installs into, so fastsd's packages stay as they are.
 **What it lists.** A folder of links on local disk (``fastsd-models/``) is its checkpoint
 folder (``--ckpt-dir``) and LoRA folder (``--lora-dir``): the single-file checkpoints of the
 workspace's and every session's ``models/`` (the list fastsd's own server shows, as single
-files), and their LoRAs. The workspace's ControlNets are linked, one file each under their
-repository's name, into ``models/ControlNet/fastsd/``, where Forge and AUTOMATIC1111's
-ControlNet extension look. The model chosen in the notebook is loaded at start (``--ckpt``);
-a diffusers model is converted into one file once (:func:`single_file`, after a check of
-Drive's free space) and kept.
+files), and their LoRAs (``models/Lora/``, LoRA files in ``models/``, and so each
+session's trained LoRAs, never listed as checkpoints). The workspace's ControlNets are
+linked, one file each under their repository's name, into ``models/ControlNet/fastsd/``,
+where Forge and AUTOMATIC1111's ControlNet extension look. The model chosen in the notebook
+is loaded at start (``--ckpt``); a diffusers model is converted into one file once
+(:func:`single_file`, after a check of Drive's free space) and kept.
 
 Its password reaches it without ever being written to a log: a small wrapper (this
 module's ``main``) reads it from the environment, adds ``--api-auth`` and copies the UI's

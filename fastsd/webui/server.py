@@ -48,6 +48,32 @@ def trained_model(session: sessions.Session) -> Path | None:
     return found[-1] if found else None
 
 
+def session_loras(ws: Workspace) -> list[Path]:
+    """Where the workspace's sessions keep their trained LoRAs (listed by every server)."""
+    out = []
+    for name in sessions.list_sessions(ws):
+        try:
+            out.append(sessions.load(name, ws).loras)
+        except FastSDError as e:  # a damaged session lists nothing, and says why
+            log.warning("Not listing the LoRAs of session %s: %s", name, e)
+    return out
+
+
+def lora_tag(name: str, weight: float = 1.0) -> str:
+    """AUTOMATIC1111's prompt syntax for a LoRA at ``weight``."""
+    return f"<lora:{name}:{weight:g}>"
+
+
+def with_session_lora(prompt: str, session, weight: float = 1.0) -> str:
+    """``prompt`` with the session's trained LoRA at ``weight`` added (unchanged when the
+    session trained no LoRA, or the prompt already names it)."""
+    s = _session(session, None)
+    lora = s.lora() if s is not None else None
+    if lora is None or f"<lora:{lora.stem}:" in prompt:
+        return prompt
+    return f"{prompt} {lora_tag(lora.stem, weight)}".strip()
+
+
 def _model_path(model: str, ws: Workspace) -> Path:
     path = Path(model).expanduser()
     if path.is_file() and path.suffix in SINGLE_SUFFIXES:
@@ -68,8 +94,13 @@ def default_checkpoint(catalog: Catalog, session, model: str | None,
         raise ModelError("Name a model (--model) or a session (--session) to generate with.")
     trained = trained_model(session)
     if trained is None:
-        log.warning("Session %s has no trained model yet; using its base model %s",
-                    session.name, session.base_model)
+        lora = session.lora()
+        if lora is not None:
+            log.info("Session %s trained a LoRA: its base model %s is loaded; put %s in a "
+                     "prompt to use it", session.name, session.base_model, lora_tag(lora.stem))
+        else:
+            log.warning("Session %s has no trained model yet; using its base model %s",
+                        session.name, session.base_model)
         return catalog.add(models.resolve_model(session.base_model, ws))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
@@ -91,7 +122,7 @@ def worker_for(session=None, model: str | None = None, root: Workspace | Path | 
             worker.engine.unload()
             worker = None
         if worker is None:
-            engine = Engine(Catalog(folders), policy, workspace=ws)
+            engine = Engine(Catalog(folders, session_loras(ws)), policy, workspace=ws)
             worker = Worker(engine, max_queue)
             _current.update(worker=worker, key=key,
                             outputs=Outputs(Path(s.outputs) if s else ws.root / "outputs"))
