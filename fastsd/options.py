@@ -31,6 +31,7 @@ CELLS: dict[str, tuple[str, ...]] = {
 
 TRAIN = "fastsd train SESSION"
 SESSION_SET = "fastsd session set SESSION"
+IMPORT = "fastsd images import SESSION PHOTOS"
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,15 @@ OPTIONS: dict[str, Option] = {
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
     "change_base_model": Option(SESSION_SET, None, ((TRAIN_NB, 3, "Change_Base_Model"),)),
-    # photos (fastsd images import; cell 4)
-    "source": Option("fastsd images import SESSION PHOTOS", None,
-                     ((TRAIN_NB, 4, "Source"),)),
+    "temp_storage": Option(SESSION_SET, "--temp-storage", ((TRAIN_NB, 3, "Use_Temp_Storage"),)),
+    "import_old_session": Option("fastsd images import-legacy SOURCE", None,
+                                 ((TRAIN_NB, 2, "Import_Old_Session"),)),
+    # photos (fastsd images import and remove; cell 4)
+    "source": Option(IMPORT, None, ((TRAIN_NB, 4, "Source"),)),
+    "remove_existing_images": Option(IMPORT, "--remove-existing",
+                                     ((TRAIN_NB, 4, "Remove_Existing_Images"),)),
+    "remove_photos": Option("fastsd images remove SESSION NAME", None,
+                            ((TRAIN_NB, 4, "Remove_Photos"),)),
     # training (fastsd train; cell 6)
     "resume": Option(TRAIN, "--resume", _t("Resume")),
     "restart": Option(TRAIN, "--restart", _t("Restart")),
@@ -80,6 +87,16 @@ OPTIONS: dict[str, Option] = {
     "sample_every": Option(TRAIN, "--sample-every", _t("Sample_Every")),
     "sample_prompts": Option(TRAIN, "--sample-prompt", _t("Sample_Prompts")),
     "flip": Option(TRAIN, "--flip", _t("Flip_Images")),
+    "offset_noise": Option(TRAIN, "--offset-noise", _t("Offset_Noise")),
+    "prior_preservation": Option(TRAIN, "--prior-preservation", _t("Prior_Preservation")),
+    "class_images": Option(TRAIN, "--class-images", _t("Class_Images")),
+    "class_prompt": Option(TRAIN, "--class-prompt", _t("Class_Prompt"), metavar="TEXT"),
+    "prior_weight": Option(TRAIN, "--prior-weight", _t("Prior_Weight")),
+    "save_every": Option(TRAIN, "--save-every", _t("Save_Single_File_Every")),
+    "save_from": Option(TRAIN, "--save-from", _t("Start_Saving_From_Step")),
+    "more_unet_steps": Option(TRAIN, "--more-unet-steps", _t("More_UNet_Steps")),
+    "more_text_steps": Option(TRAIN, "--more-text-steps", _t("More_Text_Encoder_Steps")),
+    "disconnect": Option(TRAIN, "--disconnect", _t("Disconnect_After_Training")),
     "batch_size": Option(TRAIN, "--batch-size", preset=_T4),
     "adam_8bit": Option(TRAIN, "--adam-8bit", preset=_T4),
     "gradient_checkpointing": Option(TRAIN, "--gradient-checkpointing", preset=_T4),
@@ -171,7 +188,9 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
 
 #: Options that are a box to tick in the form (a flag without a value on the command line).
 _BOXES = {"resume", "restart", "accept_changed_data", "flip", "change_settings",
-          "change_base_model", "confirm_delete", "adam_8bit", "gradient_checkpointing"}
+          "change_base_model", "confirm_delete", "adam_8bit", "gradient_checkpointing",
+          "prior_preservation", "disconnect", "remove_existing_images", "temp_storage",
+          "save_ngrok_token"}
 
 
 def _and(phrases: list[str]) -> str:

@@ -1,5 +1,6 @@
 """Exact resume: a run SIGKILLed (or SIGTERMed) anywhere and resumed ends bit-identical to an
-uninterrupted run with the same seed.
+uninterrupted run with the same seed; so does a further segment ("more UNet steps" on the
+trained model), and the intermediate single files are the same and are not written again.
 
 Each run is a separate process. To keep this fast, processes are forked from a
 multiprocessing forkserver that has already imported torch and diffusers. The kill itself
@@ -24,7 +25,7 @@ import pytest
 SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints=1,
                 unet_lr=1e-4, text_lr=1e-4, batch_size=2, flip=True, crop="random",
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
-                class_images=2, class_steps=2)
+                class_images=2, class_steps=2, save_every=3)
 STEPS = SETTINGS["unet_steps"] + SETTINGS["text_steps"]
 # What the forkserver imports once, so that each run starts in a fraction of a second.
 PRELOAD = ["torch", "accelerate.accelerator", "diffusers.optimization",
@@ -120,7 +121,8 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     return hook
 
 
-def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> None:
+def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
+           more: int = 0) -> None:
     import sys
 
     import torch
@@ -139,14 +141,16 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int) -> 
 
     s = session.load(name, Path(home))
     hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**SETTINGS), on_event=hook)
+    train(s, TrainSettings(**SETTINGS), on_event=hook, more_unet_steps=more)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
-              start: int = 0) -> int:
+              start: int = 0, more: int = 0) -> int:
+    """Train session ``name`` in a child process (``more``: that many more UNet steps on its
+    trained model), killed as ``kill`` says; with ``resume``, `fastsd train NAME --resume`."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start, more))
     p.start()
     p.join()
     return p.exitcode
@@ -178,17 +182,32 @@ def final_state(s) -> dict:
     return drive.read_json(checkpoint.latest(s.checkpoints).path / "state.json")
 
 
+def single_files(s) -> dict[str, bytes]:
+    """The intermediate single files of a session's model, by step."""
+    return {p.name.rsplit("-", 1)[1]: p.read_bytes()
+            for p in s.models.glob(f"{s.name}-step*.safetensors")}
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_root):
-    """An uninterrupted run: final weights and final trainer state."""
+def reference_home(tmp_path_factory, tiny_root) -> Path:
+    """The workspace of an uninterrupted run (session "ref")."""
     from fastsd.models import tiny
 
     home = tmp_path_factory.mktemp("ref-home")
     (home / "models").mkdir()
     (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
-    s = make_subject_session("ref", home)
-    assert run_child(home, "ref") == 0
-    return final_tensors(s), final_state(s)
+    make_subject_session("ref", home)
+    assert run_child(home, "ref") == 0, log_tail(home, "ref")
+    return home
+
+
+@pytest.fixture(scope="module")
+def reference(reference_home):
+    """An uninterrupted run: final weights, final trainer state, intermediate files."""
+    from fastsd import session
+
+    s = session.load("ref", reference_home)
+    return final_tensors(s), final_state(s), single_files(s)
 
 
 CASES = {
@@ -207,6 +226,7 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     from fastsd.train import checkpoint
 
     kill, code, start = CASES[case]
+    kept = {}  # an intermediate file written before the kill, and what it was then
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
@@ -220,6 +240,9 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     if case == "sigterm":
         assert f"'fastsd train {case} --resume'" in (workspace / f"{case}.log").read_text()
     assert checkpoint.latest(s.checkpoints).step == start
+    for p in s.models.glob("*-step*.safetensors"):  # written after the checkpoint resumed
+        if int(p.stem.rsplit("step", 1)[1]) > start:
+            kept[p] = p.stat().st_mtime_ns, p.stat().st_ino
 
     assert run_child(workspace, case, resume=True) == 0, log_tail(workspace, case)
     log = (workspace / f"{case}.log").read_text()
@@ -227,7 +250,13 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state = reference
+    ref_tensors, ref_state, ref_files = reference
+    assert single_files(s) == ref_files and sorted(ref_files) == ["step3.safetensors",
+                                                                   "step6.safetensors"]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in kept} == kept, \
+        "an intermediate file written before the kill was written again"
+    if case == "checkpoint_write":  # step 3 ran after checkpoint 2 and before the kill
+        assert [p.name for p in kept] == [f"{case}-step3.safetensors"]
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
     different = [k for k in got if not got[k].equal(ref_tensors[k])]
@@ -239,3 +268,66 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
     assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]
+
+
+# --------------------------------------------------------------------------- segments
+
+MORE = 3  # more UNet steps on the trained model, after both stages ran
+
+
+def copy_session(home: Path, src: str, dst: str) -> object:
+    """A copy of session ``src`` as ``dst``, its trained model named after it."""
+    import shutil
+
+    from fastsd import session
+
+    shutil.copytree(home / "sessions" / src, home / "sessions" / dst, symlinks=True)
+    models = home / "sessions" / dst / "models"
+    (models / src).rename(models / dst)
+    (models / f"{src}.safetensors").rename(models / f"{dst}.safetensors")
+    for p in models.glob(f"{src}-step*.safetensors"):
+        p.rename(models / p.name.replace(src, dst, 1))
+    return session.load(dst, home)
+
+
+@pytest.fixture(scope="module")
+def segment_reference(reference_home):
+    """The reference run, then MORE UNet steps on its trained model, uninterrupted."""
+    s = copy_session(reference_home, "ref", "more_ref")
+    assert run_child(reference_home, "more_ref", more=MORE) == 0, \
+        log_tail(reference_home, "more_ref")
+    return final_tensors(s), final_state(s), single_files(s)
+
+
+def test_a_further_segment_killed_and_resumed_is_bit_identical(segment_reference, reference,
+                                                               reference_home):
+    """A segment of MORE UNet steps after the text encoder stage: SIGKILLed mid-segment
+    (after its first checkpoint) and resumed with `fastsd train NAME --resume`, it ends
+    bit-identical to the uninterrupted segment; the checkpoints and files it writes go on
+    from the run's last global step; the text encoder stays the trained model's."""
+    from fastsd import session
+    from fastsd.train import checkpoint, segments
+
+    s = copy_session(reference_home, "ref", "more_kill")
+    first = STEPS + 1  # the segment's first checkpoint (steps STEPS+1 .. STEPS+MORE)
+    assert run_child(reference_home, "more_kill", f"step:{first + 1}", start=first,
+                     more=MORE) == -signal.SIGKILL, log_tail(reference_home, "more_kill")
+    assert [c.step for c in checkpoint.listing(s.checkpoints)] == [first]
+    assert run_child(reference_home, "more_kill", resume=True) == 0, \
+        log_tail(reference_home, "more_kill")
+    assert f"Resuming from step-{first:07d}" in (reference_home / "more_kill.log").read_text()
+
+    ref_tensors, ref_state, ref_files = segment_reference
+    got = final_tensors(s)
+    assert got.keys() == ref_tensors.keys()
+    assert not [k for k in got if not got[k].equal(ref_tensors[k])]
+    state = final_state(s)
+    assert state["global_step"] == ref_state["global_step"] == STEPS + MORE
+    assert state["losses"] == ref_state["losses"] and len(state["losses"]) == MORE
+    assert single_files(s) == ref_files
+    assert sorted(ref_files) == ["step3.safetensors", "step6.safetensors", "step9.safetensors"]
+    before = reference[0]  # the trained model the segment started from
+    assert {k.split("/")[0] for k in got if not got[k].equal(before[k])} == {"unet"}
+    history = segments.history(session.load("more_kill", reference_home))
+    assert [(h["base"], h["from_step"], h["to_step"]) for h in history] == [
+        ("tiny-sd1", 0, STEPS), (segments.TRAINED, STEPS, STEPS + MORE)]

@@ -61,7 +61,8 @@ def event_printer(name: str, info: dict) -> None:
             if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir")}
     if name == "samples":
         keep["paths"] = [str(p) for p in info["paths"]]
-    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples", "done"):
+    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples",
+                                  "single_file", "done"):
         print(EVENT_MARK + json.dumps({"event": name, **keep}), flush=True)
 
 
@@ -112,7 +113,8 @@ def gpu_count() -> int:
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
             accept_changed_data: bool = False, home: Path | None = None,
-            gpus: int | None = None) -> list[str]:
+            gpus: int | None = None, more_unet_steps: int = 0,
+            more_text_steps: int = 0) -> list[str]:
     """The child's command line."""
     gpus = gpu_count() if gpus is None else gpus
     if gpus > 1:
@@ -127,6 +129,10 @@ def command(session_name: str, settings=None, *, resume: bool = False, restart: 
         cmd.append("--restart")
     if accept_changed_data:
         cmd.append("--accept-changed-data")
+    for flag, n in (("--more-unet-steps", more_unet_steps), ("--more-text-steps",
+                                                            more_text_steps)):
+        if n:
+            cmd += [flag, str(int(n))]
     if home is not None:
         cmd += ["--home", str(home)]
     if settings is not None:
@@ -166,8 +172,11 @@ def _oom_message(settings, session: str) -> str:
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
                    accept_changed_data: bool = False, grace: float = 120.0,
-                   env: dict | None = None) -> ChildResult:
+                   env: dict | None = None, more_unet_steps: int = 0,
+                   more_text_steps: int = 0) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
+    ``more_unet_steps`` / ``more_text_steps``: a further segment on the trained model
+    (:mod:`fastsd.train.segments`).
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
@@ -177,7 +186,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     from tqdm.auto import tqdm
 
     cmd = command(session.name, settings, resume=resume, restart=restart,
-                  accept_changed_data=accept_changed_data, home=session.workspace.root)
+                  accept_changed_data=accept_changed_data, home=session.workspace.root,
+                  more_unet_steps=more_unet_steps, more_text_steps=more_text_steps)
     log.debug("starting %s", " ".join(cmd))
     # The child's own bars are off: its events drive one bar here. Its messages name what
     # the user sets where this runs (a notebook cell's form fields: fastsd.options).
@@ -207,6 +217,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                 bar.set_postfix(loss=f"{ev['loss']:.4f}", step=ev["global_step"])
             elif ev["event"] == "checkpoint":
                 tqdm.write(f"checkpoint at step {ev['global_step']}: {ev.get('path')}")
+            elif ev["event"] == "single_file":
+                tqdm.write(f"single file at step {ev['global_step']}: {ev.get('path')}")
             elif ev["event"] == "samples":
                 samples += [Path(p) for p in ev["paths"]]
                 show_samples(ev["global_step"], ev["paths"])
