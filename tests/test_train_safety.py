@@ -3,6 +3,7 @@ background checkpoints, the Drive space check and the leftovers of killed runs."
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -231,7 +232,8 @@ def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_
         "import sys, shutil; from pathlib import Path; from fastsd.cli import main; "
         f"h = Path({str(workspace)!r}); "
         "sys.exit(main(['train', 'full', '--unet-steps', '2', '--text-steps', '1', "
-        "'--keep-checkpoints', '2', '--home', str(h)]))")
+        "'--keep-checkpoints', '2', '--save-every', '1', '--save-from', '2', "
+        "'--home', str(h)]))")
     sess = workspace / "sessions" / "full"
     script = (f'cp -a "{sess}" /tmp/full-copy-$$ && mount -t tmpfs -o size=6m tmpfs "{sess}" '
               f'&& cp -a /tmp/full-copy-$$/. "{sess}" && rm -rf /tmp/full-copy-$$ '
@@ -245,6 +247,11 @@ def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_
         "keep one checkpoint, not 2 (run 'fastsd train full --keep-checkpoints 1')" in err
     assert "MB is free" in err or "GB is free" in err
     assert "UNet stage:" not in err  # no step ran
+    # the intermediate single files (steps 2 and 3) count, each the single file's size
+    single = re.search(r"single file (\S+ GB), intermediate single files 2 x (\S+ GB)", err)
+    assert single and single[1] == single[2], err[-2000:]
+    assert "fewer intermediate single files" in err and \
+        "--save-every N --save-from N" in err
 
 
 def test_leftovers_of_killed_runs_are_removed(workspace, tiny_sd1, tmp_path, monkeypatch):

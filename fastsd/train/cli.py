@@ -57,6 +57,10 @@ def _train(args: argparse.Namespace) -> None:
                    more_text_steps=args.more_text_steps)
     print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
           + (f"; single file: {result.single_file}" if result.single_file else ""))
+    if args.disconnect:
+        from fastsd.train.runner import disconnect_when_safe
+
+        disconnect_when_safe(result.model_dir, result.single_file)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "also after the text encoder stage ran")
     p.add_argument("--more-text-steps", type=int, default=0, metavar="N",
                    help="the same for the text encoder (after the UNet steps when both)")
+    p.add_argument("--disconnect", action="store_true",
+                   help="on Colab, give the runtime back once the model and its single file "
+                   "are whole on Drive (elsewhere: nothing)")
     p.add_argument("--accept-changed-data", action="store_true",
                    help="resume although the training images or captions changed since the "
                    "checkpoint (the run then differs from an uninterrupted one)")

@@ -9,6 +9,9 @@ the child, not the notebook.
 Interrupting the cell (the Stop button) sends SIGINT to the child, which checkpoints and
 exits; if it has not exited after ``grace`` seconds it gets SIGTERM (the trainer finishes
 its step, checkpoints and exits), then SIGKILL. A stopped run resumes with ``resume=True``.
+
+With Disconnect_After_Training ticked the cell then calls :func:`disconnect_when_safe`,
+which gives the Colab runtime back once the model is whole on Drive.
 """
 
 from __future__ import annotations
@@ -262,3 +265,51 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     curve = Path(session.outputs) / "loss.png"
     return ChildResult(model_dir, int(done["global_step"]), single if single.is_file() else None,
                        curve if curve.is_file() else None, samples)
+
+
+# --------------------------------------------------------------------------- disconnect
+
+
+def check_whole(model_dir: Path, single_file: Path | None) -> str | None:
+    """None when the trained model folder and its single file are whole (every weight file
+    there, each as long as its header says), else what is wrong."""
+    from fastsd.convert.tensors import open_tensors
+    from fastsd.convert.to_single import weight_files
+
+    model_dir = Path(model_dir)
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+        files = [f for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+                 if part in index for f in weight_files(model_dir / part)]
+        if single_file is None or not Path(single_file).is_file():
+            return f"the single file {single_file or model_dir.name + '.safetensors'} is missing"
+        for f in [*files, Path(single_file)]:
+            open_tensors(f).close()
+    except (OSError, ValueError, FastSDError) as e:
+        return str(e)
+    return None
+
+
+def disconnect_when_safe(model_dir: Path, single_file: Path | None) -> bool:
+    """Give this Colab runtime back (Disconnect_After_Training, ``--disconnect``), so that
+    it stops using the account's compute units, once the model is safely on Drive: the
+    model folder and the single file are checked whole, Drive's pending writes are flushed
+    (``google.colab.drive.flush_and_unmount``), and only then is the runtime unassigned.
+    Outside Colab it does nothing and says so in one line. Returns whether it disconnected;
+    a model that is not whole is a TrainingFailed, and the runtime stays."""
+    if fastsd_env.runtime() != "colab":
+        log.info("Not on Colab: nothing to disconnect (the model is in %s).", model_dir)
+        return False
+    problem = check_whole(model_dir, single_file)
+    if problem:
+        raise TrainingFailed(f"Not disconnecting: the trained model is not whole on Drive "
+                             f"({problem}). The runtime stays connected: run the train cell "
+                             f"again ({options.say('resume')}) to export it again.")
+    from google.colab import drive as colab_drive  # type: ignore[import-not-found]
+    from google.colab import runtime  # type: ignore[import-not-found]
+
+    log.info("The model is whole on Drive (%s and %s); flushing Drive and disconnecting "
+             "this runtime.", model_dir.name, Path(single_file).name)
+    colab_drive.flush_and_unmount()  # what is still being uploaded reaches Drive first
+    runtime.unassign()
+    return True
