@@ -275,6 +275,22 @@ def test_token_from_the_environment_first(workspace, monkeypatch):
     assert fetch.redact("a hf_fromfile123456 b") == "a *** b"
 
 
+
+def test_fast_stable_diffusions_token_txt_is_a_token_source(workspace, monkeypatch, caplog):
+    """Fast-Dreambooth/token.txt, where fast-stable-diffusion kept the token: read after
+    fastsd's own hf_token file, never shown."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert fetch.hf_token(workspace) is None
+    (workspace / "token.txt").write_text("hf_fromlegacy12345\n")
+    assert fetch.hf_token(workspace) == "hf_fromlegacy12345"
+    caplog.set_level(logging.INFO, logger="fastsd")
+    logging.getLogger("fastsd").info("using hf_fromlegacy12345")
+    assert "hf_fromlegacy12345" not in caplog.text and "***" in caplog.text
+    (workspace / fetch.TOKEN_FILE).write_text("hf_fromfile123456")
+    assert fetch.hf_token(workspace) == "hf_fromfile123456"
+
+
 def test_a_controlnet_downloads_into_the_shared_models_folder(hub, workspace, tiny_sd1):
     c = registry.controlnet("canny", "sd1")
     unet = tiny_sd1 / "unet"
