@@ -105,6 +105,10 @@ OPTIONS: dict[str, Option] = {
     # the web UI (fastsd serve; cell 7, and webui.ipynb's cell 4)
     "port": Option("fastsd serve", "--port", ((TRAIN_NB, 7, "Port"), (WEBUI_NB, 4, "Port"))),
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
+    "ngrok_token": Option("fastsd ngrok-token", None,
+                          ((TRAIN_NB, 7, "Ngrok_Token"), (WEBUI_NB, 4, "Ngrok_Token"))),
+    "save_ngrok_token": Option("fastsd ngrok-token", None, ((TRAIN_NB, 7, "Save_Ngrok_Token"),
+                                                           (WEBUI_NB, 4, "Save_Ngrok_Token"))),
     # Drive space (fastsd space; cell 10)
     "delete": Option("fastsd space", "--delete", ((TRAIN_NB, 10, "Delete"),)),
     "confirm_delete": Option("fastsd space", "--yes", ((TRAIN_NB, 10, "Confirm"),)),
