@@ -2,10 +2,11 @@
 previews: ``instance_images/previews/``.
 
 The import writes them (:mod:`fastsd.dataset.images`); captions, crops and the contact
-sheet read them through :func:`originals`; :func:`forget` removes an image's original
-and preview (``fastsd.dataset.images.remove_images`` removes everything else of it). A preview is a copy whose longest side is at
-most PREVIEW_SIDE pixels (about the scale training sees), so the set check, the contact
-sheet and the notebook widgets never decode a 12 Mpx original again.
+sheet read them through :func:`originals`; :func:`forget` removes an image's original and
+preview (``fastsd.dataset.images.remove_images`` removes everything else of it). A preview
+is a copy whose longest side is at most PREVIEW_SIDE pixels (about the scale training
+sees), so the set check, the contact sheet and the notebook widgets never decode a 12 Mpx
+original again.
 """
 
 from __future__ import annotations
