@@ -39,17 +39,23 @@ class Option:
     """One option: the command and flag that set it on the command line, and the form
     fields that set it in the notebooks, as (notebook, cell number, field). An option with
     no field of its own that a preset sets gives the field and value that set it in
-    ``preset`` (the notebook's GPU_Preset)."""
+    ``preset`` (the notebook's GPU_Preset). A ``box`` is ticked in the form and given
+    without a value on the command line."""
 
     command: str | None
     flag: str | None
     fields: tuple[tuple[str, int, str], ...] = ()
     preset: tuple[str, int, str, str] | None = None
     metavar: str = "N"
+    box: bool = False
 
 
 def _t(field: str) -> tuple[tuple[str, int, str], ...]:
     return ((TRAIN_NB, 6, field),)
+
+
+def _box(command: str, flag: str | None, *fields: tuple[str, int, str], **kw: Any) -> Option:
+    return Option(command, flag, fields, box=True, **kw)
 
 
 _T4 = (TRAIN_NB, 6, "GPU_Preset", "t4")  # batch 1, 8-bit Adam, gradient checkpointing
@@ -61,23 +67,23 @@ OPTIONS: dict[str, Option] = {
     "instance_token": Option(SESSION_SET, "--token", ((TRAIN_NB, 2, "Instance_Token"),)),
     "class_word": Option(SESSION_SET, "--class", ((TRAIN_NB, 2, "Class_Word"),)),
     "resolution": Option(SESSION_SET, "--resolution", ((TRAIN_NB, 2, "Resolution"),)),
-    "change_settings": Option(SESSION_SET, None, ((TRAIN_NB, 2, "Change_Settings"),)),
+    "change_settings": _box(SESSION_SET, None, (TRAIN_NB, 2, "Change_Settings")),
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
-    "change_base_model": Option(SESSION_SET, None, ((TRAIN_NB, 3, "Change_Base_Model"),)),
-    "temp_storage": Option(SESSION_SET, "--temp-storage", ((TRAIN_NB, 3, "Use_Temp_Storage"),)),
+    "change_base_model": _box(SESSION_SET, None, (TRAIN_NB, 3, "Change_Base_Model")),
+    "temp_storage": _box(SESSION_SET, "--temp-storage", (TRAIN_NB, 3, "Use_Temp_Storage")),
     "import_old_session": Option("fastsd images import-legacy SOURCE", None,
                                  ((TRAIN_NB, 2, "Import_Old_Session"),)),
     # photos (fastsd images import and remove; cell 4)
     "source": Option(IMPORT, None, ((TRAIN_NB, 4, "Source"),)),
-    "remove_existing_images": Option(IMPORT, "--remove-existing",
-                                     ((TRAIN_NB, 4, "Remove_Existing_Images"),)),
+    "remove_existing_images": _box(IMPORT, "--remove-existing",
+                                   (TRAIN_NB, 4, "Remove_Existing_Images")),
     "remove_photos": Option("fastsd images remove SESSION NAME", None,
                             ((TRAIN_NB, 4, "Remove_Photos"),)),
     # training (fastsd train; cell 6)
-    "resume": Option(TRAIN, "--resume", _t("Resume")),
-    "restart": Option(TRAIN, "--restart", _t("Restart")),
-    "accept_changed_data": Option(TRAIN, "--accept-changed-data", _t("Accept_Changed_Photos")),
+    "resume": _box(TRAIN, "--resume", *_t("Resume")),
+    "restart": _box(TRAIN, "--restart", *_t("Restart")),
+    "accept_changed_data": _box(TRAIN, "--accept-changed-data", *_t("Accept_Changed_Photos")),
     "unet_steps": Option(TRAIN, "--unet-steps", _t("UNet_Steps")),
     "unet_lr": Option(TRAIN, "--unet-lr", _t("UNet_Learning_Rate")),
     "text_steps": Option(TRAIN, "--text-steps", _t("Text_Encoder_Steps")),
@@ -86,9 +92,9 @@ OPTIONS: dict[str, Option] = {
     "checkpoint_every": Option(TRAIN, "--checkpoint-every", _t("Checkpoint_Every")),
     "sample_every": Option(TRAIN, "--sample-every", _t("Sample_Every")),
     "sample_prompts": Option(TRAIN, "--sample-prompt", _t("Sample_Prompts")),
-    "flip": Option(TRAIN, "--flip", _t("Flip_Images")),
+    "flip": _box(TRAIN, "--flip", *_t("Flip_Images")),
     "offset_noise": Option(TRAIN, "--offset-noise", _t("Offset_Noise")),
-    "prior_preservation": Option(TRAIN, "--prior-preservation", _t("Prior_Preservation")),
+    "prior_preservation": _box(TRAIN, "--prior-preservation", *_t("Prior_Preservation")),
     "class_images": Option(TRAIN, "--class-images", _t("Class_Images")),
     "class_prompt": Option(TRAIN, "--class-prompt", _t("Class_Prompt"), metavar="TEXT"),
     "prior_weight": Option(TRAIN, "--prior-weight", _t("Prior_Weight")),
@@ -96,10 +102,10 @@ OPTIONS: dict[str, Option] = {
     "save_from": Option(TRAIN, "--save-from", _t("Start_Saving_From_Step")),
     "more_unet_steps": Option(TRAIN, "--more-unet-steps", _t("More_UNet_Steps")),
     "more_text_steps": Option(TRAIN, "--more-text-steps", _t("More_Text_Encoder_Steps")),
-    "disconnect": Option(TRAIN, "--disconnect", _t("Disconnect_After_Training")),
+    "disconnect": _box(TRAIN, "--disconnect", *_t("Disconnect_After_Training")),
     "batch_size": Option(TRAIN, "--batch-size", preset=_T4),
-    "adam_8bit": Option(TRAIN, "--adam-8bit", preset=_T4),
-    "gradient_checkpointing": Option(TRAIN, "--gradient-checkpointing", preset=_T4),
+    "adam_8bit": _box(TRAIN, "--adam-8bit", preset=_T4),
+    "gradient_checkpointing": _box(TRAIN, "--gradient-checkpointing", preset=_T4),
     "save_precision": Option(TRAIN, "--save-precision", preset=_T4),
     "keep_checkpoints": Option(TRAIN, "--keep-checkpoints"),
     # the web UI (fastsd serve; cell 7, and webui.ipynb's cell 4)
@@ -107,11 +113,11 @@ OPTIONS: dict[str, Option] = {
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
     "ngrok_token": Option("fastsd ngrok-token", None,
                           ((TRAIN_NB, 7, "Ngrok_Token"), (WEBUI_NB, 4, "Ngrok_Token"))),
-    "save_ngrok_token": Option("fastsd ngrok-token", None, ((TRAIN_NB, 7, "Save_Ngrok_Token"),
-                                                           (WEBUI_NB, 4, "Save_Ngrok_Token"))),
+    "save_ngrok_token": _box("fastsd ngrok-token", None, (TRAIN_NB, 7, "Save_Ngrok_Token"),
+                             (WEBUI_NB, 4, "Save_Ngrok_Token")),
     # Drive space (fastsd space; cell 10)
     "delete": Option("fastsd space", "--delete", ((TRAIN_NB, 10, "Delete"),)),
-    "confirm_delete": Option("fastsd space", "--yes", ((TRAIN_NB, 10, "Confirm"),)),
+    "confirm_delete": _box("fastsd space", "--yes", (TRAIN_NB, 10, "Confirm")),
 }
 
 #: Steps a message may ask for first: the command, and the cell that takes the step.
@@ -176,9 +182,9 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
             field = tuple(field)
         if field is None:  # only on the command line
             return _say_flags(pairs, session)
-        if value is None and name in _BOXES:
+        if value is None and option.box:
             phrase = f"tick {field[2]}"
-        elif value is False and name in _BOXES:
+        elif value is False and option.box:
             phrase = f"untick {field[2]}"
         elif value is None:
             phrase = f"set {field[2]}"
@@ -190,13 +196,6 @@ def say(*settings: str | tuple[str, Any], session: str = "SESSION") -> str:
     return "; ".join(f"{_and(p)} in {cell(where)}" for where, p in by_cell.items())
 
 
-#: Options that are a box to tick in the form (a flag without a value on the command line).
-_BOXES = {"resume", "restart", "accept_changed_data", "flip", "change_settings",
-          "change_base_model", "confirm_delete", "adam_8bit", "gradient_checkpointing",
-          "prior_preservation", "disconnect", "remove_existing_images", "temp_storage",
-          "save_ngrok_token"}
-
-
 def _and(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
@@ -206,7 +205,7 @@ def _say_flags(pairs: list[tuple[str, Any]], session: str) -> str:
     for name, value in pairs:
         option = OPTIONS[name]
         flags = commands.setdefault(option.command or "fastsd", [])
-        if option.flag and name in _BOXES:
+        if option.flag and option.box:
             flags += [option.flag] if value in (None, True) else []  # False: left out
         elif option.flag:
             flags.append(f"{option.flag} {option.metavar if value is None else value}")

@@ -26,7 +26,7 @@ Root = Workspace | Path | None  # a workspace, its folder, or None for this runt
 
 log = logging.getLogger("fastsd")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SESSION_FILE = "session.json"
 MAX_NAME = 64
 README = Path(__file__).resolve().parent / "session_readme.txt"  # package data
@@ -86,7 +86,23 @@ def _migrate_1_to_2(data: dict) -> dict:
             "created": data.get("created", time.time()), "settings": settings}
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2}
+TEST_MODEL = "tiny-sd1"
+
+
+def _migrate_2_to_3(data: dict) -> dict:
+    # Version 2 filled in the tiny random test model as the base model of every session
+    # created without one (the notebook's session cell), and the base model cell then kept
+    # it. No user chose it: unset it, so the base model cell (or --model) names the real one.
+    settings = dict(data.get("settings", {}))
+    if settings.get("base_model") == TEST_MODEL:
+        settings["base_model"] = None
+        log.warning("Session %s had the tiny test model as its base model, set by an earlier "
+                    "fastsd by mistake; it now has none: choose one (%s).", data.get("name"),
+                    options.say("base_model", session=str(data.get("name"))))
+    return {**data, "schema_version": 3, "settings": settings}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _schema_version(data: dict) -> int:

@@ -138,6 +138,27 @@ def test_an_older_schema_is_migrated_and_saved(workspace):
         assert (path / folder).is_dir()
 
 
+def test_a_session_given_the_test_model_by_the_old_default_gets_the_forms_model(workspace):
+    """Schema 2 filled in the tiny test model for a session made without a base model (the
+    notebook's session cell); the base model cell then kept it. Loaded now, such a session
+    has none, so the base model cell's choice is taken without ticking Change."""
+    path = workspace / "sessions" / "bitten"
+    path.mkdir(parents=True)
+    (path / "session.json").write_text(json.dumps(
+        {"schema_version": 2, "name": "bitten", "created": 1.0,
+         "settings": {"base_model": "tiny-sd1", "instance_token": "sks",
+                      "class_word": "person", "resolution": 512}}))
+    opened = session.open("bitten", workspace, {"base_model": "sd15"})
+    assert opened.session.settings["base_model"] == "sd15"
+    assert opened.changed == {"base_model": (None, "sd15")} and not opened.kept
+    saved = json.loads((path / "session.json").read_text())
+    assert saved["schema_version"] == 3 and saved["settings"]["base_model"] == "sd15"
+    # a base model the user named is kept, as before
+    chosen = session.create("chosen", workspace, base_model="tiny-sd1")
+    assert session.load("chosen", workspace).settings["base_model"] == "tiny-sd1"
+    assert chosen.settings["base_model"] == "tiny-sd1"
+
+
 def test_corrupt_session_json_gives_a_clear_error(workspace):
     s = session.create("dog", workspace)
     s.file.write_text('{"schema_version": 2, "sett')
