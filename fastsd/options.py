@@ -40,7 +40,8 @@ class Option:
     fields that set it in the notebooks, as (notebook, cell number, field). An option with
     no field of its own that a preset sets gives the field and value that set it in
     ``preset`` (the notebook's GPU_Preset). A ``box`` is ticked in the form and given
-    without a value on the command line."""
+    without a value on the command line; a ``negatable`` one is turned off there with
+    ``--no-FLAG`` (a setting kept in the session, not an action)."""
 
     command: str | None
     flag: str | None
@@ -48,6 +49,7 @@ class Option:
     preset: tuple[str, int, str, str] | None = None
     metavar: str = "N"
     box: bool = False
+    negatable: bool = False
 
 
 def _t(field: str) -> tuple[tuple[str, int, str], ...]:
@@ -71,7 +73,8 @@ OPTIONS: dict[str, Option] = {
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
     "change_base_model": _box(SESSION_SET, None, (TRAIN_NB, 3, "Change_Base_Model")),
-    "temp_storage": _box(SESSION_SET, "--temp-storage", (TRAIN_NB, 3, "Use_Temp_Storage")),
+    "temp_storage": _box(SESSION_SET, "--temp-storage", (TRAIN_NB, 3, "Use_Temp_Storage"),
+                         negatable=True),
     "import_old_session": Option("fastsd images import-legacy SOURCE", None,
                                  ((TRAIN_NB, 2, "Import_Old_Session"),)),
     # photos (fastsd images import and remove; cell 4)
@@ -206,7 +209,8 @@ def _say_flags(pairs: list[tuple[str, Any]], session: str) -> str:
         option = OPTIONS[name]
         flags = commands.setdefault(option.command or "fastsd", [])
         if option.flag and option.box:
-            flags += [option.flag] if value in (None, True) else []  # False: left out
+            off = [option.flag.replace("--", "--no-", 1)] if option.negatable else []
+            flags += [option.flag] if value in (None, True) else off  # False: left out
         elif option.flag:
             flags.append(f"{option.flag} {option.metavar if value is None else value}")
     return " and ".join(f"run '{' '.join([c.replace('SESSION', session), *f])}'"
