@@ -111,7 +111,7 @@ def storage_report(name: str, ws: Workspace | Path | None = None,
             f"once and kept for later runtimes. This runtime's disk: "
             f"{fetch.gb(drive.free_bytes(local))} free, the model is downloaded again in "
             "each new runtime and Drive is untouched ("
-            f"{options.say(('temp_storage', not temp_storage))}).")
+            f"{options.say(('temp_storage', False) if temp_storage else 'temp_storage')}).")
 
 
 def converted(file: Path, ws: Workspace) -> Path:
