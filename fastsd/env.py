@@ -13,6 +13,25 @@ from pathlib import Path
 GIB = 1024**3
 
 
+#: Libraries whose log notices call for nothing from the user or from fastsd (torchvision
+#: missing, an optional kernel package, a cast's note): only their errors are shown.
+QUIET_LIBRARIES = {"transformers": "TRANSFORMERS_VERBOSITY",
+                   "diffusers": "DIFFUSERS_VERBOSITY", "bitsandbytes": None}
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' chatter out of notebook cells, the CLI and the demo: their loggers
+    show errors only (``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY`` set by the user
+    win). Progress bars are not logs and stay; Python's warnings are not touched, so a
+    deprecated call of ours still shows (tests/test_demo.py fails on one). Called by
+    ``import fastsd``."""
+    import logging
+
+    for name, variable in QUIET_LIBRARIES.items():
+        level = os.environ.setdefault(variable, "error") if variable else "error"
+        logging.getLogger(name).setLevel(level.upper())
+
+
 def runtime() -> str:
     """``"colab"``, ``"jupyter"`` or ``"script"``."""
     if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
@@ -109,11 +128,10 @@ def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
 def report(workspace: Path) -> dict:
     """What a user (or a bug report) needs to know about this runtime."""
     import platform
-
-    from fastsd import __version__
+    from importlib import metadata
 
     info: dict = {
-        "fastsd": __version__,
+        "fastsd": metadata.version("fastsd"),  # (this module is below the package's __init__)
         "python": platform.python_version(),
         "runtime": runtime(),
         "workspace": str(workspace),

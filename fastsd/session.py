@@ -1,16 +1,16 @@
 """Sessions: one Drive folder per subject, the only state that outlives a Colab runtime.
 
-A session folder holds ``session.json`` (schema version and settings), a README.txt that
-says what is where (``fastsd/session_readme.txt``, shipped inside the package so a regular
-install on Colab has it) and the folders instance_images/, captions/, checkpoints/,
-models/, outputs/.
+A new session folder is a copy of ``sessions_template/`` (at the top of the repository,
+installed inside the package as ``fastsd.sessions_template``): a README.txt that says what is
+where and the folders instance_images/, captions/, checkpoints/, models/, outputs/ (the
+``.keep`` files that hold them in git are not copied), plus ``session.json``, the schema
+version and settings.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -29,7 +29,8 @@ log = logging.getLogger("fastsd")
 SCHEMA_VERSION = 3
 SESSION_FILE = "session.json"
 MAX_NAME = 64
-README = Path(__file__).resolve().parent / "session_readme.txt"  # package data
+TEMPLATE = "fastsd.sessions_template"  # sessions_template/, installed as package data
+NOT_COPIED = {".keep", "__init__.py", "__pycache__"}  # what makes the template a package in git
 FOLDERS = ("instance_images", "captions", "checkpoints", "models", "outputs")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -206,14 +207,38 @@ def create(name: str, root: Root = None, **settings: Any) -> Session:
     if path.exists():
         raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
                             "Load it, or choose another name.")
-    with drive.atomic_folder(path) as tmp:
-        shutil.copyfile(README, tmp / "README.txt")
-        for f in FOLDERS:
-            (tmp / f).mkdir(exist_ok=True)
+    with drive.folder_writer(path) as tmp:
+        for rel, entry in template():
+            if entry.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            else:
+                (tmp / rel).write_bytes(entry.read_bytes())
+        for f in FOLDERS:  # an install built from a copy without dotfiles (as the install
+            (tmp / f).mkdir(exist_ok=True)  # cell makes) lacks the .keep files that hold them
         session = Session(path.name, tmp, ws, {**DEFAULT_SETTINGS, **settings}, time.time())
         session.save()
     session.path = path
     return session
+
+
+def template() -> list[tuple[str, Any]]:
+    """What a new session is made of: (relative path, entry) of every folder and file of the
+    session template, each folder before what it holds (:data:`NOT_COPIED` left out)."""
+    from importlib import resources
+
+    out: list[tuple[str, Any]] = []
+
+    def walk(node, prefix: str) -> None:
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            rel = f"{prefix}{child.name}"
+            if child.name in NOT_COPIED:
+                continue
+            out.append((rel, child))
+            if child.is_dir():
+                walk(child, rel + "/")
+
+    walk(resources.files(TEMPLATE), "")
+    return out
 
 
 def load(name: str, root: Root = None) -> Session:
@@ -238,7 +263,8 @@ def load(name: str, root: Root = None) -> Session:
                  _schema_version(raw), SCHEMA_VERSION)
         session.save()
     for f in FOLDERS:
-        (path / f).mkdir(exist_ok=True)
+        if not (path / f).is_dir():
+            drive.make_folder(path / f)
     return session
 
 

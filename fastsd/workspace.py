@@ -66,13 +66,12 @@ def default_root(shared_drive: str | None = None, mount: bool = True) -> Path:
     else:
         path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
     try:
-        drive.retry(lambda: path.mkdir(parents=True, exist_ok=True), f"Creating {path}")
+        drive.make_folder(path)
     except drive.DriveFull:
         raise
     except OSError as e:
         raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
                          "Set FASTSD_HOME to a folder you can write to.") from e
-    drive.note_workspace(path)
     return path
 
 
@@ -88,7 +87,6 @@ class Workspace:
         if isinstance(home, Workspace):
             return home
         if home:
-            drive.note_workspace(Path(home).expanduser())
             return cls(Path(home).expanduser())
         return cls(default_root(shared_drive, mount))
 

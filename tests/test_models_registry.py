@@ -370,8 +370,8 @@ def test_use_temp_storage_keeps_the_base_model_on_the_runtimes_disk(hub, workspa
     report = models.storage_report("sd21-base", workspace, temp_storage=True)
     assert f"Base model sd21-base: about {entry.download_gb:.1f} GB, kept on this runtime's " \
         "disk." in report
-    assert f"Drive: {fetch.gb(drive.free_bytes(workspace))} free" in report
-    assert f"This runtime's disk: {fetch.gb(drive.free_bytes(local))} free" in report
+    assert f"Drive: {drive.gb(drive.free_bytes(workspace))} free" in report
+    assert f"This runtime's disk: {drive.gb(drive.free_bytes(local))} free" in report
     assert report.endswith("(run 'fastsd session set SESSION --no-temp-storage').")
     out = models.base_model(s)
     assert out == local / "sd21-base" and registry.is_whole(out)

@@ -369,7 +369,12 @@ def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran, colab_kernel):
                            cwd=colab_kernel["python"].parent)
     assert "site-packages" in where.stdout, where.stdout
     s = ran / "sessions" / "nb_test"
-    assert (s / "README.txt").read_text().startswith("This folder is a fastsd training session")
+    # the session was made from the top-level sessions_template/, shipped in the wheel
+    template = REPO / "sessions_template"
+    assert (s / "README.txt").read_text() == (template / "README.txt").read_text()
+    assert {p.name for p in template.iterdir() if p.is_dir() and p.name != "__pycache__"} <= \
+        {p.name for p in s.iterdir() if p.is_dir()}
+    assert not [p for p in s.rglob("*") if p.name in (".keep", "__init__.py")]
     settings = json.loads((s / "session.json").read_text())["settings"]
     assert settings["base_model"] == "tiny-sd1" and settings["class_word"] == "cat"
     assert settings["resolution"] == 64

@@ -1,5 +1,6 @@
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -43,9 +44,14 @@ def test_spaces_become_underscores_and_the_user_is_told(workspace, caplog):
 
 def test_create_lays_out_the_template_and_settings(workspace):
     s = session.create("dog", workspace, class_word="dog", resolution=768)
+    template = Path(__file__).resolve().parent.parent / "sessions_template"
+    folders = sorted(p.name for p in template.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert folders == sorted(session.FOLDERS)  # what the code expects is what it copies
+    assert sorted(p.name for p in s.path.iterdir()) == sorted([*folders, "README.txt",
+                                                               "session.json"])
+    assert (s.path / "README.txt").read_text() == (template / "README.txt").read_text()
     for folder in session.FOLDERS:
-        assert (s.path / folder).is_dir()
-        assert list((s.path / folder).iterdir()) == []
+        assert list((s.path / folder).iterdir()) == [], "the .keep files stay in git"
     data = json.loads(s.file.read_text())
     assert data["schema_version"] == session.SCHEMA_VERSION
     assert data["settings"]["class_word"] == "dog"

@@ -323,6 +323,61 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny
     assert r.resumed_from == 2 and r.global_step == 5
 
 
+def test_step_events_carry_each_loss_read_at_once_or_in_batches(workspace, tiny_sd1, capsys,
+                                                                 monkeypatch):
+    """What the train cell reads: one "step" event per step, in order, with its loss (the
+    cell's bar and curve), its step numbers and the batch's crops, and no more (not the
+    whole state with its growing loss list). The same when losses are read off the device
+    in batches, as on a GPU: the events come after their steps, none is lost, and a
+    checkpoint in between holds every loss so far."""
+    import json
+
+    from fastsd.train import checkpoint, runner
+    from fastsd.train.trainer import StepReport
+
+    link_tiny(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("events", workspace, n=2)
+
+    def run(**opts) -> tuple:
+        events, forwards = [], []
+
+        def hook(name: str, info: dict) -> None:
+            if name == "stage_start" and info["stage_name"] == "unet":
+                info["parts"].unet.register_forward_pre_hook(lambda m, a: forwards.append(1))
+            events.append((name, info, len(forwards)))  # forwards run when it arrived
+            runner.event_printer(name, info)  # what the child writes for the cell
+        r = train(s, TrainSettings(**dict(FAST, unet_steps=3, text_steps=2, **opts)),
+                  restart=True, on_event=hook)
+        printed = [json.loads(ln[len(runner.EVENT_MARK):])
+                   for ln in capsys.readouterr().out.splitlines()
+                   if ln.startswith(runner.EVENT_MARK)]
+        return r, events, printed
+
+    r, events, printed = run()
+    steps = [(info, ran) for name, info, ran in events if name == "step"]
+    assert all(info.keys() == {"stage_name", "global_step", "stage_step", "loss", "crops"}
+               for info, _ in steps)
+    assert [ran for _, ran in steps] == [1, 2, 3, 4, 5]  # on the CPU: right after the step
+    cell = [(e["stage_name"], e["stage_step"], e["global_step"]) for e in printed
+            if e["event"] == "step"]
+    assert cell == [("unet", 1, 1), ("unet", 2, 2), ("unet", 3, 3), ("text", 1, 4),
+                    ("text", 2, 5)]
+    assert [e["loss"] for e in printed if e["event"] == "step"] == r.losses
+    assert len(r.losses) == 5 and r.loss_curve.is_file()
+
+    monkeypatch.setitem(StepReport.READ_EVERY_S, "cpu", 3600.0)  # in batches, as on a GPU
+    r2, events2, printed2 = run(checkpoint_every=2, keep_checkpoints=5)
+    order = [(name, info["global_step"], ran) for name, info, ran in events2
+             if name in ("step", "checkpoint")]
+    assert order == [("step", 1, 2), ("step", 2, 2), ("checkpoint", 2, 2),
+                     ("step", 3, 3), ("checkpoint", 3, 3),
+                     ("step", 4, 4), ("checkpoint", 4, 4), ("step", 5, 5), ("checkpoint", 5, 5)]
+    assert r2.losses == r.losses
+    assert [e["loss"] for e in printed2 if e["event"] == "step"] == r.losses
+    for ck in checkpoint.listing(s.checkpoints):
+        assert ck.load().state["losses"] == r.losses[:ck.step]
+
+
 # --------------------------------------------------------------------------- outputs
 
 

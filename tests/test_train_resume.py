@@ -78,6 +78,20 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
     """Test-only fault injection: returns an on_event hook (or None) for ``kill``."""
     what, _, arg = kill.partition(":")
     me = os.getpid()
+    if what == "drop":  # Drive (the FUSE stand-in) drops mid-copy of the file named ARG
+        from test_colab_drive import kill_after_writes
+
+        from fastsd import drive
+
+        real, cut = drive._open_dest, kill_after_writes(1)
+
+        def open_dest(path, mode="wb"):
+            hit = drive.is_temporary(path) and Path(path).name.endswith("-" + arg)
+            return cut(path, mode) if hit and drive.on_drive(path) else real(path, mode)
+
+        drive._open_dest = open_dest
+        drive.DEFAULT_DELAY = 0.05  # Drive stays down: give up after 5 quick tries
+        return None
     if what == "write":  # SIGKILL while the 2nd file of checkpoint step-ARG is being written
         from fastsd import drive
 
@@ -122,7 +136,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 
 
 def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
-           more: int = 0) -> None:
+           logs: str, env: dict, settings: dict, more: int = 0) -> None:
     import sys
 
     import torch
@@ -130,27 +144,40 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
     torch.set_num_threads(1)  # on a busy machine, threads that wait for each other crawl
 
     logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(levelname)s %(message)s",
-                        filename=str(Path(home) / f"{name}.log"))
+                        filename=str(Path(logs) / f"{name}.log"))
     os.environ["FASTSD_HOME"] = home
+    for k, v in env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    hook = _install_kill(kill, Path(home) / "sessions" / name / "checkpoints", start) \
+        if kill else None
     if resume:
         from fastsd import cli
 
+        sys.stderr = open(Path(logs) / f"{name}.err", "a")  # what the user reads
         sys.exit(cli.main(["train", name, "--resume", "--home", home]))
     from fastsd import session
+    from fastsd.errors import FastSDError
     from fastsd.train import TrainSettings, train
 
     s = session.load(name, Path(home))
-    hook = _install_kill(kill, s.checkpoints, start) if kill else None
-    train(s, TrainSettings(**SETTINGS), on_event=hook, more_unet_steps=more)
+    try:
+        train(s, TrainSettings(**{**SETTINGS, **settings}), on_event=hook,
+              more_unet_steps=more)
+    except FastSDError as e:  # shown as its message, as the notebook and the CLI do
+        (Path(logs) / f"{name}.err").write_text(f"error: {e}\n")
+        sys.exit(2)
 
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
-              start: int = 0, more: int = 0) -> int:
-    """Train session ``name`` in a child process (``more``: that many more UNet steps on its
-    trained model), killed as ``kill`` says; with ``resume``, `fastsd train NAME --resume`."""
+              start: int = 0, logs: Path | None = None, env: dict | None = None,
+              settings: dict | None = None, more: int = 0) -> int:
+    """Train (or resume) session ``name`` in a child process (``more``: that many more UNet
+    steps on its trained model); its log and the message of a FastSDError go to ``logs``
+    (default ``home``): NAME.log, NAME.err."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
-    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start, more))
+    p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start,
+                                         str(logs or home), env or {}, settings or {}, more))
     p.start()
     p.join()
     return p.exitcode
@@ -207,12 +234,18 @@ def reference(reference_home):
     from fastsd import session
 
     s = session.load("ref", reference_home)
-    return final_tensors(s), final_state(s), single_files(s)
+    return final_tensors(s), final_state(s), single_file(s), single_files(s)
+
+
+def single_file(s) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(s.models / f"{s.name}.safetensors")
 
 
 CASES = {
     # name: (kill, expected exit code, checkpoint the resume starts from)
-    "stage1": ("step:3", -signal.SIGKILL, 2),
+    "stage1": ("step:3", -signal.SIGKILL, 2),  # resumed with the workspace at another path
     "boundary": ("stage_start:text", -signal.SIGKILL, 4),
     "stage2": ("step:7", -signal.SIGKILL, 6),
     "checkpoint_write": ("write:4", -signal.SIGKILL, 2),
@@ -223,6 +256,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
+    from fastsd import session
     from fastsd.train import checkpoint
 
     kill, code, start = CASES[case]
@@ -244,13 +278,17 @@ def test_killed_run_resumes_bit_identical(case, reference, workspace, tiny_sd1):
         if int(p.stem.rsplit("step", 1)[1]) > start:
             kept[p] = p.stat().st_mtime_ns, p.stat().st_ino
 
+    if case == "stage1":  # a new runtime: Drive mounted at another path, the model loaded
+        moved = workspace.with_name("moved-home")  # from a folder of another name
+        workspace = workspace.rename(moved)
+        s = session.load(case, workspace)
     assert run_child(workspace, case, resume=True) == 0, log_tail(workspace, case)
     log = (workspace / f"{case}.log").read_text()
     assert f"Resuming from step-{start:07d}" in log
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state, ref_files = reference
+    ref_tensors, ref_state, _, ref_files = reference
     assert single_files(s) == ref_files and sorted(ref_files) == ["step3.safetensors",
                                                                    "step6.safetensors"]
     assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in kept} == kept, \
@@ -331,3 +369,132 @@ def test_a_further_segment_killed_and_resumed_is_bit_identical(segment_reference
     history = segments.history(session.load("more_kill", reference_home))
     assert [(h["base"], h["from_step"], h["to_step"]) for h in history] == [
         ("tiny-sd1", 0, STEPS), (segments.TRAINED, STEPS, STEPS + MORE)]
+
+
+def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume(
+        reference, tmp_path, monkeypatch, tiny_sd1):
+    """Drive (the real FUSE stand-in, mounted where fastsd did not mount it: a local Jupyter's
+    Drive, or Colab's at another path, which fastsd cannot remount) drops while a sample
+    image is copied to it, then, in the resumed run, while the single .safetensors is: each
+    run ends in one message, the next run after Drive is back goes on, leaves no temporary
+    on Drive and ends bit-identical to an uninterrupted run."""
+    from PIL import Image
+
+    from conftest import colab_module
+    from fastsd import session
+
+    standin = colab_module("standin")
+    monkeypatch.setenv("COLAB_STANDIN_BACKING", str(tmp_path / "backing"))
+    mount, logs = tmp_path / "drive", tmp_path / "logs"
+    logs.mkdir()
+    env = {"COLAB_STANDIN_BACKING": str(tmp_path / "backing"), "COLAB_RELEASE_TAG": None}
+    standin.start(mount)
+    try:
+        home = mount / "MyDrive" / "Fast-Dreambooth"
+        (home / "models").mkdir(parents=True)
+        (home / "models" / "tiny-sd1").symlink_to(tiny_sd1)
+        make_subject_session("drops", home)
+        samples = {"sample_every": 3, "sample_steps": 2}
+
+        def run(kill, resume):
+            code = run_child(home, "drops", kill, resume=resume, logs=logs, env=env,
+                             settings=samples)
+            out = (logs / "drops.err").read_text() if (logs / "drops.err").exists() else ""
+            (logs / "drops.err").unlink(missing_ok=True)  # (progress bars are there too)
+            assert "Traceback" not in out, out
+            err = "\n".join(ln for ln in out.splitlines() if ln.startswith("error:"))
+            if kill:  # the next run: Drive is back
+                standin.unmount(mount)
+                standin.start(mount)
+            return code, err
+
+        code, err = run("drop:step-0000003-0.png", resume=False)
+        assert code == 2 and err.count("error:") == 1, err  # a FastSDError, not a traceback
+        assert "step-0000003-0.png" in err and "re-run the Drive cell" in err, err
+        code, err = run("drop:drops.safetensors", resume=True)
+        assert code == 2 and err.count("error:") == 1, err
+        assert "drops.safetensors" in err and "re-run the Drive cell" in err, err
+        assert run(None, resume=True) == (0, "")
+        s = session.load("drops", home)
+        assert [p for p in home.rglob(".fastsd-tmp-*")] == [], "temporaries left on Drive"
+        ref_tensors, ref_state, ref_single, _ = reference
+        got = final_tensors(s)
+        assert got.keys() == ref_tensors.keys()
+        assert not [k for k in got if not got[k].equal(ref_tensors[k])], "not bit-identical"
+        single = single_file(s)
+        assert single.keys() == ref_single.keys()
+        assert all(single[k].equal(ref_single[k]) for k in single)
+        assert final_state(s)["losses"] == ref_state["losses"]
+        shots = sorted((s.outputs / "samples").glob("*.png"))
+        assert [p.name for p in shots] == ["step-0000003-0.png", "step-0000006-0.png"]
+        for p in shots:
+            with Image.open(p) as im:
+                im.verify()
+    finally:
+        standin.unmount(mount)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def _unet_copy(src: Path, dest: Path, **config):
+    """The UNet of ``src`` loaded from a copy in ``dest`` whose config.json has ``config``
+    merged in (a value of None removes the key)."""
+    import json
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(src / "unet", dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(config)
+    (dest / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                  if v is not None}))
+    return UNet2DConditionModel.from_pretrained(dest)
+
+
+def test_the_base_model_fingerprint_is_its_weights_not_where_it_was_loaded(tiny_sd1,
+                                                                            tmp_path):
+    import torch
+
+    from fastsd.train import resume
+
+    a = _unet_copy(tiny_sd1, tmp_path / "staged-a")
+    # another folder, another diffusers (which lacks an option whose default it has)
+    b = _unet_copy(tiny_sd1, tmp_path / "gdrive-b", _diffusers_version="0.30.0", dropout=None)
+    assert a.config._name_or_path != b.config._name_or_path
+    assert resume._scheme1_fingerprint(a) != resume._scheme1_fingerprint(b), \
+        "the earlier fingerprint counted the folder and the version"
+    fa, fb = resume.model_fingerprint(a), resume.model_fingerprint(b)
+    assert fa == fb and fa.startswith(f"{resume.FINGERPRINT_SCHEME}:")
+    with torch.no_grad():  # other weights: one layer fine-tuned
+        b.conv_out.weight += 1e-3 * torch.randn_like(b.conv_out.weight)
+    assert resume.model_fingerprint(b) != fa
+    c = _unet_copy(tiny_sd1, tmp_path / "c", upcast_attention=True)  # another structure
+    assert resume.model_fingerprint(c) != fa
+
+
+def test_a_checkpoint_of_the_earlier_fingerprint_resumes(tiny_sd1, tmp_path, caplog):
+    from fastsd.errors import ModelError
+    from fastsd.train import resume
+
+    then = _unet_copy(tiny_sd1, tmp_path / "then")  # loaded by the earlier fastsd
+    now = _unet_copy(tiny_sd1, tmp_path / "now")
+    old = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(then)}
+    fingerprint = resume.model_fingerprint(now)
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(old, "tiny-sd1", fingerprint)
+    assert "written by an earlier fastsd" in caplog.text and "cannot be compared" in caplog.text
+    caplog.clear()
+    same_place = {"name": "tiny-sd1", "fingerprint": resume._scheme1_fingerprint(now)}
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        resume.check_base_model(same_place, "tiny-sd1", fingerprint)
+    assert "matches when computed the old way" in caplog.text
+    with pytest.raises(ModelError, match="now names 'other'.*earlier fastsd"):
+        resume.check_base_model(old, "other", fingerprint)
+    with pytest.raises(ModelError, match="'tiny-sd1' now holds other weights"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "2:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)
+    with pytest.raises(ModelError, match="newer fastsd"):
+        resume.check_base_model({"name": "tiny-sd1", "fingerprint": "9:0123456789abcdef"},
+                                "tiny-sd1", fingerprint)

@@ -236,7 +236,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     log.info("Loading %s (%s) with diffusers' single-file loader", path.name, det.describe())
     try:
         pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True,
-                                    torch_dtype=torch.float16 if fp16 else torch.float32)
+                                    dtype=torch.float16 if fp16 else torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
                          f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "
@@ -248,7 +248,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                                                               prediction_type=pred, **zsnr)
     counts = verify(path, pipe, family)
     log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     log.info("Wrote the diffusers model %s", out_dir)
     return out_dir

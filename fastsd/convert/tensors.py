@@ -101,6 +101,15 @@ class TensorFile:
         self.close()
 
 
+def _close_read_only(f) -> None:
+    """Close a file opened for reading. On a Drive that dropped, closing raises Errno 107;
+    nothing of a read is lost, and that error would hide the one that matters."""
+    try:
+        f.close()
+    except OSError as e:
+        log.debug("Closing %s: %s", getattr(f, "name", f), e)
+
+
 class MemoryTensors(TensorFile):
     """Tensors already in memory (the state dict of a model being trained), read one at a
     time as from a file; each is copied to CPU memory when it is read."""
@@ -168,7 +177,7 @@ class SafetensorsFile(TensorFile):
                 raise _bad(path, f"it is truncated ({size} bytes, the header promises "
                                  f"{self.base + end})")
         except BaseException:
-            self._f.close()
+            _close_read_only(self._f)
             raise
 
     def keys(self) -> list[str]:
@@ -199,7 +208,7 @@ class SafetensorsFile(TensorFile):
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
-        self._f.close()
+        _close_read_only(self._f)
 
 
 class PickleFile(TensorFile):

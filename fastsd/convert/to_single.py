@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fastsd.convert import keymap
 from fastsd.convert.tensors import (FLOATS, Info, MemoryTensors, TensorFile, open_tensors,
                                     torch_dtype, write_safetensors)
-from fastsd.errors import ModelError
+from fastsd.errors import DriveError, FastSDError, ModelError
 from fastsd.convert import detect
 
 if TYPE_CHECKING:
@@ -169,6 +169,20 @@ def planned_size(src: str | os.PathLike[str], fp16: bool = True) -> int:
         return sum(p.info.nbytes for p in plan(src, det.family, fp16, stack))
 
 
+@contextlib.contextmanager
+def _drive_errors(src: Path, dst: Path):
+    """The model folder read (from Drive, in a trainer's export) failing mid-way: one
+    message. The file is written through drive.atomic_writer, so ``dst`` is untouched."""
+    try:
+        yield
+    except FastSDError:
+        raise
+    except OSError as e:
+        raise DriveError(f"Converting {src} to {dst.name} failed while reading it: {e}. Google "
+                         "Drive may have disconnected: re-run the Drive cell, then run this "
+                         f"again; {dst.name} was not written.") from e
+
+
 def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                    fp16: bool = True, ckpt: bool = False,
                    global_step: int | None = None,
@@ -202,7 +216,7 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         meta[detect.META_STEP] = str(int(global_step))
     meta.update(metadata or {})
     markers = prediction_markers(src, det.prediction_type)
-    with contextlib.ExitStack() as stack:
+    with _drive_errors(src, dst), contextlib.ExitStack() as stack:
         planned = plan(src, family, fp16, stack, tensors)
         planned += [Planned(m, Info("F16" if fp16 else "F32", (0,)), [], "marker")
                     for m in markers]

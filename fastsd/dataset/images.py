@@ -396,8 +396,7 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
         if old:
             remove_images(session, old)
             log.info("Removed the session's %d earlier photos before the import.", len(old))
-    folder = originals_dir(session)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = drive.make_folder(originals_dir(session))
     index_path = folder / INDEX
     taken = {p.stem for p in originals(session)}
     # pixel hash -> stem; entries whose original was deleted since are forgotten.

@@ -53,7 +53,6 @@ def downsize(img, side: int = PREVIEW_SIDE):
 def write_preview(session, stem: str, img) -> Path:
     """Save the preview of an image being imported (``img``: the 8-bit RGB original)."""
     path = session.instance_images / PREVIEWS / f"{stem}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     with drive.atomic_writer(path) as f:
         downsize(img).save(f, format="PNG", compress_level=1)
     return path

@@ -1,9 +1,10 @@
-"""Models: the registry, the embedded tiny models, staging to local disk, and the one
-resolver from a model name to a folder.
+"""Models: the registry, the embedded tiny models, local copies of models on Drive, and
+the one resolver from a model name to a folder.
 
 :func:`resolve_model` is the only place that turns what a user names as a model into a
 local diffusers folder; the trainer, the converter's callers, the demo and the generation
-engine all go through it, then load from :func:`stage` (a local copy of a model on Drive).
+engine all go through it, then load from :func:`local_copy` (a model on Drive copied to
+local disk first).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from fastsd import drive, fetch, options
 from fastsd.errors import ModelError
-from fastsd.models.staging import stage  # noqa: F401  (models.stage(path) -> local path)
+from fastsd.models.local import local_copy  # noqa: F401  (models.local_copy(path) -> a local path)
 from fastsd.workspace import Workspace
 
 TINY_PREFIX = "tiny-"
@@ -107,9 +108,9 @@ def storage_report(name: str, ws: Workspace | Path | None = None,
     chosen = "this runtime's disk" if temp_storage and not on_drive else "Drive"
     return (f"Base model {name}: {size}, kept on {chosen}"
             + (" (already there)" if on_drive else "") + ". "
-            f"Drive: {fetch.gb(drive.free_bytes(ws.root))} free, the model is downloaded "
+            f"Drive: {drive.gb(drive.free_bytes(ws.root))} free, the model is downloaded "
             f"once and kept for later runtimes. This runtime's disk: "
-            f"{fetch.gb(drive.free_bytes(local))} free, the model is downloaded again in "
+            f"{drive.gb(drive.free_bytes(local))} free, the model is downloaded again in "
             "each new runtime and Drive is untouched ("
             f"{options.say(('temp_storage', False) if temp_storage else 'temp_storage')}).")
 

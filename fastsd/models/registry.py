@@ -175,8 +175,7 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            (tmp / plain).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)  # within the workspace: a rename
             files[plain] = n
         index_path = tmp / "model_index.json"
         index = drive.read_json(index_path)
@@ -246,7 +245,7 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)
             files[plain] = n
         drive.atomic_write_json(tmp / MARKER, {"name": c.name, "repo": c.repo,
                                                "commits": {c.repo: commit}, "files": files})

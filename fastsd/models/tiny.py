@@ -200,7 +200,7 @@ def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny ``family`` pipeline and save it in diffusers format to ``out_dir``."""
     out_dir = Path(out_dir)
     pipe = build_pipeline(family, seed)
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         drive.atomic_write_json(tmp / MARKER, {"family": family, "seed": seed,
                                                "version": TINY_VERSION})

@@ -195,23 +195,13 @@ def clean_local_leftovers() -> int:
         elif p.name.startswith(SPILL_PREFIX):
             pid = p.name[len(SPILL_PREFIX):].split("-", 1)[0]
             owner = int(pid) if pid.isdigit() else None
-            if owner is not None and _alive(owner):
+            if owner is not None and drive.running(owner):
                 continue
         else:
             continue
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- images

@@ -60,7 +60,7 @@ def export_model(parts: Parts, dest: Path, precision: str) -> Path:
 
     if precision == "fp16":
         parts.pipe.to(dtype=torch.float16)
-    with drive.staged_folder(dest) as tmp:
+    with drive.folder_writer(dest) as tmp:
         parts.pipe.save_pretrained(tmp, safe_serialization=True)
     return dest
 

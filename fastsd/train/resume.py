@@ -120,10 +120,57 @@ def apply_step_changes(state, old: TrainSettings, new: TrainSettings) -> str | N
 
 # --------------------------------------------------------------------------- fingerprints
 
+#: How :func:`model_fingerprint` is computed; the fingerprint starts with it ("2:..."). A
+#: recorded fingerprint without that prefix was made by an earlier fastsd (scheme 1), which
+#: also hashed where the model was loaded from and the diffusers version that loaded it.
+FINGERPRINT_SCHEME = 2
+_SAMPLE = 1024  # values hashed per tensor, spread evenly from its first to its last
+_scheme1: dict[str, str] = {}  # fingerprint -> the scheme-1 value of the same UNet object
+
+
+def structural_config(unet) -> dict[str, Any]:
+    """The entries of a UNet's config that shape the model: none of those that say where or
+    by which version it was loaded (``_name_or_path``, ``_diffusers_version``, every
+    ``_``-prefixed key), and none that equal the class's default (a newer diffusers adds
+    options with a default that keeps the old behaviour)."""
+    import inspect
+
+    def plain(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    params = inspect.signature(type(unet).__init__).parameters
+    defaults = {k: plain(p.default) for k, p in params.items()
+                if p.default is not inspect.Parameter.empty}
+    out = {"class": type(unet).__name__}
+    for k, v in dict(unet.config).items():
+        if not k.startswith("_") and (k not in defaults or plain(v) != defaults[k]):
+            out[k] = plain(v)
+    return out
+
 
 def model_fingerprint(unet) -> str:
-    """A short hash of a UNet's config and a few of its tensors: another base model (or
-    another version of one) gives another fingerprint."""
+    """A short hash of a UNet's weights and structural config (:func:`structural_config`):
+    the same weights give the same fingerprint wherever they are loaded from (another
+    staging folder, Drive mounted at another path, another diffusers), other weights give
+    another. Each tensor's name, shape and 1024 values spread over it (the first and the
+    last among them) are hashed."""
+    import torch
+
+    h = hashlib.sha256(json.dumps(structural_config(unet), sort_keys=True).encode())
+    sd = unet.state_dict()
+    for k in sorted(sd):
+        flat = sd[k].detach().reshape(-1)
+        at = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLE)).long()
+        h.update(f"{k}{tuple(sd[k].shape)}".encode())
+        h.update(flat[at.to(flat.device)].float().cpu().contiguous().numpy().tobytes())
+    fingerprint = f"{FINGERPRINT_SCHEME}:{h.hexdigest()[:16]}"
+    _scheme1[fingerprint] = _scheme1_fingerprint(unet)
+    return fingerprint
+
+
+def _scheme1_fingerprint(unet) -> str:
+    """The fingerprint of fastsd before scheme 2, to check a checkpoint it wrote: the whole
+    config (with the load folder and diffusers version) and the start of five tensors."""
     h = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
     sd = unet.state_dict()
     keys = sorted(sd)
@@ -133,11 +180,51 @@ def model_fingerprint(unet) -> str:
     return h.hexdigest()[:16]
 
 
+def _scheme(fingerprint: str) -> int:
+    head, sep, _ = fingerprint.partition(":")
+    return int(head) if sep and head.isdigit() else 1
+
+
 def check_base_model(recorded: dict[str, str] | None, name: str, fingerprint: str) -> None:
+    """Refuse to resume a run on other base weights than it was trained from.
+
+    ``fingerprint`` is :func:`model_fingerprint` of the base model loaded now. A checkpoint
+    of an earlier fastsd (scheme 1) is checked the old way against the same UNet; when that
+    differs only because the model was loaded from another folder or by another diffusers
+    (the old scheme counted both) nothing can tell, and the run goes on when the base model's
+    name is the same, saying so in the log."""
     if not recorded:
         return
-    if recorded["fingerprint"] != fingerprint:
-        what = (f"the session now names {name!r}" if recorded["name"] != name else
+    same_name = recorded["name"] == name
+    scheme = _scheme(recorded["fingerprint"])
+    if scheme == 1:
+        if recorded["fingerprint"] == _scheme1.get(fingerprint):
+            log.info("This checkpoint was written by an earlier fastsd; its base model "
+                     "fingerprint matches when computed the old way. Resuming; the next "
+                     "checkpoint records the new fingerprint (%s).", fingerprint)
+        elif same_name:
+            log.warning(
+                "This checkpoint was written by an earlier fastsd, whose base model "
+                "fingerprint also counted the folder the model was loaded from and the "
+                "diffusers version, so it cannot be compared here. The base model has the "
+                "same name (%r): resuming on it. The next checkpoint records a fingerprint of "
+                "the weights alone (%s).", name, fingerprint)
+            return
+        else:
+            raise ModelError(
+                f"This run was trained from the base model {recorded['name']!r}, and the "
+                f"session now names {name!r}. The checkpoint was written by an earlier fastsd "
+                "whose fingerprint cannot tell whether they hold the same weights. To resume, "
+                "set the session's base model back: "
+                f"{options.say(('base_model', recorded['name']), 'change_base_model')}; or "
+                f"start a new run on the new model: {options.say('restart')}.")
+    elif scheme != FINGERPRINT_SCHEME:
+        raise ModelError(
+            f"This checkpoint's base model fingerprint ({recorded['fingerprint']}) was made by "
+            "a newer fastsd. Update fastsd (run the install cell again) to resume it, or start "
+            f"over: {options.say('restart')}.")
+    elif recorded["fingerprint"] != fingerprint:
+        what = (f"the session now names {name!r}" if not same_name else
                 f"{name!r} now holds other weights")
         raise ModelError(
             f"This run was trained from the base model {recorded['name']!r} (fingerprint "
@@ -145,7 +232,7 @@ def check_base_model(recorded: dict[str, str] | None, name: str, fingerprint: st
             "would mix the two. To resume, set the session's base model back: "
             f"{options.say(('base_model', recorded['name']), 'change_base_model')}; or start "
             f"a new run on the new model: {options.say('restart')}.")
-    if recorded["name"] != name:
+    if not same_name:
         log.info("The base model is now named %r (was %r); same weights, resuming.", name,
                  recorded["name"])
 

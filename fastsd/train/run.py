@@ -233,7 +233,7 @@ def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_da
     examples = data.instance_examples(session)  # no images: say so before loading anything
     srcs = data.sources(session, examples) if s.crop == "random" else None
     base_label, trained = lineage.base_name(session, s), lineage.base_folder(session, s)
-    model_dir = models.stage(trained if trained is not None else models.base_model(session))
+    model_dir = models.local_copy(trained if trained is not None else models.base_model(session))
     parts = load_parts(model_dir)
     record = {"family": parts.family, "resolution": s.resolution,
               "base_model": {"name": base_label,

@@ -108,11 +108,12 @@ class TrainState:
     optimizer_stage: str | None = None  # whose optimizer state the checkpoint holds
     rng: dict[str, Any] | None = None
 
-    def advance(self, stage: str, loss: float) -> None:
+    def advance(self, stage: str) -> None:
+        """One step of ``stage`` done; its loss joins ``losses`` when it is read off the
+        device (:class:`fastsd.train.trainer.StepReport`)."""
         self.stage_step += 1
         self.global_step += 1
         self.stage_steps[stage] = self.stage_steps.get(stage, 0) + 1
-        self.losses.append(loss)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "stage_step": self.stage_step,

@@ -48,6 +48,8 @@ def train(session, settings: TrainSettings | dict | None = None, *, resume: bool
     model ``parts``). ``more_unet_steps`` / ``more_text_steps`` train that many more steps
     on the session's trained model, as a new segment of its history, even after the text
     encoder stage ran (:mod:`fastsd.train.segments`).
+    Each step has its "step" event, in order, with its loss (:class:`StepReport`); on a GPU
+    they come in small batches, a fraction of a second after the steps.
     """
     run = prepare(session, settings, resume=resume, restart=restart,
                   accept_changed_data=accept_changed_data,
@@ -87,7 +89,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         run.ckpt = None  # restored once
     st.modified += [n for n in trained if n not in st.modified]
     run.emit("stage_start", {**st.to_dict(), "stage_name": stage, "parts": parts})
-    bar = tqdm_bar(cfg["steps"], st.stage_step, f"{STAGE_TITLES[stage]} stage")
+    report = StepReport(run, stage, cfg["steps"])
     T, scale = parts.noise_scheduler.config.num_train_timesteps, parts.vae.config.scaling_factor
 
     def objects() -> dict[str, Any]:
@@ -95,16 +97,15 @@ def train_stage(run: Run, si: int, stage: str) -> None:
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
 
     while st.stage_step < cfg["steps"]:
-        t0 = time.perf_counter()
         batch = data.sample_batch(st, run.latents, s, run.examples, run.class_examples,
                                   acc.process_index, acc.num_processes, T, scale)
         with acc.autocast():
             hidden, pooled = run.prompts.embed(batch.captions, encoders)
-            added = ({"text_embeds": pooled, "time_ids": torch_tensor(
-                batch.time_ids, hidden)} if parts.sdxl else None)
-            per_example = denoise_loss(parts, unet, batch.latents.to(acc.device),
-                                       batch.noise.to(acc.device),
-                                       batch.timesteps.to(acc.device), hidden, added,
+            added = ({"text_embeds": pooled, "time_ids": to_device(torch_tensor(
+                batch.time_ids, hidden.dtype), acc.device)} if parts.sdxl else None)
+            per_example = denoise_loss(parts, unet, to_device(batch.latents, acc.device),
+                                       to_device(batch.noise, acc.device),
+                                       to_device(batch.timesteps, acc.device), hidden, added,
                                        s.min_snr_gamma)
         loss = (per_example.chunk(2)[0].mean() + s.prior_weight * per_example.chunk(2)[1].mean()
                 if run.class_examples else per_example.mean())
@@ -115,23 +116,22 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         if not optimizer.step_was_skipped:
             schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        st.advance(stage, float(loss.detach().item()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{st.losses[-1]:.4f}", s_per_step=f"{time.perf_counter() - t0:.2f}")
-        run.emit("step", {**st.to_dict(), "stage_name": stage, "loss": st.losses[-1],
-                          "crops": batch.crops, "global_step": st.global_step})
+        st.advance(stage)
+        report.step(loss, batch.crops)
         if s.sample_every and st.global_step % s.sample_every == 0:
+            report.read()
             run.save_samples(stage)
         if single_file_due(s, st.global_step):
             save_single_file(run)
         due = s.checkpoint_every and st.global_step % s.checkpoint_every == 0
         if (due or run.stop.signum) and st.stage_step < cfg["steps"]:
+            report.read()  # the checkpoint holds every loss so far
             st.optimizer_stage = stage
             path = run.save_checkpoint(objects())
             if run.stop.signum:
-                bar.close()
+                report.close()
                 run.stop_here(path)
-    bar.close()
+    report.close()
     # the stage boundary: its optimizer is kept, so that the stage can be extended later
     st.stage, st.stage_step, st.optimizer_stage = si + 1, 0, stage
     path = run.save_checkpoint(objects())
@@ -143,10 +143,69 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         run.stop_here(path)
 
 
-def torch_tensor(rows: list[list[int]], like):
+class StepReport:
+    """What each step reports: its loss into the state's curve, a "step" event and the
+    progress bar, kept off the hot path.
+
+    Reading a loss off a GPU waits until the step has run there, and the GPU then idles
+    while Python prepares the next step. So losses stay on the device and are read
+    together (one wait for all) every ``READ_EVERY_S`` seconds of the device's kind (at
+    once on the CPU, where a loss is ready when the step returns), and before anything
+    that needs them (:meth:`read`: a checkpoint, samples, the stage's end). Each step
+    still gets its own event, in order, with its loss: ``stage_name``, ``global_step``,
+    ``stage_step``, ``loss`` and ``crops`` (the batch's crop corners), no more.
+    """
+
+    #: seconds between reads, by device type; others: DEFAULT_READ_S
+    READ_EVERY_S = {"cpu": 0.0}
+    DEFAULT_READ_S = 0.5
+
+    def __init__(self, run: Run, stage: str, total: int) -> None:
+        self.run, self.stage = run, stage
+        self.every = self.READ_EVERY_S.get(run.accelerator.device.type, self.DEFAULT_READ_S)
+        self.bar = tqdm_bar(total, run.state.stage_step, f"{STAGE_TITLES[stage]} stage")
+        self.pending: list[tuple[int, int, Any, list]] = []
+        self.last = time.monotonic()
+
+    def step(self, loss, crops: list) -> None:
+        st = self.run.state
+        self.pending.append((st.global_step, st.stage_step, loss.detach(), crops))
+        self.bar.update(1)
+        if time.monotonic() - self.last >= self.every:
+            self.read()
+
+    def read(self) -> None:
+        """Read the pending losses (one device sync) and report their steps."""
+        import torch
+
+        if not self.pending:
+            return
+        losses = torch.stack([p[2] for p in self.pending]).float().tolist()
+        self.run.state.losses.extend(losses)
+        for (global_step, stage_step, _, crops), loss in zip(self.pending, losses):
+            self.run.emit("step", {"stage_name": self.stage, "global_step": global_step,
+                                   "stage_step": stage_step, "loss": loss, "crops": crops})
+        self.pending.clear()
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        self.read()
+        self.bar.close()
+
+
+def to_device(t, device):
+    """A CPU tensor on ``device``. To a GPU from pinned memory without waiting: a copy from
+    ordinary memory waits until the GPU has finished everything queued (the last step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def torch_tensor(rows: list[list[int]], dtype):
     import torch
 
-    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+    return torch.tensor(rows, dtype=dtype)
 
 
 def tqdm_bar(total: int, initial: int, desc: str):

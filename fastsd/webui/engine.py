@@ -150,10 +150,10 @@ class Engine:
     def folder_of(self, ckpt: Checkpoint) -> Path:
         """The diffusers folder of a checkpoint; a single file goes through the workspace's
         one model resolver (converted once, kept in the workspace's converted/). A model on
-        Drive is loaded from its local-disk copy (models.stage)."""
+        Drive is loaded from its local-disk copy (models.local_copy)."""
         if ckpt.folder is not None:
-            return models.stage(ckpt.folder)
-        return models.stage(models.resolve_model(ckpt.path, self.workspace))
+            return models.local_copy(ckpt.folder)
+        return models.local_copy(models.resolve_model(ckpt.path, self.workspace))
 
     def load(self, name: str | Checkpoint) -> Checkpoint:
         """Load a catalog checkpoint (by title or name). The old model leaves the device first;
@@ -189,7 +189,7 @@ class Engine:
         policy = self.policy.resolve(info, memory.weights_gib(folder))
         dtype = torch.float16 if policy.fp16 else torch.float32
         start = time.perf_counter()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        kwargs: dict[str, Any] = {"dtype": dtype}
         index = drive.read_json(folder / "model_index.json")
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)

@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsd import drive, env, fetch, models, session as sessions
+from fastsd import drive, env, models, session as sessions
 from fastsd.errors import LaunchError
 from fastsd.models import registry
 from fastsd.session import Session
@@ -266,9 +266,9 @@ def single_file(model: Path, ws: Workspace) -> Path:
         if found is not None and found.is_file():
             return found
     need = planned_size(model)
-    fetch.check_space(dest.parent, need, f"The single file of {model.name} for the web UI")
+    drive.require_space(dest.parent, need, f"The single file of {model.name} for the web UI")
     log.info("Converting %s into one file for the web UI (%s, once): %s", model.name,
-             fetch.gb(need), dest)
+             drive.gb(need), dest)
     return to_single_file(model, dest)
 
 

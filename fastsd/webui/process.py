@@ -323,7 +323,7 @@ def launch(command: list[str], port: int, log_path: Path, *, auth: Auth | None =
             raise LaunchError(f"Port {port} is already in use by another program. Stop it, "
                               "or launch on another port.")
         log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        drive.make_folder(log_path.parent)
         child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         child_env.pop(PASSWORD_ENV, None)
         if auth:
