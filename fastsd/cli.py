@@ -26,7 +26,8 @@ from fastsd.webui import cli as webui_cli
 
 def _session_settings(args) -> dict:
     return {k: v for k, v in (("instance_token", args.token), ("class_word", args.cls),
-                              ("base_model", args.model), ("resolution", args.resolution))
+                              ("base_model", args.model), ("resolution", args.resolution),
+                              ("temp_storage", args.temp_storage))
             if v is not None}
 
 
@@ -111,6 +112,10 @@ def _session_options(c: argparse.ArgumentParser, defaults: dict, model: str | No
                    + said(model))
     c.add_argument("--resolution", type=int, help="training resolution"
                    + said(defaults.get("resolution")))
+    c.add_argument("--temp-storage", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the base model on this machine's own disk instead of the "
+                   "workspace (Drive on Colab): downloaded again in each new runtime"
+                   + said(False if defaults else None))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,9 +11,9 @@ Every download here:
   interrupted HTTP download resumes from its ``.part`` with a Range request;
 * checks the size it is about to write against the free space of the destination first
   (:func:`fastsd.drive.require_space`);
-* sends the Hugging Face token (:func:`hf_token`: ``$HF_TOKEN``, Colab's secrets or the
-  workspace's ``hf_token`` file) in a header only, and scrubs it (:func:`redact`) from every
-  log line and error message.
+* sends the Hugging Face token (:func:`hf_token`: ``$HF_TOKEN``, Colab's secrets, the
+  workspace's ``hf_token`` file or fast-stable-diffusion's ``token.txt`` beside it) in a
+  header only, and scrubs it (:func:`redact`) from every log line and error message.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ READ_TIMEOUT = 60.0  # seconds without a byte before a download is abandoned
 PART = ".part"
 _DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
 TOKEN_FILE = "hf_token"  # in the workspace folder: one line, the Hugging Face token
+LEGACY_TOKEN_FILE = "token.txt"  # fast-stable-diffusion's, in the same Fast-Dreambooth folder
 TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -72,7 +73,9 @@ def remember_secret(secret: str) -> str:
 
 def hf_token(ws: Workspace | Path | None = None) -> str | None:
     """The Hugging Face token: ``$HF_TOKEN``, else Colab's secret ``HF_TOKEN``, else the
-    workspace's ``hf_token`` file; None when there is none (public models need none)."""
+    workspace's ``hf_token`` file, else the ``token.txt`` fast-stable-diffusion kept in the
+    same folder (``Fast-Dreambooth/``); None when there is none (public models need none).
+    The one place fastsd reads it; it is never printed (:func:`remember_secret`)."""
     for name in TOKEN_ENV:
         if os.environ.get(name, "").strip():
             return remember_secret(os.environ[name].strip())
@@ -87,9 +90,9 @@ def hf_token(ws: Workspace | Path | None = None) -> str | None:
         if value:
             return remember_secret(value)
     if ws is not None or os.environ.get("FASTSD_HOME"):
-        file = Workspace.current(ws, mount=False).root / TOKEN_FILE
-        if file.is_file():
-            value = file.read_text(encoding="utf-8").strip()
+        root = Workspace.current(ws, mount=False).root
+        for file in (root / TOKEN_FILE, root / LEGACY_TOKEN_FILE):
+            value = file.read_text(encoding="utf-8").strip() if file.is_file() else ""
             if value:
                 return remember_secret(value)
     return None

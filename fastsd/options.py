@@ -31,6 +31,7 @@ CELLS: dict[str, tuple[str, ...]] = {
 
 TRAIN = "fastsd train SESSION"
 SESSION_SET = "fastsd session set SESSION"
+IMPORT = "fastsd images import SESSION PHOTOS"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class Option:
     fields that set it in the notebooks, as (notebook, cell number, field). An option with
     no field of its own that a preset sets gives the field and value that set it in
     ``preset`` (the notebook's GPU_Preset). A ``box`` is ticked in the form and given
-    without a value on the command line."""
+    without a value on the command line; a ``negatable`` one is turned off there with
+    ``--no-FLAG`` (a setting kept in the session, not an action)."""
 
     command: str | None
     flag: str | None
@@ -47,6 +49,7 @@ class Option:
     preset: tuple[str, int, str, str] | None = None
     metavar: str = "N"
     box: bool = False
+    negatable: bool = False
 
 
 def _t(field: str) -> tuple[tuple[str, int, str], ...]:
@@ -70,9 +73,16 @@ OPTIONS: dict[str, Option] = {
     "base_model": Option(SESSION_SET, "--model",
                          ((TRAIN_NB, 3, "Base_Model"), (WEBUI_NB, 2, "Model")), metavar="MODEL"),
     "change_base_model": _box(SESSION_SET, None, (TRAIN_NB, 3, "Change_Base_Model")),
-    # photos (fastsd images import; cell 4)
-    "source": Option("fastsd images import SESSION PHOTOS", None,
-                     ((TRAIN_NB, 4, "Source"),)),
+    "temp_storage": _box(SESSION_SET, "--temp-storage", (TRAIN_NB, 3, "Use_Temp_Storage"),
+                         negatable=True),
+    "import_old_session": Option("fastsd images import-legacy SOURCE", None,
+                                 ((TRAIN_NB, 2, "Import_Old_Session"),)),
+    # photos (fastsd images import and remove; cell 4)
+    "source": Option(IMPORT, None, ((TRAIN_NB, 4, "Source"),)),
+    "remove_existing_images": _box(IMPORT, "--remove-existing",
+                                   (TRAIN_NB, 4, "Remove_Existing_Images")),
+    "remove_photos": Option("fastsd images remove SESSION NAME", None,
+                            ((TRAIN_NB, 4, "Remove_Photos"),)),
     # training (fastsd train; cell 6)
     "resume": _box(TRAIN, "--resume", *_t("Resume")),
     "restart": _box(TRAIN, "--restart", *_t("Restart")),
@@ -90,6 +100,16 @@ OPTIONS: dict[str, Option] = {
     "sample_every": Option(TRAIN, "--sample-every", _t("Sample_Every")),
     "sample_prompts": Option(TRAIN, "--sample-prompt", _t("Sample_Prompts")),
     "flip": _box(TRAIN, "--flip", *_t("Flip_Images")),
+    "offset_noise": Option(TRAIN, "--offset-noise", _t("Offset_Noise")),
+    "prior_preservation": _box(TRAIN, "--prior-preservation", *_t("Prior_Preservation")),
+    "class_images": Option(TRAIN, "--class-images", _t("Class_Images")),
+    "class_prompt": Option(TRAIN, "--class-prompt", _t("Class_Prompt"), metavar="TEXT"),
+    "prior_weight": Option(TRAIN, "--prior-weight", _t("Prior_Weight")),
+    "save_every": Option(TRAIN, "--save-every", _t("Save_Single_File_Every")),
+    "save_from": Option(TRAIN, "--save-from", _t("Start_Saving_From_Step")),
+    "more_unet_steps": Option(TRAIN, "--more-unet-steps", _t("More_UNet_Steps")),
+    "more_text_steps": Option(TRAIN, "--more-text-steps", _t("More_Text_Encoder_Steps")),
+    "disconnect": _box(TRAIN, "--disconnect", *_t("Disconnect_After_Training")),
     "batch_size": Option(TRAIN, "--batch-size", preset=_T4),
     "adam_8bit": _box(TRAIN, "--adam-8bit", preset=_T4),
     "gradient_checkpointing": _box(TRAIN, "--gradient-checkpointing", preset=_T4),
@@ -101,6 +121,10 @@ OPTIONS: dict[str, Option] = {
     # the web UI (fastsd serve; cell 7, and webui.ipynb's cell 4)
     "port": Option("fastsd serve", "--port", ((TRAIN_NB, 7, "Port"), (WEBUI_NB, 4, "Port"))),
     "user": Option("fastsd serve", "--user", ((WEBUI_NB, 4, "User"),)),
+    "ngrok_token": Option("fastsd ngrok-token", None,
+                          ((TRAIN_NB, 7, "Ngrok_Token"), (WEBUI_NB, 4, "Ngrok_Token"))),
+    "save_ngrok_token": _box("fastsd ngrok-token", None, (TRAIN_NB, 7, "Save_Ngrok_Token"),
+                             (WEBUI_NB, 4, "Save_Ngrok_Token")),
     # Drive space (fastsd space; cell 10)
     "delete": Option("fastsd space", "--delete", ((TRAIN_NB, 10, "Delete"),)),
     "confirm_delete": _box("fastsd space", "--yes", (TRAIN_NB, 10, "Confirm")),
@@ -195,7 +219,8 @@ def _say_flags(pairs: list[tuple[str, Any]], session: str) -> str:
         option = OPTIONS[name]
         flags = commands.setdefault(option.command or "fastsd", [])
         if option.flag and option.box:
-            flags += [option.flag] if value in (None, True) else []  # False: left out
+            off = [option.flag.replace("--", "--no-", 1)] if option.negatable else []
+            flags += [option.flag] if value in (None, True) else off  # False: left out
         elif option.flag:
             flags.append(f"{option.flag} {option.metavar if value is None else value}")
     return " and ".join(f"run '{' '.join([c.replace('SESSION', session), *f])}'"

@@ -386,3 +386,41 @@ def test_training_with_drops_mid_sample_and_mid_model_export_completes(
     assert temporaries(root) == []
     assert not list(Path(tempfile.gettempdir()).glob(".fastsd-tmp-*-drops")), \
         "the local copy is removed once the Drive copy is whole"
+
+
+def test_disconnect_after_training_only_once_the_model_is_whole_on_drive(fuse_drive,
+                                                                        tiny_sd1, caplog,
+                                                                        monkeypatch):
+    """Disconnect_After_Training on Colab: a model whose single file is cut short keeps the
+    runtime; a whole one is flushed to Drive first, then the runtime is given back. Outside
+    Colab it is one line and nothing else."""
+    import shutil
+
+    from google import colab
+
+    from fastsd.convert import to_single_file
+    from fastsd.train.runner import TrainingFailed, disconnect_when_safe
+
+    models_dir = fuse_drive / "MyDrive" / "Fast-Dreambooth" / "sessions" / "dog" / "models"
+    model = shutil.copytree(tiny_sd1, models_dir / "dog")
+    single = to_single_file(model, models_dir / "dog.safetensors")
+    whole = single.read_bytes()
+    single.write_bytes(whole[:-100])  # as a copy cut short by a drop
+    colab.events.clear()
+    with pytest.raises(TrainingFailed, match=r"Not disconnecting: .*truncated.*stays connected"):
+        disconnect_when_safe(model, single)
+    assert colab.events == []
+    single.write_bytes(whole)
+    assert disconnect_when_safe(model, single) is True
+    assert colab.events == ["flush_and_unmount", "unassign"]
+    backing = Path(os.environ["COLAB_STANDIN_BACKING"]) / "MyDrive" / "Fast-Dreambooth"
+    assert (backing / "sessions" / "dog" / "models" / "dog.safetensors").read_bytes() == whole
+
+    monkeypatch.delenv("COLAB_RELEASE_TAG")
+    for name in [m for m in sys.modules if m.startswith("google.colab")]:
+        sys.modules.pop(name)  # (the fixture's teardown expects them gone or there)
+    caplog.clear()
+    caplog.set_level("INFO", logger="fastsd")
+    assert disconnect_when_safe(model, single) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Not on Colab: nothing to disconnect (the model is in {model})."]

@@ -345,6 +345,21 @@ def test_session_show_and_space_know_the_lora(trained, capsys):
     assert [(i.path, i.session) for i in items] == [(r.lora, "face")]
 
 
+@sd1_only
+def test_more_steps_after_a_lora_say_how_to_train_it_longer(trained):
+    """A further segment trains on from a whole trained model, which a LoRA run does not
+    write: refused before anything loads, naming the longer run and the merge."""
+    from fastsd.errors import DataError
+    from fastsd.train import train
+
+    _, s, _, _, _ = trained
+    before = sorted(p.name for p in s.checkpoints.iterdir())
+    with pytest.raises(DataError, match="trained a LoRA") as e:
+        train(s, more_unet_steps=5)
+    assert "--restart" in str(e.value) and "fastsd lora merge face" in str(e.value)
+    assert sorted(p.name for p in s.checkpoints.iterdir()) == before
+
+
 # --------------------------------------------------------------------------- settings
 
 

@@ -138,6 +138,12 @@ def test_form_defaults_are_the_packages_defaults():
         (train, "LoRA_Weight", inspect.signature(with_session_lora).parameters["weight"].default),
         (train, "Checkpoint_Every", t.checkpoint_every), (train, "Sample_Every", t.sample_every),
         (train, "Flip_Images", t.flip), (train, "GPU_Preset", t.preset),
+        (train, "Offset_Noise", t.offset_noise),
+        (train, "Prior_Preservation", t.prior_preservation),
+        (train, "Class_Images", t.class_images), (train, "Class_Prompt", t.class_prompt),
+        (train, "Prior_Weight", t.prior_weight),
+        (train, "Save_Single_File_Every", t.save_every),
+        (train, "Start_Saving_From_Step", t.save_from),
         (train, "Instance_Token", session.DEFAULT_SETTINGS["instance_token"]),
         (train, "Class_Word", session.DEFAULT_SETTINGS["class_word"]),
         (train, "Resolution", session.DEFAULT_SETTINGS["resolution"]),
@@ -146,6 +152,19 @@ def test_form_defaults_are_the_packages_defaults():
     ]
     differ = [(name, form[name], want) for form, name, want in checks if form[name] != want]
     assert not differ, f"form field, its value, the package's default: {differ}"
+
+
+def test_the_ngrok_token_field_only_goes_to_the_web_ui_start():
+    """Ngrok_Token is read only as start.start's ngrok_token (which puts it where the ngrok
+    tunnel reads it, never into the output): no cell prints or shows it."""
+    for path, number in ((NB, 7), (WEBUI, 4)):
+        tree = ast.parse(cell(path, f"{number}."))
+        uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == "Ngrok_Token"
+                and isinstance(n.ctx, ast.Load)]
+        passed = {id(n) for c in ast.walk(tree) if isinstance(c, ast.Call)
+                  and getattr(c.func, "attr", "") == "start"
+                  for kw in c.keywords if kw.arg == "ngrok_token" for n in ast.walk(kw.value)}
+        assert uses and all(id(u) in passed for u in uses), (path.name, number)
 
 
 def test_the_options_table_names_real_cells_fields_and_flags():
@@ -330,7 +349,8 @@ def ran(tmp_path_factory, photos, colab_kernel) -> Path:
     UI launched by cell 7; returns the workspace."""
     home = tmp_path_factory.mktemp("nbval-home")
     lend_wheels(home)
-    values = form(photos, Launch_Web_UI=True)
+    values = form(photos, Launch_Web_UI=True, Offset_Noise=0.05, Save_Single_File_Every=3,
+                  Disconnect_After_Training=True)  # (not Colab: one line, nothing else)
     env = colab_env(home, values, colab_kernel)
     try:
         nbval("fast_dreambooth.ipynb", env, COLAB_KERNEL)
@@ -365,6 +385,9 @@ def test_fast_dreambooth_runs_top_to_bottom_under_nbval(ran, colab_kernel):
     assert (s / "outputs" / "contact_sheet.png").is_file()
     assert (s / "models" / "nb_test" / "model_index.json").is_file()
     assert (s / "models" / "nb_test-fp32.safetensors").is_file()
+    assert sorted(p.name for p in (s / "models").glob("nb_test-step*.safetensors")) == [
+        "nb_test-step3.safetensors", "nb_test-step6.safetensors"]  # Save_Single_File_Every
+    assert settings["train"]["offset_noise"] == 0.05
     assert sorted(p.name for p in (s / "outputs" / "samples").glob("*.png")) == [
         f"step-000000{n}-{i}.png" for n in (3, 6) for i in (0, 1)]  # two prompts, every 3
     assert (s / "outputs" / "loss.png").is_file()
@@ -631,11 +654,15 @@ def test_fast_dreambooth_with_the_forms_own_defaults(standin):
         "credential propagation was unsuccessful" in declined, declined
     k.run("del os.environ['COLAB_STANDIN_DECLINE']")
 
+    (ws / "Sessions" / "old_dog" / "instance_images").mkdir(parents=True)  # TheLastBen's
     k.run(cell(NB, "2."))
     assert "Created session defaults" in k.text
+    assert "fast-stable-diffusion sessions (Import_Old_Session): old_dog" in k.text
     sd15 = registry.get(registry.DEFAULT_BASE_MODEL)
     offline = fails(k, cell(NB, "3."))
     assert offline.startswith("OfflineError: ") and sd15.repo in offline, offline
+    assert f"Base model {sd15.name}: about {sd15.download_gb:.1f} GB, kept on Drive. Drive: " \
+        in k.text and "tick Use_Temp_Storage in cell 3 (Base model)" in k.text, k.text[-2000:]
     form2, got = defaults(NB, 2), settings_of(ws, "defaults")
     assert got["base_model"] == defaults(NB, 3)["Base_Model"] == sd15.name
     assert (got["instance_token"], got["class_word"], got["resolution"]) == (

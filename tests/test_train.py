@@ -494,3 +494,41 @@ def test_cli_trains_a_session(workspace, tiny_sd1, capsys):
     assert "Trained 2 steps" in capsys.readouterr().out
     assert main(["train", "cli", "--home", str(workspace)]) == 2  # has checkpoints
     assert "--resume" in capsys.readouterr().err
+
+
+def test_offset_noise_shifts_each_channel_of_the_noise_and_reaches_the_loss(workspace,
+                                                                           tiny_sd1):
+    """Offset_Noise adds one draw per example and latent channel, the same over the whole
+    image, to the noise the UNet learns to predict; the loss of a step sees it."""
+    import dataclasses
+
+    import torch
+
+    from fastsd.train import data
+    from fastsd.train.parts import denoise_loss, encode_text, load_parts, tokenize
+    from fastsd.train.state import TrainState
+
+    s = make_subject_session("offset", workspace, n=2)
+    parts = load_parts(tiny_sd1)
+    examples = data.instance_examples(s)
+    base = TrainSettings(batch_size=2, resolution=64)
+    latents = data.encode_latents(parts.vae, examples, [], None, base, "cpu")
+
+    def batch(offset: float):
+        state = TrainState(data.DataOrder(len(examples), base.seed),
+                           data.DataOrder(1, base.seed + 1))
+        return data.sample_batch(state, latents, dataclasses.replace(base, offset_noise=offset),
+                                 examples, [], 0, 1, 1000, parts.vae.config.scaling_factor)
+
+    plain, shifted = batch(0.0), batch(0.1)
+    assert plain.latents.equal(shifted.latents) and plain.captions == shifted.captions
+    shift = shifted.noise - plain.noise
+    per_channel = shift[:, :, :1, :1]
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)
+    assert per_channel.abs().min() > 0 and per_channel.abs().max() < 0.1 * 5
+    assert len(set(per_channel.flatten().tolist())) == per_channel.numel()  # each its own
+    hidden, _ = encode_text(parts, tokenize(parts, plain.captions), "cpu")
+    with torch.no_grad():
+        losses = [denoise_loss(parts, parts.unet, b.latents, b.noise, plain.timesteps, hidden)
+                  for b in (plain, shifted)]
+    assert not torch.allclose(losses[0], losses[1])

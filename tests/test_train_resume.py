@@ -1,5 +1,7 @@
 """Exact resume: a run SIGKILLed (or SIGTERMed) anywhere and resumed ends bit-identical to an
-uninterrupted run with the same seed, for full fine-tuning and for LoRA.
+uninterrupted run with the same seed, for full fine-tuning and for LoRA; so does a further
+segment ("more UNet steps" on the trained model), and the intermediate files are the same
+and are not written again.
 
 Each run is a separate process. To keep this fast, processes are forked from a
 multiprocessing forkserver that has already imported torch and diffusers. The kill itself
@@ -24,7 +26,7 @@ import pytest
 SETTINGS = dict(unet_steps=4, text_steps=3, checkpoint_every=2, keep_checkpoints=1,
                 unet_lr=1e-4, text_lr=1e-4, batch_size=2, flip=True, crop="random",
                 offset_noise=0.1, min_snr_gamma=5.0, prior_preservation=True,
-                class_images=2, class_steps=2)
+                class_images=2, class_steps=2, save_every=3)
 STEPS = SETTINGS["unet_steps"] + SETTINGS["text_steps"]
 # each method's settings over SETTINGS; LoRA: adapters on the frozen base, with dropout
 # (draws from the global RNG) on
@@ -139,7 +141,7 @@ def _install_kill(kill: str, checkpoints: Path, start: int) -> object:
 
 
 def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
-           logs: str, env: dict, settings: dict) -> None:
+           logs: str, env: dict, settings: dict, more: int = 0) -> None:
     import sys
 
     import torch
@@ -164,7 +166,8 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
 
     s = session.load(name, Path(home))
     try:
-        train(s, TrainSettings(**{**SETTINGS, **settings}), on_event=hook)
+        train(s, TrainSettings(**{**SETTINGS, **settings}), on_event=hook,
+              more_unet_steps=more)
     except FastSDError as e:  # shown as its message, as the notebook and the CLI do
         (Path(logs) / f"{name}.err").write_text(f"error: {e}\n")
         sys.exit(2)
@@ -172,14 +175,14 @@ def _child(home: str, name: str, kill: str | None, resume: bool, start: int,
 
 def run_child(home: Path, name: str, kill: str | None = None, resume: bool = False,
               start: int = 0, logs: Path | None = None, env: dict | None = None,
-              settings: dict | None = None) -> int:
+              settings: dict | None = None, more: int = 0) -> int:
     """Train (or resume) session ``name`` in a child process, with ``settings`` over
-    :data:`SETTINGS`; its log and the message of a FastSDError go to ``logs`` (default
-    ``home``): NAME.log, NAME.err."""
+    :data:`SETTINGS` (``more``: that many more UNet steps on its trained model); its log and
+    the message of a FastSDError go to ``logs`` (default ``home``): NAME.log, NAME.err."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD + [__name__])
     p = ctx.Process(target=_child, args=(str(home), name, kill, resume, start,
-                                         str(logs or home), env or {}, settings or {}))
+                                         str(logs or home), env or {}, settings or {}, more))
     p.start()
     p.join()
     return p.exitcode
@@ -212,10 +215,29 @@ def final_state(s) -> dict:
     return drive.read_json(checkpoint.latest(s.checkpoints).path / "state.json")
 
 
+def intermediate_files(s) -> list[Path]:
+    """The intermediate files of a session: single files of its model, or LoRA files."""
+    return sorted([*s.models.glob(f"{s.name}-step*.safetensors"),
+                   *s.loras.glob(f"{s.name}-step*.safetensors")])
+
+
+def single_files(s) -> dict[str, object]:
+    """The intermediate files of a session, by step: a single file's bytes; a LoRA file's
+    tensors (its metadata names the session)."""
+    from safetensors.torch import load_file
+
+    def content(p: Path):
+        if p.parent == s.models:
+            return p.read_bytes()
+        return {k: v.numpy().tobytes() for k, v in load_file(p).items()}
+    return {p.name.rsplit("-", 1)[1]: content(p) for p in intermediate_files(s)}
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, tiny_root):
-    """Uninterrupted runs, one per method (made when first asked for): final weights, final
-    trainer state, and the single file (full fine-tuning; None for LoRA)."""
+    """Uninterrupted runs, one per method (made when first asked for): (workspace, final
+    weights, final trainer state, the single file (full fine-tuning; None for LoRA), the
+    intermediate files)."""
     from fastsd.models import tiny
 
     made = {}
@@ -227,11 +249,24 @@ def references(tmp_path_factory, tiny_root):
             (home / "models" / "tiny-sd1").symlink_to(tiny.ensure("sd1", tiny_root))
             s = make_subject_session("ref", home)
             assert run_child(home, "ref", settings=METHODS[method]) == 0, log_tail(home, "ref")
-            made[method] = (final_tensors(s), final_state(s),
-                            single_file(s) if method == "full" else None)
+            made[method] = (home, final_tensors(s), final_state(s),
+                            single_file(s) if method == "full" else None, single_files(s))
         return made[method]
 
     return of
+
+
+@pytest.fixture(scope="module")
+def reference_home(references) -> Path:
+    """The workspace of the uninterrupted full fine-tuning run (session "ref")."""
+    return references("full")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    """The uninterrupted full run: final weights, final trainer state, its single file,
+    intermediate files."""
+    return references("full")[1:]
 
 
 def single_file(s) -> dict:
@@ -262,6 +297,7 @@ def test_killed_run_resumes_bit_identical(method, case, references, workspace, t
 
     lora = method == "lora"
     kill, code, start = CASES[case]
+    kept = {}  # an intermediate file written before the kill, and what it was then
     (workspace / "models").mkdir()
     (workspace / "models" / "tiny-sd1").symlink_to(tiny_sd1)
     s = make_subject_session(case, workspace)
@@ -288,6 +324,9 @@ def test_killed_run_resumes_bit_identical(method, case, references, workspace, t
         base = models.local_copy(models.resolve_model("tiny-sd1", s.workspace))
         assert ck.state["base_model"]["fingerprint"] == model_fingerprint(
             load_parts(base).unet)
+    for p in intermediate_files(s):  # written after the checkpoint resumed
+        if int(p.stem.rsplit("step", 1)[1]) > start:
+            kept[p] = p.stat().st_mtime_ns, p.stat().st_ino
 
     if case == "stage1":  # a new runtime: Drive mounted at another path, the model loaded
         moved = workspace.with_name("moved-home")  # from a folder of another name
@@ -299,7 +338,13 @@ def test_killed_run_resumes_bit_identical(method, case, references, workspace, t
     if case == "export":
         assert "both stages done; only the export is left" in log
     assert not [p for p in s.models.iterdir() if p.name.startswith(".fastsd-tmp-")]
-    ref_tensors, ref_state, _ = references(method)
+    ref_tensors, ref_state, _, ref_files = references(method)[1:]
+    assert single_files(s) == ref_files and sorted(ref_files) == ["step3.safetensors",
+                                                                   "step6.safetensors"]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in kept} == kept, \
+        "an intermediate file written before the kill was written again"
+    if case == "checkpoint_write":  # step 3 ran after checkpoint 2 and before the kill
+        assert [p.name for p in kept] == [f"{case}-step3.safetensors"]
     got = final_tensors(s)
     assert got.keys() == ref_tensors.keys()
     different = [k for k in got if not got[k].equal(ref_tensors[k])]
@@ -311,6 +356,69 @@ def test_killed_run_resumes_bit_identical(method, case, references, workspace, t
     assert state["class_order"] == ref_state["class_order"]
     assert not [p for p in s.checkpoints.iterdir() if p.name.startswith(".fastsd-tmp")]
     assert len(checkpoint.listing(s.checkpoints)) <= SETTINGS["keep_checkpoints"]
+
+
+# --------------------------------------------------------------------------- segments
+
+MORE = 3  # more UNet steps on the trained model, after both stages ran
+
+
+def copy_session(home: Path, src: str, dst: str) -> object:
+    """A copy of session ``src`` as ``dst``, its trained model named after it."""
+    import shutil
+
+    from fastsd import session
+
+    shutil.copytree(home / "sessions" / src, home / "sessions" / dst, symlinks=True)
+    models = home / "sessions" / dst / "models"
+    (models / src).rename(models / dst)
+    (models / f"{src}.safetensors").rename(models / f"{dst}.safetensors")
+    for p in models.glob(f"{src}-step*.safetensors"):
+        p.rename(models / p.name.replace(src, dst, 1))
+    return session.load(dst, home)
+
+
+@pytest.fixture(scope="module")
+def segment_reference(reference_home):
+    """The reference run, then MORE UNet steps on its trained model, uninterrupted."""
+    s = copy_session(reference_home, "ref", "more_ref")
+    assert run_child(reference_home, "more_ref", more=MORE) == 0, \
+        log_tail(reference_home, "more_ref")
+    return final_tensors(s), final_state(s), single_files(s)
+
+
+def test_a_further_segment_killed_and_resumed_is_bit_identical(segment_reference, reference,
+                                                               reference_home):
+    """A segment of MORE UNet steps after the text encoder stage: SIGKILLed mid-segment
+    (after its first checkpoint) and resumed with `fastsd train NAME --resume`, it ends
+    bit-identical to the uninterrupted segment; the checkpoints and files it writes go on
+    from the run's last global step; the text encoder stays the trained model's."""
+    from fastsd import session
+    from fastsd.train import checkpoint, segments
+
+    s = copy_session(reference_home, "ref", "more_kill")
+    first = STEPS + 1  # the segment's first checkpoint (steps STEPS+1 .. STEPS+MORE)
+    assert run_child(reference_home, "more_kill", f"step:{first + 1}", start=first,
+                     more=MORE) == -signal.SIGKILL, log_tail(reference_home, "more_kill")
+    assert [c.step for c in checkpoint.listing(s.checkpoints)] == [first]
+    assert run_child(reference_home, "more_kill", resume=True) == 0, \
+        log_tail(reference_home, "more_kill")
+    assert f"Resuming from step-{first:07d}" in (reference_home / "more_kill.log").read_text()
+
+    ref_tensors, ref_state, ref_files = segment_reference
+    got = final_tensors(s)
+    assert got.keys() == ref_tensors.keys()
+    assert not [k for k in got if not got[k].equal(ref_tensors[k])]
+    state = final_state(s)
+    assert state["global_step"] == ref_state["global_step"] == STEPS + MORE
+    assert state["losses"] == ref_state["losses"] and len(state["losses"]) == MORE
+    assert single_files(s) == ref_files
+    assert sorted(ref_files) == ["step3.safetensors", "step6.safetensors", "step9.safetensors"]
+    before = reference[0]  # the trained model the segment started from
+    assert {k.split("/")[0] for k in got if not got[k].equal(before[k])} == {"unet"}
+    history = segments.history(session.load("more_kill", reference_home))
+    assert [(h["base"], h["from_step"], h["to_step"]) for h in history] == [
+        ("tiny-sd1", 0, STEPS), (segments.TRAINED, STEPS, STEPS + MORE)]
 
 
 def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume(
@@ -359,7 +467,7 @@ def test_drive_drops_mid_sample_and_mid_single_file_end_in_a_message_then_resume
         assert run(None, resume=True) == (0, "")
         s = session.load("drops", home)
         assert [p for p in home.rglob(".fastsd-tmp-*")] == [], "temporaries left on Drive"
-        ref_tensors, ref_state, ref_single = references("full")
+        ref_tensors, ref_state, ref_single, _ = references("full")[1:]
         got = final_tensors(s)
         assert got.keys() == ref_tensors.keys()
         assert not [k for k in got if not got[k].equal(ref_tensors[k])], "not bit-identical"

@@ -78,6 +78,46 @@ def test_ngrok_with_a_token_fails_on_the_download_and_never_shows_the_token(
     assert secret not in str(e.value) and secret not in caplog.text
 
 
+def test_the_ngrok_token_of_the_form_is_used_kept_on_request_and_never_shown(
+        server, workspace, monkeypatch, caplog, capsys):
+    """Ngrok_Token (webui.ipynb's launch cell, fast_dreambooth.ipynb's cell 7) goes where the
+    ngrok tunnel reads it; Save_Ngrok_Token keeps it in the workspace (owner only) for a
+    later runtime, whose tunnel then uses it; `fastsd ngrok-token` does the same from
+    standard input. It is never in a log, an error or the output."""
+    import io
+    import os
+    import sys
+
+    from fastsd.cli import main
+    from fastsd.errors import SessionNotFound
+    from fastsd.tunnel import ngrok
+    from fastsd.webui import start
+
+    secret = "2abcFORMtoken_do_not_print"
+    monkeypatch.setenv(ngrok.NGROK_SECRET, "")  # undone after the test, as set_token sets it
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(SessionNotFound):
+        start.start("nobody", tunnel=None, home=workspace, ngrok_token=secret,
+                    save_ngrok_token=True)
+    assert os.environ[ngrok.NGROK_SECRET] == secret
+    kept = workspace / ngrok.TOKEN_FILE
+    assert kept.read_text().strip() == secret and kept.stat().st_mode & 0o777 == 0o600
+    os.environ[ngrok.NGROK_SECRET] = ""  # a new runtime: only the workspace has it
+    assert ngrok.ngrok_token(workspace) == secret
+    with pytest.raises(TunnelError) as e:
+        auto.open_tunnel(server.port, AUTH, "ngrok", timeout=BOUND, root=workspace)
+    assert "could not download ngrok" in str(e.value)  # past the token, offline
+    kept.unlink()
+    with pytest.raises(TunnelError, match="give it in the Ngrok_Token field"):
+        auto.open_tunnel(server.port, AUTH, "ngrok", timeout=BOUND, root=workspace)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("2abcCLItoken_do_not_print\n"))
+    assert main(["ngrok-token", "--home", str(workspace)]) == 0
+    assert kept.read_text().strip() == "2abcCLItoken_do_not_print"
+    shown = capsys.readouterr()
+    for text in (str(e.value), caplog.text, shown.out, shown.err):
+        assert secret not in text and "2abcCLItoken_do_not_print" not in text
+
+
 def test_no_tunnel_without_a_password(server):
     for auth in (None, ("artist", ""), ("", "pw")):
         with pytest.raises(TunnelError, match="never opened without"):

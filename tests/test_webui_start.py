@@ -26,8 +26,11 @@ def test_a_password_is_generated_once_kept_private_and_never_logged(workspace, c
     path = workspace / start.PASSWORD_FILE
     assert path.read_text().strip() == first and path.stat().st_mode & 0o777 == 0o600
     assert first not in caplog.text
-    start.show_password(workspace)
-    assert capsys.readouterr().out.strip() == first
+    start.show_password(workspace)  # the user name beside it, always
+    shown = "The web UI's login: user {!r}, password " + first
+    assert capsys.readouterr().out.strip() == shown.format("fastsd")
+    start.show_password(workspace, "artist")
+    assert capsys.readouterr().out.strip() == shown.format("artist")
 
 
 def test_serve_command_has_no_password(workspace):

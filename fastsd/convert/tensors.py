@@ -110,6 +110,25 @@ def _close_read_only(f) -> None:
         log.debug("Closing %s: %s", getattr(f, "name", f), e)
 
 
+class MemoryTensors(TensorFile):
+    """Tensors already in memory (the state dict of a model being trained), read one at a
+    time as from a file; each is copied to CPU memory when it is read."""
+
+    def __init__(self, tensors: dict[str, "torch.Tensor"], name: str = "(in memory)") -> None:
+        self.path, self.metadata, self.pickle_extra = Path(name), {}, {}
+        self.index = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def info(self, key: str) -> Info:
+        t = self.index[key]
+        return Info(dtype_name(t.dtype), tuple(t.shape))
+
+    def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
+        return self.index[key].detach().to("cpu")
+
+
 def _bad(path: Path, what: str) -> DataError:
     return DataError(f"{path} is not a usable model file: {what}. Download it again (the copy "
                      "may be incomplete) or check that it is a .safetensors or .ckpt model.")

@@ -184,6 +184,16 @@ def measures(session, paths: list[Path], need_face=frozenset()) -> dict[str, dic
     return out
 
 
+def forget(session, stems: set[str]) -> int:
+    """Drop the cached measures of ``stems``; returns how many there were."""
+    path = session.instance_images / PREVIEWS / MEASURES
+    cache = drive.read_json(path) if path.is_file() else {}
+    kept = {k: v for k, v in cache.items() if k not in stems}
+    if len(kept) != len(cache):
+        drive.atomic_write_json(path, kept)
+    return len(cache) - len(kept)
+
+
 # --------------------------------------------------------------------------- the checks
 
 

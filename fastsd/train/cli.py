@@ -53,13 +53,18 @@ def _train(args: argparse.Namespace) -> None:
         from fastsd.train.runner import event_printer as hook
     result = train(load_session(args), settings_from_args(args), resume=args.resume,
                    restart=args.restart, accept_changed_data=args.accept_changed_data,
-                   on_event=hook)
+                   on_event=hook, more_unet_steps=args.more_unet_steps,
+                   more_text_steps=args.more_text_steps)
     if result.lora:
         print(f"Trained {result.global_step} steps. LoRA: {result.lora} (in a prompt: "
               f"<lora:{result.lora.stem}:1>)")
-        return
-    print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
-          + (f"; single file: {result.single_file}" if result.single_file else ""))
+    else:
+        print(f"Trained {result.global_step} steps. Model: {result.model_dir}"
+              + (f"; single file: {result.single_file}" if result.single_file else ""))
+    if args.disconnect:
+        from fastsd.train.runner import disconnect_when_safe
+
+        disconnect_when_safe(result.model_dir, result.single_file, result.lora)
 
 
 def _lora_merge(args: argparse.Namespace) -> None:
@@ -81,7 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run 'fastsd train SESSION --resume' to continue exactly where it stopped, with the "
         "run's settings; --resume --unet-steps N extends a finished UNet stage (when no "
         "text encoder stage has trained after it; the learning-rate schedule is rebuilt for "
-        "the new total and continues from the step reached). Options left at 'from the "
+        "the new total and continues from the step reached). --more-unet-steps N trains N "
+        "more UNet steps on the session's trained model, even after the text encoder stage "
+        "ran: a new segment of the session's history, resumable like the others. Options "
+        "left at 'from the "
         "preset' are chosen for the detected GPU (T4, L4, A100) or CPU. Before training, the "
         "space the run needs on Drive is checked against the free space. Ctrl-C or SIGTERM "
         "finishes the step, saves a checkpoint and exits.")
@@ -93,6 +101,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="delete the session's checkpoints and start over")
     p.add_argument("--events", action="store_true",
                    help="also print each training event as a JSON line (for the notebook)")
+    p.add_argument("--more-unet-steps", type=int, default=0, metavar="N",
+                   help="train N more UNet steps on the session's trained model (models/NAME) "
+                   "as a new segment, with the last run's settings and the options given; "
+                   "also after the text encoder stage ran")
+    p.add_argument("--more-text-steps", type=int, default=0, metavar="N",
+                   help="the same for the text encoder (after the UNet steps when both)")
+    p.add_argument("--disconnect", action="store_true",
+                   help="on Colab, give the runtime back once the model and its single file "
+                   "are whole on Drive (elsewhere: nothing)")
     p.add_argument("--accept-changed-data", action="store_true",
                    help="resume although the training images or captions changed since the "
                    "checkpoint (the run then differs from an uninterrupted one)")

@@ -37,7 +37,8 @@ STAGE_TITLES = {"unet": "UNet", "text": "text encoder"}
 #: Options a resume may change; every other one is fixed for the run.
 CHANGEABLE = frozenset({"unet_steps", "text_steps", "checkpoint_every", "keep_checkpoints",
                         "sample_every", "sample_prompts", "sample_steps", "model_name",
-                        "save_precision", "latent_cache_mb", "background_checkpoints"})
+                        "save_precision", "latent_cache_mb", "background_checkpoints",
+                        "save_every", "save_from"})
 
 
 def given_options(settings: TrainSettings | dict | None) -> dict[str, Any]:
@@ -98,7 +99,10 @@ def apply_step_changes(state, old: TrainSettings, new: TrainSettings) -> str | N
                     f"The {title} stage cannot be extended to {after} steps: the "
                     f"{STAGE_TITLES[later[0]]} stage has trained after it "
                     f"({state.stage_steps[later[0]]} steps), and going back would train the "
-                    f"{title} against a changed model. Start over with the longer stage: "
+                    f"{title} against a changed model. Train {after - before} more {title} "
+                    "steps on the trained model instead, as a new segment: "
+                    f"{options.say(('resume', False), (f'more_{stage}_steps', after - before))}"
+                    f"; or start over with the longer stage: "
                     f"{options.say('restart', (steps, after))}.")
             state.stage, state.stage_step = i, state.stage_steps.get(stage, 0)
             log.info("Extending the %s stage from %d to %d steps.", title, before, after)

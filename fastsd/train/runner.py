@@ -9,6 +9,9 @@ the child, not the notebook.
 Interrupting the cell (the Stop button) sends SIGINT to the child, which checkpoints and
 exits; if it has not exited after ``grace`` seconds it gets SIGTERM (the trainer finishes
 its step, checkpoints and exits), then SIGKILL. A stopped run resumes with ``resume=True``.
+
+With Disconnect_After_Training ticked the cell then calls :func:`disconnect_when_safe`,
+which gives the Colab runtime back once the model is whole on Drive.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def event_printer(name: str, info: dict) -> None:
                      "lora")}
     if name == "samples":
         keep["paths"] = [str(p) for p in info["paths"]]
-    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples", "done"):
+    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples",
+                                  "single_file", "done"):
         print(EVENT_MARK + json.dumps({"event": name, **keep}), flush=True)
 
 
@@ -114,7 +118,8 @@ def gpu_count() -> int:
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
             accept_changed_data: bool = False, home: Path | None = None,
-            gpus: int | None = None) -> list[str]:
+            gpus: int | None = None, more_unet_steps: int = 0,
+            more_text_steps: int = 0) -> list[str]:
     """The child's command line."""
     gpus = gpu_count() if gpus is None else gpus
     if gpus > 1:
@@ -129,6 +134,10 @@ def command(session_name: str, settings=None, *, resume: bool = False, restart: 
         cmd.append("--restart")
     if accept_changed_data:
         cmd.append("--accept-changed-data")
+    for flag, n in (("--more-unet-steps", more_unet_steps), ("--more-text-steps",
+                                                            more_text_steps)):
+        if n:
+            cmd += [flag, str(int(n))]
     if home is not None:
         cmd += ["--home", str(home)]
     if settings is not None:
@@ -168,8 +177,11 @@ def _oom_message(settings, session: str) -> str:
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
                    accept_changed_data: bool = False, grace: float = 120.0,
-                   env: dict | None = None) -> ChildResult:
+                   env: dict | None = None, more_unet_steps: int = 0,
+                   more_text_steps: int = 0) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
+    ``more_unet_steps`` / ``more_text_steps``: a further segment on the trained model
+    (:mod:`fastsd.train.segments`).
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
@@ -179,7 +191,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     from tqdm.auto import tqdm
 
     cmd = command(session.name, settings, resume=resume, restart=restart,
-                  accept_changed_data=accept_changed_data, home=session.workspace.root)
+                  accept_changed_data=accept_changed_data, home=session.workspace.root,
+                  more_unet_steps=more_unet_steps, more_text_steps=more_text_steps)
     log.debug("starting %s", " ".join(cmd))
     # The child's own bars are off: its events drive one bar here. Its messages name what
     # the user sets where this runs (a notebook cell's form fields: fastsd.options).
@@ -209,6 +222,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                 bar.set_postfix(loss=f"{ev['loss']:.4f}", step=ev["global_step"])
             elif ev["event"] == "checkpoint":
                 tqdm.write(f"checkpoint at step {ev['global_step']}: {ev.get('path')}")
+            elif ev["event"] == "single_file":
+                tqdm.write(f"single file at step {ev['global_step']}: {ev.get('path')}")
             elif ev["event"] == "samples":
                 samples += [Path(p) for p in ev["paths"]]
                 show_samples(ev["global_step"], ev["paths"])
@@ -254,3 +269,63 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                        single if single and single.is_file() else None,
                        curve if curve.is_file() else None, samples,
                        Path(done["lora"]) if done.get("lora") else None)
+
+
+# --------------------------------------------------------------------------- disconnect
+
+
+def check_whole(model_dir: Path | None, single_file: Path | None,
+                lora: Path | None = None) -> str | None:
+    """None when what the run made is whole on disk: the trained model folder (every weight
+    file there, each as long as its header says) and its single file, or for a LoRA run
+    its LoRA file; else what is wrong."""
+    from fastsd.convert.tensors import open_tensors
+    from fastsd.convert.to_single import weight_files
+
+    try:
+        if lora is not None:
+            files = [Path(lora)]
+        else:
+            model_dir = Path(model_dir)
+            index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+            files = [f for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+                     if part in index for f in weight_files(model_dir / part)]
+            if single_file is None or not Path(single_file).is_file():
+                return (f"the single file {single_file or model_dir.name + '.safetensors'} "
+                        "is missing")
+            files.append(Path(single_file))
+        for f in files:
+            open_tensors(f).close()
+    except (OSError, ValueError, FastSDError) as e:
+        return str(e)
+    return None
+
+
+def disconnect_when_safe(model_dir: Path | None, single_file: Path | None,
+                         lora: Path | None = None) -> bool:
+    """Give this Colab runtime back (Disconnect_After_Training, ``--disconnect``), so that
+    it stops using the account's compute units, once the result is safely on Drive: the
+    model folder and the single file (or the LoRA file) are checked whole, Drive's pending
+    writes are flushed (``google.colab.drive.flush_and_unmount``), and only then is the
+    runtime unassigned. Outside Colab it does nothing and says so in one line. Returns
+    whether it disconnected; a result that is not whole is a TrainingFailed, and the
+    runtime stays."""
+    made = lora if lora is not None else model_dir
+    if fastsd_env.runtime() != "colab":
+        log.info("Not on Colab: nothing to disconnect (the %s).",
+                 f"LoRA is {made}" if lora else f"model is in {made}")
+        return False
+    problem = check_whole(model_dir, single_file, lora)
+    if problem:
+        raise TrainingFailed(f"Not disconnecting: the trained model is not whole on Drive "
+                             f"({problem}). The runtime stays connected: run the train cell "
+                             f"again ({options.say('resume')}) to export it again.")
+    from google.colab import drive as colab_drive  # type: ignore[import-not-found]
+    from google.colab import runtime  # type: ignore[import-not-found]
+
+    log.info("%s is whole on Drive; flushing Drive and disconnecting this runtime.",
+             Path(made).name if lora is not None else
+             f"{Path(model_dir).name} with {Path(single_file).name}")
+    colab_drive.flush_and_unmount()  # what is still being uploaded reaches Drive first
+    runtime.unassign()
+    return True

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastsd import options
+from fastsd.drive import gb
 from fastsd.env import GIB
 from fastsd.errors import DataError
 from fastsd.session import DEFAULT_TEXT_STEPS, DEFAULT_UNET_STEPS
@@ -118,6 +119,10 @@ class TrainSettings:
     background_checkpoints: bool = _opt(True, "write checkpoints to Drive in the background "
                                         "while training goes on (off: training waits)")
     sample_every: int = _opt(0, "save sample images every M steps (0 = off)")
+    save_every: int = _opt(0, "also write the model as one .safetensors file every N steps, "
+                           "to compare (models/NAME-stepN.safetensors, beside the resumable "
+                           "checkpoints; 0 = off)")
+    save_from: int = _opt(0, "the first step at which --save-every writes a file")
     sample_prompts: list[str] = _opt([], "prompts of the sample images, repeatable "
                                      "(default: the instance prompt)")
     sample_steps: int = _opt(25, "inference steps of a sample image")
@@ -130,7 +135,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("unet_steps", "text_steps", "unet_warmup", "text_warmup",
-                     "checkpoint_every", "sample_every", "class_images"):
+                     "checkpoint_every", "sample_every", "class_images", "save_every",
+                     "save_from"):
             if getattr(self, name) < 0:
                 raise DataError(f"{name} is {getattr(self, name)}; it must be 0 or more.")
         if self.rank < 1:
@@ -313,20 +319,22 @@ class DrivePlan:
     single_file: int
     samples: int
     lora: int = 0  # the LoRA file (LoRA method: no model folder, no single file)
+    single_files: int = 0  # the intermediate single files the run writes (save_every)
 
     @property
     def total(self) -> int:
         return (max(0, self.checkpoint * self.copies - self.have) + self.model
-                + self.single_file + self.samples + self.lora)
+                + (self.single_file + self.lora) * (1 + self.single_files) + self.samples)
 
     def describe(self) -> str:
-        def g(n: float) -> str:
-            return f"{n / 1e9:.2f} GB"
-        return (f"checkpoints {self.copies} x {g(self.checkpoint)}"
-                + (f" less {g(self.have)} already there" if self.have else "")
-                + (f", LoRA file {g(self.lora)}" if self.lora else
-                   f", model folder {g(self.model)}, single file {g(self.single_file)}")
-                + f", samples {g(self.samples)}")
+        each = self.lora or self.single_file
+        return (f"checkpoints {self.copies} x {gb(self.checkpoint)}"
+                + (f" less {gb(self.have)} already there" if self.have else "")
+                + (f", LoRA file {gb(self.lora)}" if self.lora else
+                   f", model folder {gb(self.model)}, single file {gb(self.single_file)}")
+                + (f", intermediate {'LoRA' if self.lora else 'single'} files "
+                   f"{self.single_files} x {gb(each)}" if self.single_files else "")
+                + f", samples {gb(self.samples)}")
 
     def advice(self, s: TrainSettings, session: str = "SESSION") -> str:
         """What shrinks the run, each with how to set it (fastsd.options)."""
@@ -346,16 +354,33 @@ class DrivePlan:
                         f"({options.say(('method', 'lora'), session=session)})")
         if s.sample_every:
             tips.append(f"fewer samples ({options.say('sample_every', session=session)})")
+        if self.single_files:
+            tips.append(f"fewer intermediate {'LoRA' if self.lora else 'single'} files, "
+                        f"{gb(self.lora or self.single_file)} each "
+                        f"({options.say('save_every', 'save_from', session=session)})")
         return "; ".join(tips) or "nothing in the settings shrinks it further"
 
 
+def single_file_due(s: TrainSettings, step: int) -> bool:
+    """Whether the run writes an intermediate single file at global step ``step``."""
+    return bool(s.save_every) and step >= s.save_from and step % s.save_every == 0
+
+
+def single_file_steps(s: TrainSettings, first: int, last: int) -> list[int]:
+    """The global steps after ``first`` up to ``last`` that write an intermediate file."""
+    return [k for k in range(first + 1, last + 1) if single_file_due(s, k)] \
+        if s.save_every else []
+
+
 def drive_plan(s: TrainSettings, params: dict[str, int], vae_params: int,
-               have: int = 0, adapters: dict[str, int] | None = None) -> DrivePlan:
+               have: int = 0, adapters: dict[str, int] | None = None,
+               single_files: int = 0) -> DrivePlan:
     """Estimate the Drive space of a run: checkpoints hold fp32 weights of the trained
     modules (4 B/param: the whole modules, or for LoRA their adapters) and the optimizer
     state of the stage (AdamW 8 B/param, 8-bit 2); the model folder all weights at the
     save precision, the single file fp16 weights (LoRA: neither, but one LoRA file of the
-    adapters at the save precision); a sample PNG about 1.5 bytes per pixel."""
+    adapters at the save precision), and as much again for each of the ``single_files``
+    intermediate ones; a sample PNG about 1.5 bytes per pixel."""
     trained = (adapters or {}) if s.lora else params
     unet, text = trained.get("unet", 0), _text(trained)
     opt = 2 if s.adam_8bit else 8
@@ -376,7 +401,7 @@ def drive_plan(s: TrainSettings, params: dict[str, int], vae_params: int,
     model, single, lora = ((0, 0, (unet + text) * saved_b) if s.lora
                            else (allw * saved_b, allw * 2, 0))
     return DrivePlan(ckpt, min(s.keep_checkpoints, n_ckpt) + 1, have, model, single,
-                     int(n_samples * res * res * 1.5), lora)
+                     int(n_samples * res * res * 1.5), lora, single_files)
 
 
 def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None = None) -> str:
@@ -394,7 +419,9 @@ def describe(settings: TrainSettings, preset: str, vram: dict[str, float] | None
         f"({s.text_schedule}, warm-up {s.text_warmup})",
         f"Prior preservation {s.prior_preservation}, offset noise {s.offset_noise:g}, min-SNR "
         f"gamma {s.min_snr_gamma:g}, checkpoint every {s.checkpoint_every} (keep "
-        f"{s.keep_checkpoints}), samples every {s.sample_every}, seed {s.seed}",
+        f"{s.keep_checkpoints}), samples every {s.sample_every}, seed {s.seed}"
+        + (f", a single file every {s.save_every} steps from step {s.save_from}"
+           if s.save_every else ""),
     ]
     if vram:
         lines.append("Estimated peak VRAM: " + ", ".join(

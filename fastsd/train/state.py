@@ -86,6 +86,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def stages_left(settings: TrainSettings, stage: int) -> list[str]:
+    """The stages with steps from index ``stage`` of the order on: none once a run has
+    trained them all (only its export may be left)."""
+    return [st for st in settings.stage_order[stage:] if settings.stage(st)["steps"]]
+
+
 @dataclass
 class TrainState:
     """Where a run is: saved whole in each checkpoint (``state.json`` and ``rng.pt``) and
@@ -127,7 +133,7 @@ class TrainState:
                    dict(saved["stage_steps"]), saved["optimizer_stage"], rng)
 
     def describe(self, settings: TrainSettings) -> str:
-        left = [st for st in settings.stage_order[self.stage:] if settings.stage(st)["steps"]]
+        left = stages_left(settings, self.stage)
         if not left:
             return (f"global step {self.global_step}, both stages done; only the export is "
                     "left")

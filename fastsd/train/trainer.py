@@ -23,19 +23,20 @@ import contextlib
 import time
 from typing import Any
 
-from fastsd.train import data
-from fastsd.train.export import TrainResult, export
+from fastsd.train import data, segments
+from fastsd.train.export import TrainResult, export, save_single_file
 from fastsd.train.optim import build_optimizer, restore_optimizer
 from fastsd.train.parts import denoise_loss
 from fastsd.train.resume import STAGE_TITLES
 from fastsd.train.run import Event, Run, prepare
-from fastsd.train.settings import TrainSettings
+from fastsd.train.settings import TrainSettings, single_file_due
 from fastsd.train.state import set_rng_states
 
 
 def train(session, settings: TrainSettings | dict | None = None, *, resume: bool = False,
           restart: bool = False, accept_changed_data: bool = False,
-          on_event: Event | None = None) -> TrainResult:
+          on_event: Event | None = None, more_unet_steps: int = 0,
+          more_text_steps: int = 0) -> TrainResult:
     """Train ``session``'s subject into its base model, in two stages, resumably.
 
     ``settings``: a TrainSettings, or a dict of the options the user gave (the CLI's). With
@@ -43,13 +44,17 @@ def train(session, settings: TrainSettings | dict | None = None, *, resume: bool
     there; what may change and what is refused is in :mod:`fastsd.train.resume`. Without
     it, a session that already has checkpoints is refused unless ``restart`` says to delete
     them. ``on_event(name, info)`` is called at "stage_start", "step", "checkpoint",
-    "samples", "stage_end" and "done" (and at stage starts and ends with the model ``parts``).
+    "samples", "single_file", "stage_end" and "done" (and at stage starts and ends with the
+    model ``parts``). ``more_unet_steps`` / ``more_text_steps`` train that many more steps
+    on the session's trained model, as a new segment of its history, even after the text
+    encoder stage ran (:mod:`fastsd.train.segments`).
     Each step has its "step" event, in order, with its loss (:class:`StepReport`); on a GPU
     they come in small batches, a fraction of a second after the steps.
     """
     run = prepare(session, settings, resume=resume, restart=restart,
                   accept_changed_data=accept_changed_data,
-                  emit=on_event or (lambda name, info: None))
+                  emit=on_event or (lambda name, info: None),
+                  more=segments.more_steps(more_unet_steps, more_text_steps))
     with run.stop, contextlib.closing(run.latents), run.writer:
         for si, stage in enumerate(run.settings.stage_order):
             if si >= run.state.stage and run.settings.stage(stage)["steps"]:
@@ -114,6 +119,8 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         if s.sample_every and st.global_step % s.sample_every == 0:
             report.read()
             run.save_samples(stage)
+        if single_file_due(s, st.global_step):
+            save_single_file(run)
         due = s.checkpoint_every and st.global_step % s.checkpoint_every == 0
         if (due or run.stop.signum) and st.stage_step < cfg["steps"]:
             report.read()  # the checkpoint holds every loss so far

@@ -48,6 +48,11 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
+def login(user: str, password: str) -> str:
+    """How the web UI's user name and password are shown to their owner, always together."""
+    return f"user {user!r}, password {password}"
+
+
 @dataclass
 class BasicAuth:
     username: str

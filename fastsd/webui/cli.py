@@ -23,14 +23,35 @@ def _serve(args) -> None:
     print(f"fastsd API: {server.url}/sdapi/v1 (docs: {server.url}/docs)"
           + (f", page: {server.url}/" if args.page else ""))
     if server.auth is not None:
+        from fastsd.webui.auth import login
+
         shown = server.auth.password if not password else "(the one you gave)"
-        print(f"HTTP Basic auth: user {server.auth.username!r}, password {shown}")
+        print(f"HTTP Basic auth: {login(server.auth.username, shown)}")
     print("Press Ctrl-C to stop.", flush=True)
     try:
         server.wait()
     finally:
         server.stop()
         shutdown()
+
+
+def _ngrok_token(args) -> None:
+    import getpass
+    import sys
+
+    from fastsd.cli_common import home
+    from fastsd.errors import DataError
+    from fastsd.tunnel import ngrok
+
+    token = (getpass.getpass("ngrok token (not shown): ") if sys.stdin.isatty()
+             else sys.stdin.readline()).strip()
+    if not token:
+        raise DataError("No token was given. Type it when asked, or run "
+                        "'fastsd ngrok-token < FILE' with the token in FILE.")
+    root = home(args)
+    ngrok.set_token(token, root, save=True)
+    print(f"Saved the ngrok token in the workspace ({ngrok.TOKEN_FILE}, readable by you "
+          "only); the ngrok tunnel uses it from now on.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,3 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(default: chosen from free VRAM)")
     add_home(p)
     p.set_defaults(func=_serve)
+    p = sub.add_parser(
+        "ngrok-token", help="keep your ngrok authtoken in the workspace for the ngrok tunnel",
+        description="Read your ngrok account's authtoken (typed without being shown, or from "
+        "standard input) and keep it in the workspace's ngrok_token file, readable by you "
+        "only, where the ngrok tunnel reads it (as the notebooks' Ngrok_Token field with "
+        "Save_Ngrok_Token ticked does). It is never put on a command line or in a log.")
+    add_home(p)
+    p.set_defaults(func=_ngrok_token)

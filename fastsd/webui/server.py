@@ -101,7 +101,7 @@ def default_checkpoint(catalog: Catalog, session, model: str | None,
         else:
             log.warning("Session %s has no trained model yet; using its base model %s",
                         session.name, session.base_model)
-        return catalog.add(models.resolve_model(session.base_model, ws))
+        return catalog.add(models.base_model(session))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
 

@@ -37,5 +37,8 @@ def mount(mountpoint: str, force_remount: bool = False, timeout_ms: int = 120000
 
 
 def flush_and_unmount(timeout_ms: int = 24 * 60 * 60 * 1000) -> None:
+    from google import colab
+
+    colab.events.append("flush_and_unmount")
     for point, _ in mounts[-1:]:
         standin.unmount(Path(point))
