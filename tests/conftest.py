@@ -18,6 +18,12 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "fastsd-home"
     home.mkdir()
     monkeypatch.setenv("FASTSD_HOME", str(home))
+    # on the command line unless the test says otherwise: a test that runs a notebook cell
+    # in this process (env.form) does not make later tests' messages name form fields
+    from fastsd import env
+
+    monkeypatch.setattr(env, "_caller", None)
+    monkeypatch.delenv(env.CALLER_ENV, raising=False)
     return home
 
 
