@@ -103,3 +103,13 @@ def test_the_readme_walkthrough_trains_sd15_never_the_test_model(workspace, caps
     assert session.load("bare", workspace).base_model == "sd21"
     assert cli.main(["session", "set", "nobody", "--model", "sd21"]) == 2
     assert not (workspace / "sessions" / "nobody").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early(tmp_path):
+    """`fastsd models list | head -1`: the reader closes the pipe; no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "fastsd.cli", "models", "list", "--home",
+                          str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()  # before fastsd has written everything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "Traceback" not in err, err
