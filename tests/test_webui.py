@@ -14,7 +14,7 @@ import pytest
 from fastsd.env import DeviceInfo
 from fastsd.webui import infotext, samplers
 from fastsd.webui.auth import BasicAuth, required
-from fastsd.webui.memory import MemoryPolicy
+from fastsd.webui.memory import MemoryPolicy, Weights
 from fastsd.webui.params import GenerationParams, InvalidRequest, from_request
 
 # --------------------------------------------------------------------------- samplers
@@ -86,6 +86,10 @@ def gpu(free: float, total: float = 16.0) -> DeviceInfo:
     return DeviceInfo("cuda", "Tesla T4", free, total, (7, 5))
 
 
+def fp32(gb: float) -> Weights:
+    return Weights(gb / 2, gb)
+
+
 @pytest.mark.parametrize("free,weights,expect", [
     (14.5, 4.0, set()),  # SD 1.5 on a free T4: fp16 only
     (14.5, 13.0, set()),  # SDXL (6.5 GB fp16) on a free T4: fits
@@ -94,18 +98,45 @@ def gpu(free: float, total: float = 16.0) -> DeviceInfo:
     (3.5, 4.0, {"attention_slicing", "vae_slicing"}),
 ])
 def test_memory_policy_from_free_vram(free, weights, expect):
-    p = MemoryPolicy().resolve(gpu(free), weights)
+    p = MemoryPolicy().resolve(gpu(free), fp32(weights))
     on = {k for k, v in p.to_dict().items() if v and k != "fp16"}
     assert p.fp16 is True and on == expect
 
 
 def test_memory_policy_on_cpu_and_overrides():
     cpu = DeviceInfo("cpu", "x86")
-    assert MemoryPolicy().resolve(cpu, 4.0) == MemoryPolicy(False, False, False, False, False)
-    forced = MemoryPolicy(attention_slicing=True, cpu_offload=False).resolve(gpu(2.0), 13.0)
+    assert MemoryPolicy().resolve(cpu, fp32(4.0)) == MemoryPolicy(False, False, False, False,
+                                                                  False)
+    forced = MemoryPolicy(attention_slicing=True, cpu_offload=False).resolve(gpu(2.0),
+                                                                             fp32(13.0))
     assert forced.attention_slicing is True and forced.cpu_offload is False
     assert forced.vae_tiling is True  # the rest still chosen from free VRAM
-    assert MemoryPolicy(fp16=False).resolve(gpu(14.5), 4.0).fp16 is False
+    assert MemoryPolicy(fp16=False).resolve(gpu(14.5), fp32(4.0)).fp16 is False
+
+
+def test_weights_are_counted_in_the_loaded_precision_whatever_the_files_hold(tiny_sd1, tmp_path):
+    """The registry's downloads and fastsd's exports are fp16 files: the memory policy must
+    not halve their size again when it loads them in fp16 (it once did, so offload and
+    slicing came on too late)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from fastsd.convert.tensors import open_tensors
+
+    half = tmp_path / "half"
+    StableDiffusionPipeline.from_pretrained(tiny_sd1, torch_dtype=torch.float16) \
+        .save_pretrained(half)
+    stored = sum(f.stat().st_size for f in half.rglob("*.safetensors"))
+    with open_tensors(next(half.glob("unet/*.safetensors"))) as tf:
+        assert {tf.info(k).dtype for k in tf.keys()} == {"F16"}
+    from_half, from_full = Weights.of_folder(half), Weights.of_folder(tiny_sd1)
+    assert from_half == from_full  # what is loaded, not what is stored
+    assert from_half.fp16_gb == pytest.approx(stored / 1024**3, rel=0.02, abs=2e-3)
+    assert from_half.fp32_gb == pytest.approx(2 * from_half.fp16_gb, rel=0.01, abs=2e-3)
+    # a T4 with 2 GB free: the fp16 weights plus headroom no longer fit, offload comes on
+    need = from_half.fp16_gb + 1.0
+    assert MemoryPolicy().resolve(gpu(need - 0.01), from_half).cpu_offload is True
+    assert MemoryPolicy().resolve(gpu(need + 0.01), from_half).cpu_offload is False
 
 
 # --------------------------------------------------------------------------- infotext

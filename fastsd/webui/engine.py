@@ -190,7 +190,7 @@ class Engine:
             raise ModelError(f"{ckpt.title} is {det.describe()}, not a model to generate with.")
         info = env.device_info()
         device = self.device or info.device
-        policy = self.policy.resolve(info, memory.weights_gb(folder))
+        policy = self.policy.resolve(info, memory.Weights.of_folder(folder))
         dtype = torch.float16 if policy.fp16 else torch.float32
         start = time.perf_counter()
         kwargs: dict[str, Any] = {"torch_dtype": dtype}

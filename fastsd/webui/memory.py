@@ -2,19 +2,26 @@
 
 Every field left at None is chosen by :meth:`MemoryPolicy.resolve`; a field set to True or
 False is the user's override and is kept. The rules, for a model whose weights take W GB
-on the device and F GB free before it is loaded:
+on the device in the precision they are loaded in (counted from the files' headers: the
+registry's downloads and fastsd's exports are fp16, other files fp32) and F GB free before
+it is loaded:
 
 * CUDA: fp16 weights and SDPA attention (PyTorch's fused kernel). CPU/MPS: fp32.
 * model CPU offload when F < W + 1 GB: the weights cannot sit on the GPU with room to work;
 * attention slicing when F < W + 2.5 GB, VAE slicing (one image decoded at a time) when
   F < W + 4 GB, VAE tiling when F < W + 1.5 GB;
 * on CPU none of them (they save no RAM worth their time there).
+
+Whatever the policy, the VAE decodes safely in fp16 (:func:`fastsd.models.vae.guard`):
+SDXL's own VAE in fp32, any other one caught and upcast if it makes a black image.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+from fastsd import drive
 
 OFFLOAD_HEADROOM_GB = 1.0
 SLICING_HEADROOM_GB = 2.5
@@ -30,11 +37,12 @@ class MemoryPolicy:
     vae_tiling: bool | None = None
     cpu_offload: bool | None = None
 
-    def resolve(self, device, weights_gb: float) -> "MemoryPolicy":
-        """Fill every None from ``device`` (fastsd.env.DeviceInfo) and the fp32 weight size."""
+    def resolve(self, device, weights: "Weights") -> "MemoryPolicy":
+        """Fill every None from ``device`` (fastsd.env.DeviceInfo) and the model's
+        :class:`Weights`."""
         cuda = device.device == "cuda"
         fp16 = cuda if self.fp16 is None else self.fp16
-        w = weights_gb / 2 if fp16 else weights_gb
+        w = weights.fp16_gb if fp16 else weights.fp32_gb
         free = device.vram_free_gb if cuda and device.vram_free_gb is not None else None
 
         def short(headroom: float) -> bool:
@@ -55,15 +63,50 @@ class MemoryPolicy:
         return [f.name for f in fields(cls)]
 
 
-def weights_gb(folder: Path) -> float:
-    """The size of a diffusers folder's weights as stored, in GB (fp32 for our models)."""
-    total = sum(p.stat().st_size for p in Path(folder).rglob("*")
-                if p.suffix in (".safetensors", ".bin") and p.is_file())
-    return total / 1024**3
+@dataclass(frozen=True)
+class Weights:
+    """What a model's weights take in memory once loaded, in GB, in fp16 and in fp32."""
+
+    fp16_gb: float
+    fp32_gb: float
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> "Weights":
+        """Counted from the headers of the weight files of each component the folder's
+        model_index.json names (nothing is loaded): floating-point tensors at 2 or 4 bytes
+        per value, whatever precision the files store, the rest as stored."""
+        from fastsd.convert.tensors import FLOATS, open_tensors
+
+        folder = Path(folder)
+        index = drive.read_json(folder / "model_index.json")
+        values = other = 0
+        for name, spec in index.items():
+            if not (isinstance(spec, list) and spec and spec[0]) or not (folder / name).is_dir():
+                continue
+            files = sorted((folder / name).glob("*.safetensors")) or \
+                sorted((folder / name).glob("*.bin"))
+            for f in files:
+                with open_tensors(f) as tf:
+                    for key in tf.keys():
+                        info = tf.info(key)
+                        if info.dtype in FLOATS:
+                            values += _numel(info.shape)
+                        else:
+                            other += info.nbytes
+        return cls((2 * values + other) / 1024**3, (4 * values + other) / 1024**3)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def apply(pipe, policy: MemoryPolicy, device: str) -> None:
-    """Put ``pipe`` on ``device`` as ``policy`` (resolved) says."""
+    """Put ``pipe`` on ``device`` as ``policy`` (resolved) says; guard its VAE's decode."""
+    from fastsd.models import vae as vae_guard
+
     if policy.cpu_offload and device == "cuda":
         pipe.enable_model_cpu_offload()
     else:
@@ -77,6 +120,8 @@ def apply(pipe, policy: MemoryPolicy, device: str) -> None:
         pipe.enable_attention_slicing()
     (pipe.vae.enable_slicing if policy.vae_slicing else pipe.vae.disable_slicing)()
     (pipe.vae.enable_tiling if policy.vae_tiling else pipe.vae.disable_tiling)()
+    sdxl = "XL" in type(pipe).__name__  # StableDiffusionXL{,Img2Img,Inpaint,...}Pipeline
+    vae_guard.guard(pipe.vae, vae_guard.must_upcast(pipe.vae, sdxl))
 
 
 def free_memory() -> None:
