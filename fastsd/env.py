@@ -53,6 +53,13 @@ class DeviceInfo:
         return f"{self.vram_free_gb} of {self.vram_total_gb} GB free"
 
 
+#: The free Colab GPU as torch reports it (15 GB card, 14.74 GiB total, ~14.6 GiB free once
+#: a context is open): what the estimates, benchmarks and real-size tests plan for.
+COLAB_T4 = DeviceInfo("cuda", "Tesla T4", 14.6, 14.74, (7, 5))
+#: Colab's free runtime: system RAM in GB; the kernel is killed above it.
+COLAB_RAM_GB = 12.7
+
+
 def _gib(mib: str) -> float | None:
     """nvidia-smi's MiB figure in GiB; None for "[N/A]" (some GPUs, MIG slices)."""
     try:

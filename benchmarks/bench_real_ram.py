@@ -1,0 +1,186 @@
+"""System RAM at real size, against Colab's 12.7 GB: the peak RSS of each operation that
+handles a whole full-size model, each in its own process.
+
+Models: random full-size SD 1.5 and SDXL (fastsd.models.full, built once into
+$FASTSD_FULL_CACHE from the official configs; fp16 UNets and text encoders as the registry
+downloads them). Each operation runs through fastsd's own code in a child process, which
+reports its peak resident set (ru_maxrss: every page it touched, the pages of memory-mapped
+files included), so the figure is what Colab's memory monitor sees at worst.
+
+Operations: load for generation (the engine with the memory options it chooses on a T4,
+every weight read once as moving it to the GPU does) from the diffusers folder and from a
+single .safetensors (converted once by the one resolver, then loaded); SDXL to a single file
+and back; staging the SDXL folder from a Drive-speed FUSE mount to local disk; training
+start-up through the first step and the export at the end (SD 1.5, the T4 preset as far
+as a CPU goes: bf16 autocast for fp16, 8-bit AdamW, gradient checkpointing, the caches).
+On this CPU the training process is also the "GPU": its peak holds the weights, gradients,
+optimizer state and activations a T4 would hold in VRAM, so the row also gives the RSS at
+the first step's start (the loaded model and the caches: what stays in system RAM on Colab).
+
+Run: .venv/bin/python benchmarks/bench_real_ram.py [OP ...]  (about 15 minutes; needs
+about 20 GB of free disk and 12 GB of free RAM; builds the full-size models on first use)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import Row, child_result, peak_rss_mb, write_result
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+LIMIT_GB = 12.7  # fastsd.env.COLAB_RAM_GB
+SDXL_BAR_GB = 11.0  # what the issue holds SDXL to: room for the kernel and the notebook
+GB = 1e9
+
+
+def rss_gb() -> float:
+    return peak_rss_mb() * 2**20 / GB
+
+
+def current_rss_gb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / GB
+
+
+def touch(pipe) -> None:
+    """Read every weight once, as pipe.to("cuda") does (loaders leave them memory-mapped)."""
+    import torch
+
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.float().sum()
+
+
+def workspace(work: Path, family: str, model: Path):
+    """A workspace whose Hub cache holds the family's config files (as a first online run
+    leaves it), so single files convert offline."""
+    from conftest import cache_family_configs
+
+    from fastsd.workspace import Workspace
+
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    cache_family_configs(home, family, model)
+    return Workspace(home)
+
+
+def single_file(work: Path, family: str, model: Path) -> Path:
+    """The full-size model as one fp16 .safetensors (made once per run, in the parent)."""
+    from fastsd.convert import to_single_file
+
+    out = work / f"{family}.safetensors"
+    if not out.is_file():
+        to_single_file(model, out, fp16=True)
+    return out
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def child(op: str, family: str, work: str) -> dict:
+    from fastsd import env
+    from fastsd.models import full
+
+    work_dir = Path(work)
+    model = full.ensure(family)
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if op in ("load-folder", "load-single"):
+        from fastsd.webui import memory
+        from fastsd.webui.catalog import Catalog
+        from fastsd.webui.engine import Engine
+
+        ws = workspace(work_dir, family, model)
+        src = model if op == "load-folder" else work_dir / f"{family}.safetensors"
+        policy = memory.MemoryPolicy().resolve(env.COLAB_T4, memory.Weights.of_folder(model))
+        catalog = Catalog([])
+        engine = Engine(catalog, policy, device="cpu", workspace=ws)
+        engine.load(catalog.add(src))
+        touch(engine._pipes["base"])
+        extra["policy"] = {k: v for k, v in engine.applied.to_dict().items() if v}
+    elif op == "to-single":
+        from fastsd.convert import to_single_file
+
+        to_single_file(model, work_dir / "out.safetensors", fp16=True)
+    elif op == "to-diffusers":
+        from fastsd.convert import to_diffusers
+
+        to_diffusers(work_dir / f"{family}.safetensors", work_dir / "back", config=model)
+    elif op == "stage":
+        from bench_models import Mount
+
+        from fastsd import models
+
+        with Mount(model.parent, work_dir / "mnt") as mnt:
+            local = models.stage(mnt / model.name, work_dir / "stage")
+        extra["bytes"] = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    else:
+        raise SystemExit(f"unknown operation {op}")
+    return {"peak_gb": rss_gb(), "seconds": time.perf_counter() - t0, **extra}
+
+
+# --------------------------------------------------------------------------- parent side
+
+OPS = [  # (operation, family, what the row says)
+    ("load-folder", "sd1", "SD 1.5: load for generation from the diffusers folder"),
+    ("load-single", "sd1", "SD 1.5: load for generation from a single .safetensors "
+                           "(converted once, then loaded)"),
+    ("load-folder", "sdxl", "SDXL: load for generation from the diffusers folder"),
+    ("load-single", "sdxl", "SDXL: load for generation from a single .safetensors "
+                            "(converted once, then loaded)"),
+    ("to-single", "sdxl", "SDXL: diffusers folder to a single file"),
+    ("to-diffusers", "sdxl", "SDXL: single file to a diffusers folder"),
+    ("stage", "sdxl", "SDXL: staging the folder from Drive (FUSE, Drive's speed) to local disk"),
+]
+
+
+def main(argv: list[str]) -> None:
+    from fastsd.models import full
+
+    only = set(argv)
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-real-ram-") as tmp:
+        for op, family, title in OPS:
+            if only and op not in only and f"{op}:{family}" not in only:
+                continue
+            work = Path(tmp) / f"{op}-{family}"
+            work.mkdir()
+            model = full.ensure(family)
+            if op in ("load-single", "to-diffusers"):
+                shutil.copy(single_file(Path(tmp), family, model), work)
+            r = child_result(__file__, op, family, str(work))
+            shutil.rmtree(work, ignore_errors=True)
+            bar = SDXL_BAR_GB if family == "sdxl" else LIMIT_GB
+            print(f"{title}: {r['peak_gb']:.2f} GB peak RSS, {r['seconds']:.0f} s", flush=True)
+            rows.append(Row(title, "GB peak RSS", round(r["peak_gb"], 2),
+                            target=f"< {bar:g} GB", higher_is_better=False,
+                            passed=r["peak_gb"] < bar))
+            if r.get("policy"):
+                notes.append(f"{title}: memory options {', '.join(r['policy'])}")
+    write_result(
+        "real_ram", "System RAM at real size against Colab's 12.7 GB (peak RSS per operation)",
+        rows, command=".venv/bin/python benchmarks/bench_real_ram.py",
+        notes="Random full-size models from the official configs (fastsd.models.full), fp16 "
+        "as the registry downloads them; each operation in its own process through fastsd's "
+        "code; peak RSS = ru_maxrss (pages of memory-mapped files included). Colab's free "
+        f"runtime has {LIMIT_GB} GB and kills the kernel above it; SDXL is held to "
+        f"{SDXL_BAR_GB} GB. " + "; ".join(notes))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print("RESULT " + json.dumps(child(*sys.argv[2:5])), flush=True)
+    else:
+        main(sys.argv[1:])
