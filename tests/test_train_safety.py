@@ -195,6 +195,93 @@ def test_a_snapshot_is_taken_at_the_step_and_written_exactly_in_the_background(t
     assert [c.step for c in checkpoint.listing(tmp_path / "bg")] == [6]
 
 
+def test_a_checkpoint_is_written_and_read_without_a_second_copy_in_memory(tmp_path):
+    """The snapshot is the only copy while it is written (it was serialised whole into
+    bytes, then read back whole: three copies of an fp32 UNet at the first checkpoint on a
+    T4). tracemalloc sees every Python bytes object; the tensors' own memory is not traced,
+    so the traced peak is what the write and the reads add: less than one tensor's size."""
+    import tracemalloc
+
+    import torch
+
+    n = 2_000_000  # 8 MB of fp32 per tensor
+    weights, moments = {"w": torch.randn(n)}, {"state": {0: {"exp_avg": torch.randn(n)}}}
+    snap = checkpoint.capture(3, {"unet": weights}, {"optimizer": moments}, {"stage": 0})
+    tracemalloc.start()
+    try:
+        checkpoint.write(tmp_path, snap, keep=1)
+        write_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        ck = checkpoint.latest(tmp_path)
+        unet, opt = ck.tensors["unet"], ck.objects["optimizer"]
+        read_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert unet["w"].equal(weights["w"])
+    assert opt["state"][0]["exp_avg"].equal(moments["state"][0]["exp_avg"])
+    assert write_peak < 4 * n / 2 and read_peak < 4 * n / 2, (write_peak, read_peak)
+
+
+def test_resume_reads_the_weights_when_they_are_used_not_before(tmp_path):
+    """latest() checks every file but keeps only the state: the weights are read when the
+    trainer copies them into the model (after the model is loaded, not beside it)."""
+    import torch
+
+    from fastsd.errors import DataError
+
+    path = checkpoint.save(tmp_path, 4, {"unet": {"w": torch.arange(5.0)}}, {}, {"stage": 1},
+                           keep=1)
+    ck = checkpoint.latest(tmp_path)
+    assert ck.state["stage"] == 1 and ck.step == 4
+    assert list(ck.tensors) == ["unet"] and ck.tensors["unet"]["w"].equal(torch.arange(5.0))
+    f = path / "unet.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF  # changed after latest() checked it: found when it is read
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="changed after it was checked"):
+        ck.tensors["unet"]
+
+
+def test_the_next_snapshot_is_taken_only_once_the_previous_is_on_drive(tmp_path):
+    """Two snapshots never sit in memory together: Writer.save waits for the write under
+    way before it captures the next one (the capture used to come first)."""
+    import threading
+
+    import torch
+
+    from fastsd import drive
+
+    live = {"w": torch.zeros(4)}
+    gate, waiting = threading.Event(), threading.Event()
+    real = drive._open_dest
+
+    def slow(path, mode="wb"):  # the first checkpoint's write waits for the gate
+        if "step-0000001" in str(path):
+            gate.wait(60)
+        return real(path, mode)
+
+    class Watched(checkpoint.Writer):
+        def wait(self):
+            waiting.set()
+            return super().wait()
+
+    drive._open_dest = slow
+    try:
+        w = Watched(background=True)
+        w.save(tmp_path, 1, {"unet": live}, {}, {}, keep=2)
+        waiting.clear()
+        second = threading.Thread(target=w.save, args=(tmp_path, 2, {"unet": live}, {}, {}, 2))
+        second.start()
+        assert waiting.wait(60)  # the second save is waiting for the first write...
+        live["w"] += 7  # ...while training goes on
+        gate.set()
+        second.join(60)
+        w.wait()
+    finally:
+        drive._open_dest = real
+    assert checkpoint.latest(tmp_path).tensors["unet"]["w"].equal(torch.full((4,), 7.0))
+
+
 def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_sd1):
     """A real small file system (a 6 MB tmpfs, in a private mount namespace) as the Drive."""
     if shutil.which("unshare") is None:
