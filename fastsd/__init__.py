@@ -10,6 +10,15 @@ models -> dataset -> kosmos -> train -> tunnel -> webui -> demo -> cli.
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# Exact resume on a CPU: without it, Intel MKL may take another code path for a tensor
+# that lies at another memory alignment (a weight or optimizer state loaded from a
+# checkpoint), and a resumed run drifts from an uninterrupted one in the last bits. MKL
+# reads this when it loads, so it is set before torch is imported; a value the user set
+# is kept.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 from fastsd.errors import FastSDError, show_in_notebook  # noqa: E402,F401
 
 show_in_notebook()

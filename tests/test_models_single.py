@@ -4,6 +4,7 @@ refused by the converter, the v_pred / ztsnr markers, and the `fastsd models` co
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -50,6 +51,10 @@ def test_a_single_file_on_drive_is_converted_once_and_reused(tmp_path, workspace
     stamp = (first / "model_index.json").stat().st_mtime_ns
     assert models.resolve_model(str(f)) == first
     assert (first / "model_index.json").stat().st_mtime_ns == stamp
+    # Where a single file is wanted (AUTOMATIC1111, Forge), the file it came from is used.
+    assert models.source_file(first) == f.resolve()
+    os.utime(f, (1, 1))  # changed since: the record no longer answers for it
+    assert models.source_file(first) is None
 
 
 def test_a_single_file_given_as_a_base_model_trains(workspace, tiny_sd1):

@@ -119,7 +119,7 @@ def test_it_learns_and_the_frozen_part_stays_frozen(workspace, tiny_sd1):
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_family_trains_through_both_stages(family, workspace, request):
-    from fastsd.train.trainer import load_parts
+    from fastsd.train.parts import load_parts
 
     folder = request.getfixturevalue(f"tiny_{family}")
     link_tiny(workspace, family, folder)

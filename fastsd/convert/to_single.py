@@ -151,6 +151,18 @@ def prediction_markers(folder: Path, prediction_type: str | None) -> list[str]:
     return [detect.V_PRED_MARK] + ([detect.ZTSNR_MARK] if zsnr else [])
 
 
+def planned_size(src: str | os.PathLike[str], fp16: bool = True) -> int:
+    """The bytes of tensor data :func:`to_single_file` writes for ``src`` (the header adds a
+    few hundred KB), from its configs and file headers alone."""
+    src = Path(src)
+    det = detect.detect_folder(src)
+    if not det.convertible:
+        raise detect.refuse(det, src)
+    assert det.family is not None
+    with contextlib.ExitStack() as stack:
+        return sum(p.info.nbytes for p in plan(src, det.family, fp16, stack))
+
+
 def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                    fp16: bool = True, ckpt: bool = False,
                    global_step: int | None = None) -> Path:

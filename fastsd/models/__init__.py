@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from fastsd import fetch
+from fastsd import drive, fetch
 from fastsd.errors import ModelError
 from fastsd.models.staging import stage  # noqa: F401  (models.stage(path) -> local path)
 from fastsd.workspace import Workspace
@@ -24,6 +24,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 # sit beside the folders in many repos are left out.
 DIFFUSERS_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 DIFFUSERS_SKIP = ["*.fp16.*", "*non_ema*", "*.ckpt", "*/*.bin", "*.onnx", "*.msgpack"]
+# In a folder converted from a single file: that file, so it is used as it is where a
+# single file is wanted (AUTOMATIC1111, Forge) instead of being converted back.
+SOURCE_RECORD = "fastsd_source.json"
 
 
 def resolve_model(name: str | os.PathLike[str],
@@ -80,6 +83,24 @@ def converted(file: Path, ws: Workspace) -> Path:
     digest = hashlib.sha256(f"{file.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()
                             ).hexdigest()[:10]
     out = ws.converted / f"{file.stem}-{digest}"
-    if (out / "model_index.json").is_file():
-        return out
-    return to_diffusers(file, out, root=ws)
+    if not (out / "model_index.json").is_file():
+        to_diffusers(file, out, root=ws)
+    if not (out / SOURCE_RECORD).is_file():  # folders converted before the record existed too
+        drive.atomic_write_json(out / SOURCE_RECORD, {"file": str(file.resolve()),
+                                                      "size": st.st_size,
+                                                      "mtime": int(st.st_mtime)})
+    return out
+
+
+def source_file(folder: Path) -> Path | None:
+    """The single file the converted ``folder`` was made from, while it is still there
+    unchanged; None for any other folder."""
+    record = Path(folder) / SOURCE_RECORD
+    if not record.is_file():
+        return None
+    src = drive.read_json(record)
+    file = Path(src["file"])
+    if not file.is_file():
+        return None
+    st = file.stat()
+    return file if (st.st_size, int(st.st_mtime)) == (src["size"], src["mtime"]) else None

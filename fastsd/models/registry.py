@@ -27,6 +27,7 @@ log = logging.getLogger("fastsd")
 
 MARKER = "fastsd_model.json"  # written last: a folder without it is not whole
 PARTIAL = ".partial"  # where a download in progress lives (resumable)
+CONTROLNET_DIR = "controlnet"  # in the workspace's models/: one diffusers folder per ControlNet
 FP16 = ".fp16."
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
@@ -225,7 +226,7 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     shared ``models/controlnet/``."""
     ws = Workspace.current(ws)
     c = controlnet(name, family)
-    out = ws.models / "controlnet" / f"{family}-{name}"
+    out = ws.models / CONTROLNET_DIR / f"{family}-{name}"
     if is_whole(out):
         return out
     partial = ws.models / PARTIAL / f"controlnet-{family}-{name}"

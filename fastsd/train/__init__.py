@@ -3,7 +3,10 @@
 ``fastsd.train.train(session, TrainSettings(...), resume=...)`` is what the notebook cell
 and ``fastsd train`` call. Settings and presets: :mod:`fastsd.train.settings`; data order
 and caches: :mod:`fastsd.train.data`; checkpoints: :mod:`fastsd.train.checkpoint`; the
-loop: :mod:`fastsd.train.trainer`.
+model parts, what each stage trains and the loss: :mod:`fastsd.train.parts`; the position
+and RNG states: :mod:`fastsd.train.state`; the optimizer: :mod:`fastsd.train.optim`; the
+run's set-up: :mod:`fastsd.train.run`; the export: :mod:`fastsd.train.export`; the loop:
+:mod:`fastsd.train.trainer`.
 """
 
 from fastsd.train.settings import PRESETS, TrainSettings  # noqa: F401

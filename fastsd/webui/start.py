@@ -73,8 +73,11 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
     QR code appear in it when the server answers). A second call with the same settings
     reuses the running server; other settings replace it.
 
-    ``tunnel`` is a provider name, ``"auto"``, or None for this machine only. A password
-    is always set; without one, the workspace's saved password is used.
+    ``model`` (any name the resolver takes, or a single file) is loaded at start, else the
+    session's trained model; AUTOMATIC1111 and Forge get it as a single file
+    (:func:`external.single_file`). ``tunnel`` is a provider name, ``"auto"``, or None for
+    this machine only. A password is always set; without one, the workspace's saved
+    password is used.
     """
     if ui not in UIS:
         raise LaunchError(f"Unknown web UI {ui!r}: choose one of {', '.join(UIS)}.")
@@ -90,8 +93,7 @@ def start(session: str | None = None, *, model: str | None = None, ui: str = "fa
         return background.launch(cmd, port, logs / "webui.log", auth=auth, tunnel=tunnel,
                                  health_path=background.HEALTH_PATH,
                                  ready_timeout=ready_timeout)
-    return external.start(ui, port, auth, session_models=s.models if s else None,
-                          session_name=s.name if s else None, log_path=logs / f"{ui}.log",
+    return external.start(ui, port, auth, model=model, session=s, log_path=logs / f"{ui}.log",
                           workspace=root, tunnel=tunnel, ready_timeout=ready_timeout)
 
 

@@ -1,0 +1,173 @@
+"""The model parts a run trains: the diffusers folder loaded (:func:`load_parts`), what
+each stage trains and what a checkpoint keeps of it (:class:`Parts`), where the parts live
+in each phase (:class:`Placement`), the text encoding and the denoising loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastsd import drive
+from fastsd.errors import ModelError
+
+
+@dataclass
+class Parts:
+    """The pipeline and the pieces of it the trainer touches."""
+
+    pipe: Any
+    unet: Any
+    vae: Any
+    encoders: list  # one text encoder, or two for SDXL
+    tokenizers: list
+    noise_scheduler: Any
+    family: str  # sd1 | sd2 | sdxl
+    v_prediction: bool
+
+    @property
+    def sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    # What a stage trains and what a checkpoint keeps of it.
+
+    def trainable(self, stage: str) -> dict[str, Any]:
+        """The modules ``stage`` ("unet" or "text") trains, by their name in a checkpoint."""
+        if stage == "unet":
+            return {"unet": self.unet}
+        return {("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): m
+                for i, m in enumerate(self.encoders)}
+
+    def parameters(self, stage: str) -> list:
+        """The parameters the optimizer of ``stage`` steps."""
+        return [p for m in self.trainable(stage).values() for p in m.parameters()]
+
+    def modules(self) -> dict[str, Any]:
+        return {**self.trainable("unet"), **self.trainable("text")}
+
+    def checkpoint_tensors(self, names: list[str], unwrap) -> dict[str, dict]:
+        """What a checkpoint keeps of the modules ``names`` (those trained so far): their
+        state dicts, each module unwrapped from accelerate by ``unwrap``."""
+        return {n: unwrap(m).state_dict() for n, m in self.modules().items() if n in names}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, dict]) -> None:
+        """Put back what :meth:`checkpoint_tensors` kept."""
+        for name, sd in tensors.items():
+            self.modules()[name].load_state_dict(sd)
+
+    def param_counts(self) -> dict[str, int]:
+        return {k: sum(p.numel() for p in m.parameters()) for k, m in self.modules().items()}
+
+
+def load_parts(model_dir: Path) -> Parts:
+    """Load a diffusers folder (SD 1.x, SD 2.x or SDXL) in fp32 and tell its family."""
+    import torch
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from fastsd.convert.detect import detect_folder
+
+    index = drive.read_json(Path(model_dir) / "model_index.json")
+    unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
+              if k in index}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                 **unused)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load the base model from {model_dir}: {e}. Check that the "
+                         "folder is a complete diffusers model.") from e
+    pipe.set_progress_bar_config(disable=True)
+    detected = detect_folder(model_dir)
+    if detected.kind != "checkpoint":
+        raise ModelError(f"{model_dir} is {detected.describe()}, not a base model to train.")
+    te2 = getattr(pipe, "text_encoder_2", None)
+    family = detected.family
+    v_pred = detected.prediction_type == "v_prediction"
+    encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if te2 is not None else [])
+    return Parts(pipe, pipe.unet, pipe.vae, encoders, tokenizers,
+                 DDPMScheduler.from_config(pipe.scheduler.config), family, v_pred)
+
+
+def tokenize(parts: Parts, captions: list[str]) -> list:
+    """Token ids of ``captions`` for each tokenizer, padded to its maximum length."""
+    return [tok(captions, padding="max_length", max_length=tok.model_max_length,
+                truncation=True, return_tensors="pt").input_ids for tok in parts.tokenizers]
+
+
+def encode_text(parts: Parts, ids: list, device, encoders: list | None = None) -> tuple[Any, Any]:
+    """(hidden states, pooled embedding or None), as the pipelines compute them.
+    ``encoders`` (default: the parts' own) may be the accelerate-wrapped ones."""
+    import torch
+
+    encoders = encoders or parts.encoders
+    if not parts.sdxl:
+        return encoders[0](ids[0].to(device))[0], None
+    hidden, pooled = [], None
+    for enc, tok_ids in zip(encoders, ids):
+        out = enc(tok_ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the second encoder's projected, pooled embedding
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def snr(noise_scheduler, timesteps):
+    """Signal-to-noise ratio alpha_t^2 / sigma_t^2 of each timestep."""
+    ac = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return ac / (1 - ac)
+
+
+def denoise_loss(parts: Parts, unet, latents, noise, timesteps, hidden, added=None,
+                 min_snr_gamma: float = 0.0):
+    """Per-example denoising loss (epsilon or v target), min-SNR weighted when gamma > 0."""
+    import torch.nn.functional as F
+
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = (parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+              if parts.v_prediction else noise)
+    pred = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:
+        s = snr(parts.noise_scheduler, timesteps)
+        weight = s.clamp(max=min_snr_gamma) / (s + 1 if parts.v_prediction else s)
+        loss = loss * weight
+    return loss
+
+
+# --------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the VAE, the text encoders and the UNet live in each phase of a run.
+
+    On a GPU with less than ``ROOMY_GB`` of memory, what a phase does not run leaves it:
+    the VAE after the latent cache is built, the text encoders during the UNet stage (their
+    embeddings are cached). On CPU, or a GPU with room, everything stays on the device.
+    """
+
+    device: Any
+    offload: bool
+
+    ROOMY_GB = 30.0
+
+    def where(self, phase: str) -> dict[str, Any]:
+        """Device of each group ("vae", "text", "unet") in ``phase``: "cache", "unet",
+        "text" (the stages), "sample" or "export"."""
+        off = "cpu" if self.offload else self.device
+        if phase == "unet":
+            return {"unet": self.device, "text": off, "vae": off}
+        if phase == "text":
+            return {"unet": self.device, "text": self.device, "vae": off}
+        return {"unet": self.device, "text": self.device, "vae": self.device}
+
+    def apply(self, parts: Parts, phase: str) -> None:
+        where = self.where(phase)
+        parts.unet.to(where["unet"])
+        parts.vae.to(where["vae"])
+        for enc in parts.encoders:
+            enc.to(where["text"])
+
+
+def placement_policy(device, info) -> Placement:
+    vram = getattr(info, "vram_total_gb", None) or 0.0
+    return Placement(device, device.type == "cuda" and vram < Placement.ROOMY_GB)

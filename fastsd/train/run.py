@@ -1,0 +1,305 @@
+"""A run and its set-up: :func:`prepare` does everything before the first step (settings,
+the checkpoint to resume from, the model, the Drive space check, class images, the caches)
+and returns the :class:`Run` the stages share; the prompt embeddings (:class:`Prompts`)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastsd import drive, env, models
+from fastsd.errors import DataError
+from fastsd.train import checkpoint, data
+from fastsd.train import resume as resume_mod
+from fastsd.train.parts import (Parts, Placement, encode_text, load_parts, placement_policy,
+                                tokenize)
+from fastsd.train.settings import (TrainSettings, describe, drive_plan, estimate_vram_gb,
+                                   resolve)
+from fastsd.train.state import StopSignals, TrainState, rng_states
+
+log = logging.getLogger("fastsd")
+
+SAMPLES_DIR = "samples"
+
+Event = Callable[[str, dict], None]
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+class Prompts:
+    """Prompt embeddings: each distinct caption embedded once while the text encoders are
+    frozen; computed at each step by the encoders while they train."""
+
+    def __init__(self, parts: Parts, captions: list[str], device) -> None:
+        self.parts, self.device = parts, device
+        self.captions = sorted(set(captions))
+        all_ids = tokenize(parts, self.captions)  # tokenized once, even while training
+        self.ids = {c: [ids[i:i + 1] for ids in all_ids] for i, c in enumerate(self.captions)}
+        self.cache: dict[str, tuple] = {}
+        self.encodes = 0
+
+    def build(self) -> None:
+        import torch
+
+        self.cache.clear()
+        with torch.no_grad():
+            for c in self.captions:
+                self.cache[c] = encode_text(self.parts, self.ids[c], self.device)
+                self.encodes += 1
+
+    def embed(self, caps: list[str], encoders: list | None) -> tuple[Any, Any]:
+        """(hidden states, pooled): cached when ``encoders`` is None, else computed by them."""
+        import torch
+
+        if encoders is None:
+            hid = torch.cat([self.cache[c][0] for c in caps])
+            pooled = torch.cat([self.cache[c][1] for c in caps]) if self.parts.sdxl else None
+            return hid, pooled
+        ids = [torch.cat([self.ids[c][k] for c in caps]) for k in range(len(self.ids[caps[0]]))]
+        return encode_text(self.parts, ids, self.device, encoders)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """Everything a run's stages share: session, settings, model parts, data, caches, the
+    checkpoint writer and the position."""
+
+    session: Any
+    settings: TrainSettings
+    accelerator: Any
+    parts: Parts
+    placement: Placement
+    examples: list
+    class_examples: list
+    latents: Any
+    prompts: Prompts
+    state: TrainState
+    record: dict[str, Any]  # what a checkpoint records beside the state
+    writer: checkpoint.Writer
+    emit: Event
+    stop: StopSignals
+    ckpt: checkpoint.Checkpoint | None = None  # to restore from, once
+    extended: str | None = None  # the stage whose step count changed on resume
+    resumed_from: int | None = None
+    samples: list[Path] = field(default_factory=list)
+    checkpoint_waits: list[float] = field(default_factory=list)
+
+    def save_checkpoint(self, objects: dict[str, Any]) -> Path:
+        """Snapshot the trained weights, ``objects`` and the state to CPU memory now; the
+        writer puts them on Drive in the background."""
+        acc, st = self.accelerator, self.state
+        path = Path(self.session.checkpoints) / checkpoint.folder_name(st.global_step)
+        if acc.is_main_process:
+            t0, waited = time.perf_counter(), self.writer.waited_s
+            tensors = self.parts.checkpoint_tensors(st.modified, acc.unwrap_model)
+            snap = checkpoint.capture(st.global_step, tensors, {**objects, "rng": rng_states()},
+                                       {**st.to_dict(), **self.record,
+                                        "settings": self.settings.to_dict()})
+            path = self.writer.submit(self.session.checkpoints, snap,
+                                      self.settings.keep_checkpoints)
+            self.checkpoint_waits.append(time.perf_counter() - t0)
+            log.debug("Checkpoint %s: %.2f s in the loop (%.2f s waiting for the previous)",
+                      path.name, self.checkpoint_waits[-1], self.writer.waited_s - waited)
+            self.emit("checkpoint", {"global_step": st.global_step, "path": path})
+        return path
+
+    def finish_writes(self) -> None:
+        if self.accelerator.is_main_process:
+            self.writer.wait()
+        self.accelerator.wait_for_everyone()
+
+    def stop_here(self, path: Path) -> None:
+        self.finish_writes()
+        self.stop.raise_stop(self.state.global_step, path, self.session.name)
+
+    def save_samples(self, phase: str) -> None:
+        import torch
+
+        if not self.accelerator.is_main_process:
+            return
+        s, parts = self.settings, self.parts
+        prompts = s.sample_prompts or [data.instance_prompt(self.session.settings)]
+        self.placement.apply(parts, "sample")
+        modes = {m: m.training for m in parts.modules().values()}
+        for m in modes:
+            m.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), self.accelerator.autocast():
+            images = parts.pipe(prompts, num_inference_steps=s.sample_steps,
+                                height=s.resolution, width=s.resolution,
+                                generator=torch.Generator().manual_seed(s.seed)).images
+        for m, was in modes.items():
+            m.train(was)
+        self.placement.apply(parts, phase)
+        made = []
+        for i, im in enumerate(images):
+            path = (Path(self.session.outputs) / SAMPLES_DIR
+                    / f"step-{self.state.global_step:07d}-{i}.png")
+            with drive.atomic_writer(path) as f:
+                im.save(f, format="PNG")
+            made.append(path)
+        self.samples.extend(made)
+        self.emit("samples", {"global_step": self.state.global_step, "paths": made})
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def prepare(session, settings, *, resume: bool, restart: bool, accept_changed_data: bool,
+            emit: Event) -> Run:
+    """Everything before the first step: settings, the checkpoint to resume from (checked
+    against the base model and the data), the model, the Drive space check, the caches."""
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    ckroot = Path(session.checkpoints)
+    given = resume_mod.given_options(settings)
+    data.clean_local_leftovers()
+    if Path(session.models).is_dir():
+        drive.clean_temporaries(session.models)  # a killed export's half-written folder
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.latest(ckroot)
+        if ckpt is not None and ckpt.state.get("format") != checkpoint.FORMAT:
+            raise DataError(f"Checkpoint {ckpt.path} was written by another version of "
+                            "fastsd and cannot be resumed by this one. Start over with "
+                            "--restart (it deletes the old checkpoints).")
+        stored = ckpt.state["settings"] if ckpt else session.settings.get("train")
+        if stored is None and not given:
+            raise DataError(
+                f"Session {session.name} has no checkpoint and no stored training settings "
+                "to resume from (the run stopped before saving them). Start the run again "
+                "without --resume, with the options you want.")
+        chosen = (resume_mod.resumed_settings(stored, given) if stored is not None
+                  else resume_mod.fresh_settings(given))
+        if ckpt is None:
+            log.warning("No whole checkpoint in %s to resume from; starting at step 0 with "
+                        "%s.", ckroot, "the settings stored for this run" if stored
+                        else "the options given")
+    else:
+        if checkpoint.listing(ckroot):
+            if not restart:
+                raise DataError(
+                    f"Session {session.name} already has checkpoints in {ckroot}. Resume "
+                    "that run ('fastsd train SESSION --resume', or tick 'resume'), or start "
+                    "over with --restart, which deletes them.")
+            log.warning("Starting over: removed %d checkpoints.", checkpoint.clear(ckroot))
+        chosen = resume_mod.fresh_settings(given)
+    info = env.device_info()
+    chosen, preset = resolve(chosen, info, session.settings.get("resolution", 512))
+    session.update(train=chosen.to_dict())  # first, so that a resume finds them
+    s = chosen
+
+    # one process may train several times (a notebook runtime): accelerate keeps its state
+    # per process, and refuses another precision unless it is reset
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=s.mixed_precision, cpu=not info.is_cuda)
+    device = accelerator.device
+    if info.is_cuda and (info.capability or (0, 0)) >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    random.seed(s.seed)
+    np.random.seed(s.seed)
+    torch.manual_seed(s.seed)
+
+    # ---- model, and what the checkpoint must match
+    examples = data.instance_examples(session)  # no images: say so before loading anything
+    srcs = data.sources(session, examples) if s.crop == "random" else None
+    base_name = session.settings["base_model"]
+    model_dir = models.stage(models.resolve_model(base_name, session.workspace))
+    parts = load_parts(model_dir)
+    record = {"family": parts.family, "resolution": s.resolution,
+              "base_model": {"name": base_name,
+                             "fingerprint": resume_mod.model_fingerprint(parts.unet)},
+              "images": data.fingerprint(examples, srcs)}
+    changed_data = False
+    if ckpt is not None:
+        resume_mod.check_base_model(ckpt.state.get("base_model"), base_name,
+                                    record["base_model"]["fingerprint"])
+        changed_data = resume_mod.check_data(ckpt.state.get("images"), record["images"],
+                                             accept_changed_data)
+    for m in [parts.vae, *parts.modules().values()]:
+        m.requires_grad_(False).eval()
+    vram = estimate_vram_gb(s, parts.family, parts.param_counts())
+    log.info("%s\n%s", f"Base model {model_dir} ({parts.family}, "
+             f"{'v-prediction' if parts.v_prediction else 'epsilon'})", describe(s, preset, vram))
+    if info.vram_total_gb and max(vram.values()) > info.vram_total_gb:
+        log.warning("The estimated peak VRAM (%.1f GB) is more than this GPU's %.1f GB: "
+                    "lower the resolution or batch size, or turn on 8-bit Adam and gradient "
+                    "checkpointing, if it runs out of memory.", max(vram.values()),
+                    info.vram_total_gb)
+    if accelerator.is_main_process:
+        check_drive_space(session, s, parts, ckpt)
+    if s.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        for enc in parts.encoders:
+            enc.activation_checkpointing_enable()
+    placement = placement_policy(device, info)
+    placement.apply(parts, "cache")
+
+    # ---- class images, trained weights, position
+    class_ex = class_images(session, s, parts, accelerator)
+    state = TrainState(data.DataOrder(len(examples), s.seed),
+                       data.DataOrder(max(len(class_ex), 1), s.seed + 1))
+    extended = None
+    if ckpt is not None:
+        parts.load_checkpoint_tensors(ckpt.tensors)
+        state = TrainState.load(ckpt.state, ckpt.object("rng"), len(examples),
+                                max(len(class_ex), 1), changed_data)
+        extended = resume_mod.apply_step_changes(
+            state, TrainSettings.from_dict(ckpt.state["settings"]), s)
+        log.info("Resuming from %s: %s.", ckpt.path.name, state.describe(s))
+
+    # ---- caches
+    latents = data.encode_latents(parts.vae, examples, class_ex, srcs, s, device)
+    prompts = Prompts(parts, [ex.caption for ex in examples + class_ex], device)
+    return Run(session, s, accelerator, parts, placement, examples, class_ex, latents,
+               prompts, state, record, checkpoint.Writer(s.background_checkpoints), emit,
+               StopSignals(), ckpt, extended, ckpt.step if ckpt else None)
+
+
+def class_images(session, s: TrainSettings, parts: Parts, accelerator) -> list:
+    """Prior preservation's class images: generated once by the base model, kept."""
+    if not s.prior_preservation:
+        return []
+    if s.class_images < 1:
+        raise DataError("Prior preservation needs class_images of 1 or more.")
+    prompt = data.class_prompt(s, session.settings)
+    folder, class_ex = data.class_examples(session, prompt, s.class_images)
+    if len(class_ex) < s.class_images and accelerator.is_main_process:
+        log.info("Generating %d class images of %r with the base model",
+                 s.class_images - len(class_ex), prompt)
+        data.generate_class_images(parts.pipe, folder, prompt, s.class_images, s.resolution,
+                                   s.class_steps, s.seed, len(class_ex))
+    accelerator.wait_for_everyone()
+    return data.class_examples(session, prompt, s.class_images)[1]
+
+
+def check_drive_space(session, s: TrainSettings, parts: Parts, ckpt) -> None:
+    """Stop before any training when what the run puts on Drive does not fit its free
+    space, with the numbers and the options that shrink them."""
+    from fastsd.errors import DriveError
+
+    have = sum(f.stat().st_size for f in Path(session.checkpoints).rglob("*") if f.is_file())
+    plan = drive_plan(s, parts.param_counts(), sum(p.numel() for p in parts.vae.parameters()),
+                      have)
+    free = drive.free_bytes(session.path)
+    log.info("Drive: this run needs about %s, %s free.", gb(plan.total), gb(free))
+    if plan.total > free:
+        raise DriveError(
+            f"Not enough free space on Drive for this run: it needs about {gb(plan.total)} "
+            f"({plan.describe()}), and {gb(free)} is free at {session.path}. To fit: "
+            + plan.advice(s) + ", or free space on Drive (and empty its trash).")
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
