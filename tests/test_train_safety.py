@@ -169,6 +169,50 @@ def test_bf16_mixed_precision_runs_on_cpu(workspace, tiny_sd1):
     assert all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
 
 
+def test_t4_preset_as_far_as_a_cpu_goes(workspace, tiny_sd1, monkeypatch):
+    """The T4's settings on CPU (bf16 for fp16): the trained weights stay fp32 and the
+    optimizer keeps 8-bit (uint8, for tensors of 4096 values and more) or fp32 moments,
+    never half-precision ones; class images are made under autocast like the samples (they
+    were made in fp32, four times slower on a T4)."""
+    import torch
+
+    from fastsd.train import checkpoint, data
+
+    link_tiny(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("t4cpu", workspace, n=2)
+    made, weights = [], []
+    real = data.generate_class_images
+
+    def generate(*a, **kw):
+        made.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*a, **kw)
+    monkeypatch.setattr(data, "generate_class_images", generate)
+
+    def hook(event, info):
+        if event == "stage_start":
+            weights.append(info["parts"])
+        if event == "step":
+            parts = weights[0]
+            weights.append({p.dtype for st in ("unet", "text") for p in parts.parameters(st)})
+    r = train(s, dict(FAST, unet_steps=2, text_steps=1, mixed_precision="bf16",
+                      adam_8bit=True, gradient_checkpointing=True, prior_preservation=True,
+                      class_images=1, class_steps=1, keep_checkpoints=5), on_event=hook)
+    assert made == [(True, torch.bfloat16)]
+    assert s.settings["train"]["adam_8bit"] is True
+    assert all(w == {torch.float32} for w in weights[1:] if isinstance(w, set))
+    assert all(torch.isfinite(torch.tensor(r.losses)))
+
+    def moments(d: dict) -> list:  # bitsandbytes nests its quantized state one level down
+        return [x for k, v in d.items() for x in (moments(v) if isinstance(v, dict) else
+                [v] if isinstance(v, torch.Tensor) and k.startswith(("state", "exp_avg"))
+                else [])]
+    for ck in checkpoint.listing(s.checkpoints):
+        state = checkpoint.Checkpoint(ck.path, ck.step).load().objects["optimizer"]["state"]
+        kinds = {v.dtype for v in moments(state)}
+        assert kinds <= {torch.uint8, torch.float32}, ck.path.name
+        assert torch.uint8 in kinds, ck.path.name  # 8-bit AdamW ran
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -65,6 +65,7 @@ def load_parts(model_dir: Path) -> Parts:
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     from fastsd.convert.detect import detect_folder
+    from fastsd.models import vae as vae_guard
 
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
@@ -84,6 +85,7 @@ def load_parts(model_dir: Path) -> Parts:
     v_pred = detected.prediction_type == "v_prediction"
     encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if te2 is not None else [])
+    vae_guard.guard(pipe.vae, vae_guard.must_upcast(pipe.vae, family == "sdxl"))  # samples
     return Parts(pipe, pipe.unet, pipe.vae, encoders, tokenizers,
                  DDPMScheduler.from_config(pipe.scheduler.config), family, v_pred)
 

@@ -172,8 +172,9 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
     if settings.resolution is None:
         values["resolution"] = int(session_resolution)
     if not getattr(info, "is_cuda", False):
-        # bitsandbytes and fp16 need CUDA; on CPU, fp32 unless bf16 is asked for by name.
-        values.update(adam_8bit=False,
+        # fp16 needs CUDA: on CPU fp32 unless bf16 is asked for by name; 8-bit Adam (which
+        # bitsandbytes runs on CPU too) only when asked for by name.
+        values.update(adam_8bit=bool(settings.adam_8bit),
                       mixed_precision="bf16" if settings.mixed_precision == "bf16" else "no")
     return dataclasses.replace(settings, **values), preset
 
