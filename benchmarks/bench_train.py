@@ -202,50 +202,9 @@ def whole_process(kind: str, home: Path) -> float:
 def measure_sd15_activations() -> dict[str, float]:
     """GB of tensors autograd saves in one 512 px forward of the SD 1.5 UNet (16-bit),
     without and with gradient checkpointing' peak, on the meta device."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from fastsd.train import activations
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-    params = sum(p.numel() for p in unet.parameters())
-    unet = unet.to(torch.float16).train()
-    blocks = {**{f"down{i}": b for i, b in enumerate(unet.down_blocks)}, "mid": unet.mid_block,
-              **{f"up{i}": b for i, b in enumerate(unet.up_blocks)}}
-    current = ["outside"]
-    for name, b in blocks.items():
-        b.register_forward_pre_hook(lambda m, a, n=name: current.__setitem__(0, n))
-        b.register_forward_hook(lambda m, a, o: current.__setitem__(0, "outside"))
-    attn = [0]
-    seen: set[int] = set()
-    kept: list[dict[str, int]] = [{}]  # saved bytes per block, of the current pass
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter) and id(t) not in seen:
-            seen.add(id(t))
-            n = t.numel() * t.element_size()
-            if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] in (4096, 1024, 256, 64):
-                attn[0] += n  # L x L attention matrices: memory-efficient SDPA keeps none
-            else:
-                kept[0][current[0]] = kept[0].get(current[0], 0) + n
-        return t
-
-    def forward() -> dict[str, int]:
-        seen.clear()
-        kept[0] = {}
-        x = torch.randn(1, 4, 64, 64, device="meta", dtype=torch.float16)
-        h = torch.randn(1, 77, 768, device="meta", dtype=torch.float16)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, torch.tensor([500], device="meta"), h)
-        return kept[0]
-
-    full = forward()
-    total = sum(full.values()) / 1e9
-    attn_gb = attn[0] / 1e9
-    unet.enable_gradient_checkpointing()  # now only block inputs are kept...
-    inputs = sum(forward().values()) / 1e9
-    largest = max(v for k, v in full.items() if k != "outside") / 1e9  # ...+ one recomputed
-    return {"params": params, "saved_gb": total, "ckpt_inputs_gb": inputs,
-            "largest_block_gb": largest, "attn_matrices_gb": attn_gb}
+    return activations.measure("sd1", 512)
 
 
 def t4_estimate(act: dict) -> tuple[float, str]:
@@ -268,7 +227,7 @@ def t4_estimate(act: dict) -> tuple[float, str]:
         f"{u * 12 / 1e9:.2f} GB; activations: autograd keeps {act['saved_gb']:.2f} GB in a "
         f"512 px fp16 forward (measured on the meta device by a saved-tensors hook, without "
         f"the {act['attn_matrices_gb']:.1f} GB of L x L attention matrices that SDPA's "
-        f"memory-efficient kernel does not store); with checkpointing, block inputs "
+        f"memory-efficient kernel does not store, nor views of the weights); with checkpointing, block inputs "
         f"{act['ckpt_inputs_gb']:.2f} GB + the largest block recomputed "
         f"{act['largest_block_gb']:.2f} GB, a fraction "
         f"{(act['ckpt_inputs_gb'] + act['largest_block_gb']) / act['saved_gb']:.2f} of it "

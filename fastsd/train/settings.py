@@ -183,13 +183,16 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
 
 #: Activations the UNet's forward keeps for the backward pass, one 512x512 image, 16-bit,
 #: in GB: measured on the real architectures (random weights on PyTorch's meta device, no
-#: memory used) by summing the tensors autograd saves, less the L x L attention matrices
-#: that SDPA's memory-efficient kernels never store. See benchmarks/bench_train.py.
-ACTIVATION_GB_512 = {"sd1": 1.55, "sd2": 1.6, "sdxl": 6.0}
+#: memory used) by fastsd.train.activations.measure, which sums the tensors autograd saves,
+#: less the L x L attention matrices that SDPA's memory-efficient kernels never store and
+#: less views of the weights (no memory of their own). They grow with the pixel count (the
+#: same measure at 768 and 1024 px: within 3% of (px/512)^2). tests/real checks these
+#: figures against the measure.
+ACTIVATION_GB_512 = {"sd1": 1.21, "sd2": 1.19, "sdxl": 2.38}
 BACKWARD_FACTOR = 1.25  # activation gradients and temporaries live during the backward
 #: With gradient checkpointing only each block's input is kept, plus one block's
-#: activations while it is recomputed: measured 0.16 + 0.34 of SD 1.5's 1.55 GB.
-CHECKPOINTED_FRACTION = 0.35
+#: activations while it is recomputed: measured 0.41 (SDXL) to 0.48 (SD 1.5) of the above.
+CHECKPOINTED_FRACTION = 0.5
 CUDA_OVERHEAD_GB = 0.8  # CUDA context, cuBLAS workspace, allocator fragmentation
 GB = 1e9
 
