@@ -118,6 +118,19 @@ def child(op: str, family: str, work: str) -> dict:
         from fastsd.convert import to_diffusers
 
         to_diffusers(work_dir / f"{family}.safetensors", work_dir / "back", config=model)
+    elif op == "train":
+        extra.update(train_child(family, work_dir, model))
+    elif op == "checkpoint":
+        extra.update(checkpoint_child(work_dir, model))
+    elif op == "resume":
+        extra.update(resume_child(model, work_dir.parent / "checkpoints"))
+    elif op == "export":
+        from fastsd.train.export import export_model, export_single_file
+        from fastsd.train.parts import load_parts
+
+        parts = load_parts(model)  # the trained pipeline in fp32, as at the end of a run
+        extra["before_gb"] = current_rss_gb()
+        export_single_file(export_model(parts, work_dir / "model", "fp16"), 1)
     elif op == "stage":
         from bench_models import Mount
 
@@ -129,6 +142,84 @@ def child(op: str, family: str, work: str) -> dict:
     else:
         raise SystemExit(f"unknown operation {op}")
     return {"peak_gb": rss_gb(), "seconds": time.perf_counter() - t0, **extra}
+
+
+def train_child(family: str, work: Path, model: Path) -> dict:
+    """Training start-up through the first step, stopped there. Reports the peak at the
+    step's end and the RSS when the stage started (the model and the caches: what stays in
+    system RAM when a GPU holds the training)."""
+    sys.path.insert(0, str(HERE.parent / "tests" / "real"))
+    from realsize import T4_ON_CPU, subject_session
+
+    from fastsd.train import TrainSettings, train
+
+    s = subject_session("ram", work / "home", model, full_resolution(family), n=1)
+    out: dict = {}
+
+    def hook(event, info):
+        if event == "stage_start":
+            out["stage_start_gb"] = current_rss_gb()
+        elif event == "step":
+            finish(out)
+    train(s, TrainSettings(unet_steps=2, text_steps=0, checkpoint_every=0, **T4_ON_CPU),
+          on_event=hook)
+    raise SystemExit("the run ended before its first step was measured")
+
+
+def trained_state(model: Path):
+    """An fp32 UNet and its 8-bit AdamW after one step, as the UNet stage holds them at its
+    first checkpoint (on a GPU they are in VRAM; here in RAM, counted in the baseline)."""
+    import bitsandbytes as bnb
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet",
+                                                torch_dtype=torch.float32)
+    opt = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-6)
+    for p in unet.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return unet, opt
+
+
+def checkpoint_child(work: Path, model: Path) -> dict:
+    """The first checkpoint of the SD 1.5 UNet stage: snapshot, write, read-back check."""
+    from fastsd.train import checkpoint
+
+    unet, opt = trained_state(model)
+    before = current_rss_gb()
+    writer = checkpoint.Writer(background=True)
+    writer.save(work.parent / "checkpoints", 1, {"unet": unet.state_dict()},
+                {"optimizer": opt.state_dict()}, {"stage": 0}, keep=1)
+    writer.wait()
+    return {"before_gb": before}
+
+
+def resume_child(model: Path, checkpoints: Path) -> dict:
+    """What a resume holds: the checkpoint found and checked, the fp32 pipeline loaded, the
+    checkpoint's weights put into it, the optimizer's state read."""
+    from fastsd.train import checkpoint
+    from fastsd.train.parts import load_parts
+
+    ckpt = checkpoint.latest(checkpoints)
+    parts = load_parts(model)
+    parts.load_checkpoint_tensors(ckpt.tensors)
+    state = ckpt.objects["optimizer"]
+    return {"optimizer_tensors": len(state["state"])}
+
+
+def full_resolution(family: str) -> int:
+    from fastsd.models import full
+
+    return full.CONFIGS[family]["resolution"]
+
+
+def finish(out: dict) -> None:
+    """Report from inside the training loop and leave at once (the rest of the run is not
+    what is measured)."""
+    print("RESULT " + json.dumps({"peak_gb": rss_gb(), "seconds": 0, **out}), flush=True)
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------- parent side
@@ -143,6 +234,14 @@ OPS = [  # (operation, family, what the row says)
     ("to-single", "sdxl", "SDXL: diffusers folder to a single file"),
     ("to-diffusers", "sdxl", "SDXL: single file to a diffusers folder"),
     ("stage", "sdxl", "SDXL: staging the folder from Drive (FUSE, Drive's speed) to local disk"),
+    ("train", "sd1", "SD 1.5: training start-up through the first step (T4 preset as far as "
+                     "a CPU goes, 512 px; the CPU is the device)"),
+    ("checkpoint", "sd1", "SD 1.5: the UNet stage's first checkpoint (fp32 UNet and 8-bit "
+                          "AdamW: snapshot, write, read-back check)"),
+    ("resume", "sd1", "SD 1.5: resuming from that checkpoint (fp32 pipeline loaded, the "
+                      "checkpoint's weights and optimizer state read)"),
+    ("export", "sd1", "SD 1.5: export at the end (fp16 diffusers folder and single file, "
+                      "from the fp32 pipeline)"),
 ]
 
 
@@ -162,6 +261,8 @@ def main(argv: list[str]) -> None:
                 shutil.copy(single_file(Path(tmp), family, model), work)
             r = child_result(__file__, op, family, str(work))
             shutil.rmtree(work, ignore_errors=True)
+            if op == "resume":
+                shutil.rmtree(Path(tmp) / "checkpoints", ignore_errors=True)
             bar = SDXL_BAR_GB if family == "sdxl" else LIMIT_GB
             print(f"{title}: {r['peak_gb']:.2f} GB peak RSS, {r['seconds']:.0f} s", flush=True)
             rows.append(Row(title, "GB peak RSS", round(r["peak_gb"], 2),
@@ -169,6 +270,13 @@ def main(argv: list[str]) -> None:
                             passed=r["peak_gb"] < bar))
             if r.get("policy"):
                 notes.append(f"{title}: memory options {', '.join(r['policy'])}")
+            if "stage_start_gb" in r:
+                notes.append(f"{title}: {r['stage_start_gb']:.2f} GB when the stage started "
+                             "(the model and the caches; on a GPU the weights, gradients, "
+                             "optimizer state and activations counted in the peak are in VRAM)")
+            if "before_gb" in r:
+                notes.append(f"{title}: {r['before_gb']:.2f} GB before it began (what a GPU "
+                             f"would hold), so it adds {r['peak_gb'] - r['before_gb']:.2f} GB")
     write_result(
         "real_ram", "System RAM at real size against Colab's 12.7 GB (peak RSS per operation)",
         rows, command=".venv/bin/python benchmarks/bench_real_ram.py",

@@ -146,6 +146,21 @@ def test_an_out_of_memory_child_is_a_message_with_what_to_lower(workspace, monke
         runner.train_in_child(s, TrainSettings(batch_size=2))
 
 
+def test_a_child_killed_for_memory_says_so(workspace, monkeypatch):
+    """The kernel's OOM killer sends SIGKILL: the cell says what that most likely was, not
+    only "exit code -9"."""
+    from fastsd import session
+    from fastsd.train import TrainSettings, runner
+
+    s = session.create("killed", workspace, base_model="tiny-sd1")
+    child = ("import os, signal; print('@@fastsd-event {\"event\": \"step\", "
+             "\"global_step\": 7, \"loss\": 0.1}', flush=True); os.kill(os.getpid(), "
+             "signal.SIGKILL)")
+    monkeypatch.setattr(runner, "command", lambda *a, **k: [sys.executable, "-c", child])
+    with pytest.raises(runner.TrainingFailed, match="killed .SIGKILL. at step 7.*system RAM"):
+        runner.train_in_child(s, TrainSettings())
+
+
 def test_the_child_command_is_fastsd_train_with_the_settings():
     from fastsd.train import TrainSettings, runner
 
