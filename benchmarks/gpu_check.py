@@ -366,10 +366,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="folder for gpu.json (default: benchmarks/results; the dry run: a "
                    "temporary folder); RESULTS.md is written beside it")
     args = p.parse_args(argv)
-    results = args.results
-    if args.dry_run and results is None:
-        results = Path(tempfile.mkdtemp(prefix="gpu-check-results-")) / "results"
-    return run(args.dry_run, args.dreambooth_script, results, args.tiny_models)
+    if args.dry_run and args.results is None:  # printed, written to a folder then removed
+        with tempfile.TemporaryDirectory(prefix="gpu-check-results-") as tmp:
+            return run(True, args.dreambooth_script, Path(tmp) / "results", args.tiny_models)
+    return run(args.dry_run, args.dreambooth_script, args.results, args.tiny_models)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,19 @@ import logging
 
 import pytest
 
-from fastsd.models import tiny
 from fastsd.models import vae as vae_guard
 
 OVERFLOW = 1e4  # decoder.conv_in x this: outputs past 65504 in fp16, fine in fp32
 
 
-def overflowing_pipe():
+def overflowing_vae(tiny_sdxl):
     import torch
+    from diffusers import AutoencoderKL
 
-    pipe = tiny.build_pipeline("sdxl")
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
     with torch.no_grad():
-        pipe.vae.decoder.conv_in.weight.mul_(OVERFLOW)
-    return pipe
+        vae.decoder.conv_in.weight.mul_(OVERFLOW)
+    return vae
 
 
 def latents():
@@ -32,10 +32,10 @@ def latents():
     return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) / 0.13025
 
 
-def test_a_black_fp16_decode_is_caught_and_the_vae_upcast(caplog):
+def test_a_black_fp16_decode_is_caught_and_the_vae_upcast(tiny_sdxl, caplog):
     import torch
 
-    vae = overflowing_pipe().vae
+    vae = overflowing_vae(tiny_sdxl)
     vae.register_to_config(force_upcast=False)  # says it is fp16-safe: it is not
     reference = vae.decode(latents()).sample  # fp32
     vae.half()
@@ -52,12 +52,12 @@ def test_a_black_fp16_decode_is_caught_and_the_vae_upcast(caplog):
     assert torch.isfinite(again).all() and "inf/NaN" not in caplog.text
 
 
-def test_sdxl_vae_decodes_in_fp32_under_fp16_autocast():
+def test_sdxl_vae_decodes_in_fp32_under_fp16_autocast(tiny_sdxl):
     """The trainer's samples on a T4: fp32 weights under fp16 autocast. diffusers upcasts
     only fp16 weights, so unguarded the decode runs in fp16 and overflows."""
     import torch
 
-    vae = overflowing_pipe().vae
+    vae = overflowing_vae(tiny_sdxl)
     assert vae.config.force_upcast is True  # SDXL's own VAE
     reference = vae.decode(latents()).sample
     with torch.autocast("cpu", dtype=torch.float16):
@@ -67,30 +67,34 @@ def test_sdxl_vae_decodes_in_fp32_under_fp16_autocast():
     assert out.dtype == torch.float32 and torch.allclose(out, reference, atol=1e-4)
 
 
-def test_fp16_fixed_and_sd_vaes_keep_fp16():
+def test_fp16_fixed_and_sd_vaes_keep_fp16(tiny_sdxl, tiny_sd1):
     import torch
+    from diffusers import AutoencoderKL
 
-    pipe = tiny.build_pipeline("sdxl")
-    assert vae_guard.must_upcast(pipe.vae, sdxl=True)
-    pipe.vae.register_to_config(force_upcast=False)
-    assert not vae_guard.must_upcast(pipe.vae, sdxl=True)
-    assert not vae_guard.must_upcast(tiny.build_pipeline("sd1").vae, sdxl=False)
-    vae = vae_guard.guard(pipe.vae.half(), upcast=False)
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl, subfolder="vae")
+    assert vae_guard.must_upcast(vae, sdxl=True)
+    vae.register_to_config(force_upcast=False)
+    assert not vae_guard.must_upcast(vae, sdxl=True)
+    sd = AutoencoderKL.from_pretrained(tiny_sd1, subfolder="vae")
+    assert not vae_guard.must_upcast(sd, sdxl=False)
+    vae = vae_guard.guard(vae.half(), upcast=False)
     out = vae.decode(latents().half()).sample
     assert out.dtype == torch.float16 and vae.dtype == torch.float16
 
 
 @pytest.mark.parametrize("force_upcast", [True, False])
-def test_the_engine_pipeline_never_makes_a_black_sdxl_image(force_upcast):
+def test_the_engine_pipeline_never_makes_a_black_sdxl_image(tiny_sdxl, force_upcast):
     """Through diffusers' own SDXL pipeline in fp16, as the engine sets it up
     (fastsd.webui.memory.apply): stock VAE (force_upcast) or one that wrongly claims to be
     fp16-safe, the image is finite."""
     import numpy as np
     import torch
+    from diffusers import StableDiffusionXLPipeline
 
     from fastsd.webui import memory
 
-    pipe = overflowing_pipe().to(torch.float16)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, vae=overflowing_vae(tiny_sdxl))
+    pipe = pipe.to(torch.float16)
     pipe.vae.register_to_config(force_upcast=force_upcast)
     pipe.set_progress_bar_config(disable=True)
     memory.apply(pipe, memory.MemoryPolicy(True, False, False, False, False), "cpu")

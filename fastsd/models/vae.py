@@ -33,13 +33,25 @@ def must_upcast(vae, sdxl: bool) -> bool:
     return bool(sdxl and getattr(vae.config, "force_upcast", True))
 
 
+def _autocast_fp16(device_type: str) -> bool:
+    """Whether fp16 autocast is on for ``device_type`` (torch 2.4's API, or the older one)."""
+    import torch
+
+    if hasattr(torch, "get_autocast_dtype"):
+        return (torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) == torch.float16)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled() and \
+            torch.get_autocast_cpu_dtype() == torch.float16
+    return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == torch.float16
+
+
 def _half(vae, device_type: str) -> bool:
     import torch
 
     if vae.dtype in (torch.float16, torch.bfloat16):
         return vae.dtype == torch.float16
-    return (torch.is_autocast_enabled(device_type)
-            and torch.get_autocast_dtype(device_type) == torch.float16)
+    return _autocast_fp16(device_type)
 
 
 def _sample(out) -> Any:
