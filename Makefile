@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-real gpu-check bench venv clean fuse chromium
+.PHONY: demo test test-real gpu-check bench venv clean fuse chromium package
 
 venv: $(STAMP)
 
@@ -52,5 +52,9 @@ chromium:
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# The sdist, then the wheel built from that sdist (not from the tree), into dist/.
+package: $(STAMP)
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) demo_home .pytest_cache
+	rm -rf $(VENV) demo_home .pytest_cache dist

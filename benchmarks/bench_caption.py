@@ -84,7 +84,7 @@ def t4_estimate() -> str:
     import torch
     from transformers import Kosmos2Config, Kosmos2ForConditionalGeneration
 
-    from fastsd.kosmos.model import vram_needed_gb
+    from fastsd.kosmos.model import vram_needed_gib
     from fastsd.env import GIB
 
     config = Kosmos2Config()  # the defaults are microsoft/kosmos-2-patch14-224
@@ -123,8 +123,8 @@ def t4_estimate() -> str:
         f"VRAM: fp16 weights {w16:.2f} GiB + batch-8 KV cache and activations {act:.2f} GiB "
         f"+ CUDA context {CUDA_CONTEXT_GIB} GiB = **~{vram16:.1f} GiB**; 8-bit (int8 "
         f"linears, fp16 embedding) {w8:.2f} GiB + the same = **~{vram8:.1f} GiB**. The "
-        f"loader asks for {vram_needed_gb(total, False):.1f} GiB free before choosing fp16 "
-        f"and {vram_needed_gb(total, True):.1f} GiB for 8-bit. Speed: a decoding step is "
+        f"loader asks for {vram_needed_gib(total, False):.1f} GiB free before choosing fp16 "
+        f"and {vram_needed_gib(total, True):.1f} GiB for 8-bit. Speed: a decoding step is "
         f"memory bound, reading the decoder's {(text - embed) * 2 / 1e9:.2f} GB of fp16 "
         f"weights at 70% of 320 GB/s plus ~{STEP_OVERHEAD_MS} ms launch/Python overhead = "
         f"{step16:.0f} ms; bitsandbytes LLM.int8 steps taken as {INT8_SLOWDOWN}x slower "

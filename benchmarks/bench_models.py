@@ -1,5 +1,5 @@
 """Staging: loading a model from a Drive-speed mount directly, against copying it to local
-disk first (fastsd.models.stage) and loading the copy.
+disk first (fastsd.models.local_copy) and loading the copy.
 
 Drive stand-in: benchmarks/throttled_mount.py, a read-only FUSE passthrough whose reads
 pay a round trip and Drive's bandwidth (the FUSE Drive stand-in of the Colab-runtime work
@@ -116,15 +116,15 @@ def main() -> None:
             times: dict[str, list[float]] = {k: [] for k in ("direct1", "staged1", "direct2",
                                                               "staged2")}
             for run in range(RUNS[kind]):
-                stage_root = tmp / f"local-{kind}-{run}"
+                local_root = tmp / f"local-{kind}-{run}"
                 with Mount(tmp / "drive", tmp / "mnt") as mnt:  # first load, direct
                     t0 = time.perf_counter()
                     load(mnt / folder.name)
                     times["direct1"].append(time.perf_counter() - t0)
                 with Mount(tmp / "drive", tmp / "mnt") as mnt:  # first load, staged
                     t0 = time.perf_counter()
-                    local = models.stage(mnt / folder.name, stage_root)
-                    assert local.is_relative_to(stage_root), "the mount was not staged"
+                    local = models.local_copy(mnt / folder.name, local_root)
+                    assert local.is_relative_to(local_root), "the mount was not staged"
                     load(local)  # right after the copy, as in a runtime: pages still cached
                     times["staged1"].append(time.perf_counter() - t0)
                 with Mount(tmp / "drive", tmp / "mnt") as mnt:  # reload, same runtime
@@ -133,7 +133,7 @@ def main() -> None:
                     times["direct2"].append(time.perf_counter() - t0)
                     drop_cache(local)
                     t0 = time.perf_counter()
-                    again = models.stage(mnt / folder.name, stage_root)
+                    again = models.local_copy(mnt / folder.name, local_root)
                     load(again)
                     times["staged2"].append(time.perf_counter() - t0)
                     assert again == local

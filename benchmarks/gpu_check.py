@@ -5,9 +5,9 @@ from the official configs into $FASTSD_FULL_CACHE; nothing downloaded), it measu
 
 * the trainer with the T4 preset (fp16 mixed precision, 8-bit AdamW, gradient
   checkpointing, batch 1): it/s and peak VRAM (torch.cuda.max_memory_allocated) of the SD 1.5
-  UNet stage at 512 px and of the text encoder stage, each against the VRAM estimate the
-  trainer prints (fastsd.train.settings.estimate_vram_gb); SDXL LoRA at 1024 px is one
-  entry of TRAINING, pending until fastsd trains LoRAs;
+  UNet stage at 512 px and of the text encoder stage, and of SDXL's LoRA UNet stage at
+  1024 px, each against the VRAM estimate the trainer prints
+  (fastsd.train.settings.estimate_vram_gib); each is one entry of TRAINING;
 * the engine: txt2img it/s at each model's native size for one sampler of each scheduler
   class (each sampler family), with the memory options the engine chooses on this GPU;
 * diffusers' own examples/dreambooth/train_dreambooth.py on the same weights and settings,
@@ -52,14 +52,14 @@ class Training:
     resolution: int
     unet_steps: int
     text_steps: int
+    method: str = "full"  # or "lora"
     pending: str = ""  # why it cannot run yet
 
 
 TRAINING = (
     Training("SD 1.5, T4 preset, 512 px", "sd1", 512, unet_steps=20, text_steps=10),
     Training("SDXL LoRA, T4 preset, 1024 px", "sdxl", 1024, unet_steps=10, text_steps=0,
-             pending="fastsd has no LoRA training yet: fill in this entry's settings when "
-             "it lands"),
+             method="lora"),
 )
 ENGINE_FAMILIES = ("sd1", "sdxl")
 ENGINE_STEPS = 8
@@ -116,10 +116,12 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gb() -> float | None:
+def peak_gib() -> float | None:
     import torch
 
-    return torch.cuda.max_memory_allocated() / 1e9 if cuda() else None
+    from fastsd.env import GIB
+
+    return torch.cuda.max_memory_allocated() / GIB if cuda() else None
 
 
 def rate(start: float, times: list[float]) -> float:
@@ -139,7 +141,7 @@ def session_for(plan: Plan, name: str, model: Path, resolution: int):
 
 def train_rows(plan: Plan, t: Training) -> tuple[list[Row], list[str]]:
     from fastsd.train import train
-    from fastsd.train.settings import estimate_vram_gb
+    from fastsd.train.settings import estimate_vram_gib
 
     if t.pending:
         return [], [f"{t.title}: pending ({t.pending})."]
@@ -159,15 +161,17 @@ def train_rows(plan: Plan, t: Training) -> tuple[list[Row], list[str]]:
         elif event == "step":
             steps[stage].append(time.perf_counter())
         elif event == "stage_end":
-            peaks[stage] = peak_gb()
+            peaks[stage] = peak_gib()
     settings = plan.settings(unet_steps=plan.steps(t.unet_steps),
-                             text_steps=plan.steps(t.text_steps), resolution=res)
+                             text_steps=plan.steps(t.text_steps), resolution=res,
+                             method=t.method)
     train(s, settings, on_event=hook)
     resolved = s.settings["train"]
     from fastsd.train import TrainSettings
 
-    estimate = estimate_vram_gb(TrainSettings.from_dict(resolved), t.family,
-                                parts["p"].param_counts())
+    p = parts["p"]
+    estimate = estimate_vram_gib(TrainSettings.from_dict(resolved), t.family, p.param_counts(),
+                                 p.adapter_counts())
     rows = []
     for stage, title in (("unet", "UNet stage"), ("text", "text encoder stage")):
         if stage not in steps:
@@ -175,10 +179,10 @@ def train_rows(plan: Plan, t: Training) -> tuple[list[Row], list[str]]:
         rows.append(Row(f"{t.title}: {title} speed", "it/s",
                         round(rate(starts[stage], steps[stage]), 3)))
         if peaks[stage] is not None:
-            rows.append(Row(f"{t.title}: {title} peak VRAM, measured vs the estimate", "GB",
+            rows.append(Row(f"{t.title}: {title} peak VRAM, measured vs the estimate", "GiB",
                             round(peaks[stage], 2), estimate[stage], higher_is_better=False))
-    return rows, [f"{t.title}: mixed precision {resolved['mixed_precision']}, 8-bit AdamW "
-                  f"{resolved['adam_8bit']}, gradient checkpointing "
+    return rows, [f"{t.title}: {t.method}, mixed precision {resolved['mixed_precision']}, "
+                  f"8-bit AdamW {resolved['adam_8bit']}, gradient checkpointing "
                   f"{resolved['gradient_checkpointing']}, batch {resolved['batch_size']}."]
 
 
@@ -246,7 +250,8 @@ def script_version(script: Path) -> str:
 
 
 def gpu_memory_poller(pid: int, stop: threading.Event, peak: list[float]) -> None:
-    """The largest GPU memory nvidia-smi reports for process ``pid`` (context included)."""
+    """The largest GPU memory (GiB) nvidia-smi reports for process ``pid`` (context
+    included)."""
     while not stop.wait(0.5):
         try:
             out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
@@ -257,7 +262,7 @@ def gpu_memory_poller(pid: int, stop: threading.Event, peak: list[float]) -> Non
         for line in out.splitlines():
             p, _, mib = line.partition(",")
             if p.strip() == str(pid) and mib.strip().isdigit():
-                peak[0] = max(peak[0], int(mib) * 2**20 / 1e9)
+                peak[0] = max(peak[0], int(mib) / 1024)
 
 
 def dreambooth_rows(plan: Plan, script: Path | None) -> tuple[list[Row], list[str]]:
@@ -291,7 +296,7 @@ def dreambooth_rows(plan: Plan, script: Path | None) -> tuple[list[Row], list[st
                 round(its, 3))]
     if not plan.dry:
         rows.append(Row(f"{t.title}: diffusers train_dreambooth.py peak GPU memory "
-                        "(nvidia-smi, with its CUDA context)", "GB", round(peak[0], 2),
+                        "(nvidia-smi, with its CUDA context)", "GiB", round(peak[0], 2),
                         higher_is_better=False))
     return rows, [f"train_dreambooth.py: {script_version(script)}; flags: {' '.join(flags)}"]
 

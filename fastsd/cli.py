@@ -11,46 +11,52 @@ import argparse
 import logging
 import sys
 
-from fastsd import __version__
+from fastsd import __version__, session
 from fastsd.cli_common import add_home, home, print_json
 from fastsd.convert import cli as convert_cli
 from fastsd.dataset import cli as dataset_cli
 from fastsd.errors import FastSDError
 from fastsd.kosmos import cli as kosmos_cli
-from fastsd.models import cli as models_cli
+from fastsd.models import cli as models_cli, registry
 from fastsd.train import cli as train_cli
 from fastsd.webui import cli as webui_cli
 
 
 # --------------------------------------------------------------------------- session
 
-def _session_create(args) -> None:
-    from fastsd import session
+def _session_settings(args) -> dict:
+    return {k: v for k, v in (("instance_token", args.token), ("class_word", args.cls),
+                              ("base_model", args.model), ("resolution", args.resolution),
+                              ("temp_storage", args.temp_storage))
+            if v is not None}
 
-    settings = {k: v for k, v in (("instance_token", args.token), ("class_word", args.cls),
-                                  ("base_model", args.model), ("resolution", args.resolution))
-                if v is not None}
-    s = session.create(args.name, home(args), **settings)
-    print(f"Created session {s.name} at {s.path}")
+
+def _session_create(args) -> None:
+    s = session.create(args.name, home(args), **_session_settings(args))
+    print(f"Created session {s.name} at {s.path} (base model {s.base_model})")
+
+
+def _session_set(args) -> None:
+    session.load(args.name, home(args))  # an existing one: set never creates
+    print(session.open(args.name, home(args), _session_settings(args), change=True))
 
 
 def _session_list(args) -> None:
-    from fastsd import session
-
     names = session.list_sessions(home(args))
     print("\n".join(names) if names else "No sessions yet: create one with "
           "'fastsd session create NAME'.")
 
 
 def _session_show(args) -> None:
-    from fastsd import session
+    from fastsd import space
 
-    print_json(session.load(args.name, home(args)).summary())
+    s = session.load(args.name, home(args))
+    train = s.settings.get("train") or {}
+    print_json({**s.summary(), "method": train.get("method", "full") if train else None,
+                "bytes": space.session_space(s)})
 
 
 def _session_delete(args) -> None:
-    from fastsd import session
-
     path = session.delete(args.name, home(args), confirm=args.yes)
     print(f"Deleted {path}")
 
@@ -93,6 +99,25 @@ def _install(args: argparse.Namespace) -> None:
     print(deps.install(home(args), build=not args.offline, installer=args.installer).summary())
 
 
+def _session_options(c: argparse.ArgumentParser, defaults: dict, model: str | None) -> None:
+    """The settings options of `session create` (with the defaults it fills in) and `set`."""
+    def said(value) -> str:
+        return f" (default: {value})" if value is not None else ""
+
+    c.add_argument("--token", help="instance token" + said(defaults.get("instance_token")))
+    c.add_argument("--class", dest="cls", help="class word, e.g. dog"
+                   + said(defaults.get("class_word")))
+    c.add_argument("--model", default=model, help="base model: a name from 'fastsd models "
+                   "list', a Hugging Face repo, a .safetensors/.ckpt file or link"
+                   + said(model))
+    c.add_argument("--resolution", type=int, help="training resolution"
+                   + said(defaults.get("resolution")))
+    c.add_argument("--temp-storage", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the base model on this machine's own disk instead of the "
+                   "workspace (Drive on Colab): downloaded again in each new runtime"
+                   + said(False if defaults else None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastsd", description="DreamBooth for Stable Diffusion: sessions, images, "
@@ -105,14 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     ss = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     c = ss.add_parser("create", help="create a new session folder")
     c.add_argument("name")
-    c.add_argument("--token", help="instance token (default: sks)")
-    c.add_argument("--class", dest="cls", help="class word, e.g. dog (default: person)")
-    c.add_argument("--model", help="base model (default: tiny-sd1)")
-    c.add_argument("--resolution", type=int, help="training resolution (default: 512)")
+    _session_options(c, session.DEFAULT_SETTINGS, registry.DEFAULT_BASE_MODEL)
     c.set_defaults(func=_session_create)
+    c = ss.add_parser("set", help="change an existing session's settings (base model, "
+                      "token, class word, resolution)")
+    c.add_argument("name")
+    _session_options(c, {}, None)
+    c.set_defaults(func=_session_set)
     c = ss.add_parser("list", help="list sessions")
     c.set_defaults(func=_session_list)
-    c = ss.add_parser("show", help="show a session's settings and file counts")
+    c = ss.add_parser("show", help="show a session's settings, training method, file counts "
+                      "and the bytes its checkpoints, models and LoRAs take")
     c.add_argument("name")
     c.set_defaults(func=_session_show)
     c = ss.add_parser("delete", help="delete a session folder (needs --yes)")

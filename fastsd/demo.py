@@ -78,8 +78,7 @@ def step_convert(s: session.Session) -> None:
                      key=lambda p: p.stat().st_mtime)
     # The trainer writes NAME/ and NAME.safetensors under session.models/; without them
     # (training skipped), the session's base model is converted instead.
-    src = trained[-1] if trained else models.resolve_model(s.settings["base_model"],
-                                                                  s.workspace)
+    src = trained[-1] if trained else models.resolve_model(s.base_model, s.workspace)
     single = s.models / f"{src.name}.safetensors"
     if not single.is_file():
         single = to_single_file(src, single)
@@ -98,9 +97,9 @@ def step_serve(s: session.Session) -> dict:
     import json
     import urllib.request
 
-    from fastsd.webui import launch
+    from fastsd.webui.server import serve, shutdown
 
-    server = launch.serve(s, port=0)
+    server = serve(s, port=0)
     try:
         body = json.dumps({"prompt": "a photo of sks cat", "steps": 4, "width": 64,
                            "height": 64, "seed": 1, "sampler_name": "Euler a"}).encode()
@@ -110,7 +109,7 @@ def step_serve(s: session.Session) -> dict:
             answer = json.loads(r.read())
     finally:
         server.stop()
-        launch.shutdown()
+        shutdown()
     info = json.loads(answer["info"])
     png = base64.b64decode(answer["images"][0])
     log.info("The API at %s answered txt2img with a %d-byte PNG (seed %d, model %s), saved "

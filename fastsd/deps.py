@@ -40,7 +40,6 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements-colab.txt"
 KEEP = ("torch", "torchvision", "torchaudio")  # Colab's own builds stay
 MANIFEST = "manifest.json"
 INSTALL_CELL = "1. Install"
@@ -62,14 +61,15 @@ def _pin(requirement: str) -> str | None:
     return requirement.split("==", 1)[1].split(";")[0].strip() if "==" in requirement else None
 
 
-def read_requirements(path: Path | None = None) -> list[str]:
-    """The pins: from ``path``, the source tree's requirements-colab.txt, or (in a regular
-    install, where that file is not shipped) the installed fastsd's metadata."""
-    path = path or (REQUIREMENTS if REQUIREMENTS.is_file() else None)
-    if path is not None:
-        lines = Path(path).read_text().splitlines()
-        return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
-    reqs = metadata.requires("fastsd") or []
+def read_requirements() -> list[str]:
+    """The pins of requirements-colab.txt, read one way in a regular install and in the
+    source tree's editable one (``make venv``) alike: from the installed fastsd's metadata,
+    which setup.py makes from that file (torch and the dev extras left out)."""
+    try:
+        reqs = metadata.requires("fastsd") or []
+    except metadata.PackageNotFoundError:
+        raise InstallError("fastsd is not installed, so its pins are unknown. Install it "
+                           "(`pip install -e .` in its folder, or run the install cell).") from None
     return [r.split(";")[0].strip() for r in reqs
             if "extra ==" not in r and _canonical(_name(r)) not in KEEP]
 
@@ -455,14 +455,13 @@ def doctor(root: Path | None = None, requirements: list[str] | None = None,
         ok = have is not None and (pin is None or have == pin)
         checks.append(Check(f"pin {name}", f"{have or 'missing'} (pinned {pin})", ok,
                             "" if ok else "Run the install cell (or `fastsd install`)."))
-    free = shutil.disk_usage(tempfile.gettempdir()).free / 1e9
+    free = drive.free_bytes(tempfile.gettempdir()) / 1e9
     checks.append(Check("local disk free", f"{free:.1f} GB", free > 5,
                         "" if free > 5 else "Less than 5 GB free locally: delete files under "
                         "/content or /tmp."))
     if env.runtime() == "colab":
         if drive.is_mounted():
-            st = os.statvfs(drive.COLAB_MOUNT / "MyDrive")
-            dfree = st.f_bavail * st.f_frsize / 1e9
+            dfree = drive.free_bytes(drive.COLAB_MOUNT / "MyDrive") / 1e9
             checks.append(Check("Drive", f"mounted at {drive.COLAB_MOUNT}, {dfree:.1f} GB free",
                                 dfree > 5, "" if dfree > 5 else "Drive is nearly full: delete "
                                 "old checkpoints and empty Drive's trash."))

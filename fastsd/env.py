@@ -7,7 +7,29 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# Device memory (VRAM) is counted in GiB (2**30 bytes) everywhere in fastsd: what the driver
+# and torch report, what Colab's resource panel shows as "GB", and what every VRAM estimate
+# and threshold (web UI, Kosmos-2, trainer) is written in. Disk and download sizes are GB.
 GIB = 1024**3
+
+
+#: Libraries whose log notices call for nothing from the user or from fastsd (torchvision
+#: missing, an optional kernel package, a cast's note): only their errors are shown.
+QUIET_LIBRARIES = {"transformers": "TRANSFORMERS_VERBOSITY",
+                   "diffusers": "DIFFUSERS_VERBOSITY", "bitsandbytes": None}
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' chatter out of notebook cells, the CLI and the demo: their loggers
+    show errors only (``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY`` set by the user
+    win). Progress bars are not logs and stay; Python's warnings are not touched, so a
+    deprecated call of ours still shows (tests/test_demo.py fails on one). Called by
+    ``import fastsd``."""
+    import logging
+
+    for name, variable in QUIET_LIBRARIES.items():
+        level = os.environ.setdefault(variable, "error") if variable else "error"
+        logging.getLogger(name).setLevel(level.upper())
 
 
 def runtime() -> str:
@@ -37,8 +59,8 @@ def reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
 class DeviceInfo:
     device: str  # "cuda", "mps" or "cpu"
     name: str
-    vram_free_gb: float | None = None
-    vram_total_gb: float | None = None
+    vram_free_gib: float | None = None
+    vram_total_gib: float | None = None
     capability: tuple[int, int] | None = None
 
     @property
@@ -48,9 +70,9 @@ class DeviceInfo:
     @property
     def memory(self) -> str:
         """Its free and total memory, as a report shows them."""
-        if self.vram_total_gb is None:
+        if self.vram_total_gib is None:
             return "memory not reported"
-        return f"{self.vram_free_gb} of {self.vram_total_gb} GB free"
+        return f"{self.vram_free_gib} of {self.vram_total_gib} GiB free"
 
 
 #: The free Colab GPU as torch reports it (15 GB card, 14.74 GiB total, ~14.6 GiB free once
@@ -125,11 +147,10 @@ def driver_gpus(timeout: float = 10.0) -> list[DeviceInfo] | None:
 def report(workspace: Path) -> dict:
     """What a user (or a bug report) needs to know about this runtime."""
     import platform
-
-    from fastsd import __version__
+    from importlib import metadata
 
     info: dict = {
-        "fastsd": __version__,
+        "fastsd": metadata.version("fastsd"),  # (this module is below the package's __init__)
         "python": platform.python_version(),
         "runtime": runtime(),
         "workspace": str(workspace),
@@ -146,6 +167,30 @@ def report(workspace: Path) -> dict:
 
 
 FORM_ENV = "FASTSD_FORM"
+CALLER_ENV = "FASTSD_CALLER"  # the notebook cell a child process works for
+NOTEBOOK = "notebook"  # caller() of a notebook whose running cell has no #@title line
+_caller: str | None = None
+
+
+def caller() -> str | None:
+    """The notebook cell this process works for: its title (``"6. Train"``), ``NOTEBOOK``
+    when a notebook cell without a title called :func:`form`, or None on the command line.
+    A notebook cell says so by calling :func:`form`; a child process it starts (the train
+    cell's) is told through ``$FASTSD_CALLER`` (:func:`caller_env`)."""
+    return _caller or os.environ.get(CALLER_ENV) or None
+
+
+def caller_env() -> dict[str, str]:
+    """What a child process's environment needs to work for the same notebook cell."""
+    who = caller()
+    return {CALLER_ENV: who} if who else {}
+
+
+def _cell_title(namespace: dict) -> str:
+    """The ``#@title`` of the cell running now (IPython keeps it last in ``_ih``)."""
+    history = namespace.get("_ih") or [""]
+    first = str(history[-1]).lstrip().split("\n", 1)[0]
+    return first[len("#@title"):].strip() if first.startswith("#@title") else ""
 
 
 def form(namespace: dict) -> dict:
@@ -155,9 +200,14 @@ def form(namespace: dict) -> dict:
     Each field of it that ``namespace`` (the cell's ``globals()``) holds is replaced, so the
     same cells a Colab user runs can run in CI on the tiny models. Unset (on Colab), it
     does nothing. Returns the fields it replaced.
+
+    It also records that a notebook cell is the caller (:func:`caller`), so that messages
+    name its form fields rather than command-line flags (:mod:`fastsd.options`).
     """
     import json
 
+    global _caller
+    _caller = _cell_title(namespace) or NOTEBOOK
     raw = os.environ.get(FORM_ENV, "").strip()
     if not raw:
         return {}

@@ -46,6 +46,11 @@ class ConfirmationNeeded(FastSDError):
     """A destructive action was asked for without its confirmation."""
 
 
+class OutOfMemory(FastSDError):
+    """The GPU ran out of memory (training, or one generation request); the message says
+    what to lower."""
+
+
 class TunnelError(FastSDError):
     """No public URL could be opened, or an open one stopped answering."""
 

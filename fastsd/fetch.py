@@ -9,23 +9,25 @@ Every download here:
 * writes into a ``.part`` file and renames it only when it is whole (its size matches what
   the server announced), so a partial download is never taken for a whole one; an
   interrupted HTTP download resumes from its ``.part`` with a Range request;
-* checks the size it is about to write against the free space of the destination first;
-* sends the Hugging Face token (:func:`hf_token`: ``$HF_TOKEN``, Colab's secrets or the
-  workspace's ``hf_token`` file) in a header only, and scrubs it (:func:`redact`) from every
-  log line and error message.
+* checks the size it is about to write against the free space of the destination first
+  (:func:`fastsd.drive.require_space`);
+* sends the Hugging Face token (:func:`hf_token`: ``$HF_TOKEN``, Colab's secrets, the
+  workspace's ``hf_token`` file or fast-stable-diffusion's ``token.txt`` beside it) in a
+  header only, and scrubs it (:func:`redact`) from every log line and error message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 from fastsd import drive, env
-from fastsd.errors import DataError, DriveError, OfflineError
+from fastsd.errors import DataError, DriveError, FastSDError, OfflineError
 from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
@@ -35,8 +37,8 @@ READ_TIMEOUT = 60.0  # seconds without a byte before a download is abandoned
 PART = ".part"
 _DRIVE_ID = re.compile(r"^[A-Za-z0-9_-]{10,}$")
 TOKEN_FILE = "hf_token"  # in the workspace folder: one line, the Hugging Face token
+LEGACY_TOKEN_FILE = "token.txt"  # fast-stable-diffusion's, in the same Fast-Dreambooth folder
 TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-SPACE_MARGIN = 256 << 20  # bytes left free beyond a download, for the files written beside it
 
 
 # --------------------------------------------------------------------------- secrets
@@ -71,7 +73,9 @@ def remember_secret(secret: str) -> str:
 
 def hf_token(ws: Workspace | Path | None = None) -> str | None:
     """The Hugging Face token: ``$HF_TOKEN``, else Colab's secret ``HF_TOKEN``, else the
-    workspace's ``hf_token`` file; None when there is none (public models need none)."""
+    workspace's ``hf_token`` file, else the ``token.txt`` fast-stable-diffusion kept in the
+    same folder (``Fast-Dreambooth/``); None when there is none (public models need none).
+    The one place fastsd reads it; it is never printed (:func:`remember_secret`)."""
     for name in TOKEN_ENV:
         if os.environ.get(name, "").strip():
             return remember_secret(os.environ[name].strip())
@@ -86,33 +90,12 @@ def hf_token(ws: Workspace | Path | None = None) -> str | None:
         if value:
             return remember_secret(value)
     if ws is not None or os.environ.get("FASTSD_HOME"):
-        file = Workspace.current(ws, mount=False).root / TOKEN_FILE
-        if file.is_file():
-            value = file.read_text(encoding="utf-8").strip()
+        root = Workspace.current(ws, mount=False).root
+        for file in (root / TOKEN_FILE, root / LEGACY_TOKEN_FILE):
+            value = file.read_text(encoding="utf-8").strip() if file.is_file() else ""
             if value:
                 return remember_secret(value)
     return None
-
-
-# --------------------------------------------------------------------------- free space
-
-
-def check_space(folder: Path, need: int, what: str) -> None:
-    """Raise a DriveError before a download of ``need`` bytes that would not fit in the
-    free space of ``folder`` (Drive in Colab), with room to spare."""
-    folder = Path(folder)
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if need + SPACE_MARGIN > free:
-        raise DriveError(f"{what} needs {gb(need)} but {folder} has only {gb(free)} free. "
-                         "Free up space on Google Drive (empty its trash too) or choose a "
-                         "smaller model, then run this again.")
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 # --------------------------------------------------------------------------- offline
@@ -172,16 +155,31 @@ def hf_snapshot(repo_id: str, cache: Path, allow: list[str] | None = None,
     OfflineError says so at once.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
+    with _hub_errors(repo_id, cache, what):
         offline = use_cache_only()
         return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=allow,
                                       ignore_patterns=ignore, revision=revision,
                                       local_files_only=offline,
                                       token=None if offline else hf_token()))
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str, cache: Path, what: str) -> Iterator[None]:
+    """The Hub's client writing into ``cache`` (on Drive): a file missing offline, the
+    network failing or Drive dropping mid-write each end in one message."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        yield
     except LocalEntryNotFoundError:
-        raise offline_error(repo_id, cache, what) from None
+        raise offline_error(name, cache, what) from None
+    except (*network_errors(), OSError) as e:
+        if isinstance(e, FastSDError):
+            raise
+        raise OfflineError(f"Downloading {what} ({name}) failed ({redact(str(e))[:300]}). "
+                           "Check the connection and that Drive is mounted (run the Drive "
+                           "cell again), then run this again to resume.") from None
 
 
 def network_errors() -> tuple[type[BaseException], ...]:
@@ -222,7 +220,7 @@ def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None
                             f"{what} is out of date. Report it, or give another model.")
         have = sum(min((dest / f).stat().st_size, n) for f, n in wanted.items()
                    if (dest / f).is_file())
-        check_space(dest, sum(wanted.values()) - have, f"Downloading {what}")
+        drive.require_space(dest, sum(wanted.values()) - have, f"Downloading {what}")
         snapshot_download(repo_id, revision=info.sha or revision, allow_patterns=list(wanted),
                           local_dir=dest, token=token or False)
     except LocalEntryNotFoundError as e:  # the Hub answered the listing, then a file failed
@@ -236,7 +234,7 @@ def hf_download(repo_id: str, dest: Path, allow: list[str], revision: str | None
                            "private model accept its licence on its Hub page and set HF_TOKEN; "
                            "else run this again to resume.") from None
     except (*network_errors(), OSError) as e:
-        if isinstance(e, DriveError):
+        if isinstance(e, FastSDError):
             raise
         raise OfflineError(f"Downloading {what} ({repo_id}) failed ({redact(str(e))[:300]}). "
                            "Run this again to resume where it stopped.") from None
@@ -252,15 +250,12 @@ def hf_file(repo_id: str, filename: str, cache: Path, revision: str | None = Non
             what: str = "model file") -> Path:
     """One file of a Hub repo, kept in ``cache``."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
+    with _hub_errors(f"{repo_id}/{filename}", cache, what):
         offline = use_cache_only()
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache,
                                     local_files_only=offline,
                                     token=None if offline else hf_token()))
-    except LocalEntryNotFoundError:
-        raise offline_error(f"{repo_id}/{filename}", cache, what) from None
 
 
 def parse_hf_url(url: str) -> tuple[str, str, str] | None:
@@ -306,7 +301,7 @@ def drive_link(link: str, dest: Path) -> Path:
     from gdown.exceptions import DownloadError
     from requests import RequestException
 
-    dest.mkdir(parents=True, exist_ok=True)
+    drive.make_folder(dest)
     try:
         if kind == "folder":
             got = gdown.download_folder(id=file_id, output=str(dest), quiet=False,
@@ -322,6 +317,10 @@ def drive_link(link: str, dest: Path) -> Path:
         raise OfflineError(f"Downloading {link} failed ({e}). Check the connection and run "
                            "the cell again, or download the files yourself and give "
                            "their local path (or upload them).") from e
+    except OSError as e:  # writing into dest: Drive dropped or is full
+        raise DriveError(f"Downloading {link} into {dest} failed: {e}. Check that Google Drive "
+                         "is mounted and has room (run the Drive cell again), then run this "
+                         "cell again.") from e
     if not got:
         raise DataError(f"Google Drive gave nothing for {link}. Make sure it is shared with "
                         "'Anyone with the link', then run the cell again.")
@@ -336,11 +335,6 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
 
     ``headers`` (an Authorization header, say) are sent but never logged or shown.
     """
-    import urllib.error
-    import urllib.request
-
-    from tqdm.auto import tqdm
-
     if dest.is_file() and dest.stat().st_size > 0:
         return dest
     host = urlparse(url).hostname or ""
@@ -349,8 +343,25 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
         raise OfflineError(f"Cannot reach {host}, so {shown(url)} cannot be downloaded. Check "
                            "the link and the internet connection, or download the file "
                            "yourself and give its path.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART)
+    drive.make_folder(dest.parent)
+    # A drop of Drive mid-download is retried (Drive remounted on Colab), resuming from the
+    # .part; the network's errors end the download with a message.
+    drive.retry(lambda: _http_to_part(url, part, dest.name, headers),
+                f"Downloading {dest.name}", where=dest.parent)
+    drive.rename(part, dest)
+    return dest
+
+
+def _http_to_part(url: str, part: Path, name: str, headers: dict[str, str] | None) -> None:
+    """Append the rest of ``url`` to ``part`` (from its size, with a Range request), which
+    stays on Drive so that a later runtime resumes it; errors of the network and the server
+    end as OfflineError or DataError."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={**(headers or {}),
                                                    **({"Range": f"bytes={have}-"} if have else {})})
@@ -361,10 +372,10 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
             length = r.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
             if length is not None:
-                check_space(dest.parent, int(length), f"Downloading {dest.name}")
+                drive.require_space(part.parent, int(length), f"Downloading {name}")
             with open(part, "ab" if have else "wb") as f, tqdm(
                     total=total, initial=have, unit="B", unit_scale=True,
-                    desc=dest.name) as bar:
+                    desc=name) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -381,8 +392,6 @@ def http_file(url: str, dest: Path, headers: dict[str, str] | None = None) -> Pa
     if total is not None and size != total:
         raise OfflineError(f"Downloading {shown(url)} stopped at {size} of {total} bytes. Run "
                            "it again to resume.")
-    drive.retry(lambda: os.replace(part, dest), f"Saving {dest.name}")
-    return dest
 
 
 def shown(url: str) -> str:

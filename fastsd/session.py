@@ -1,43 +1,50 @@
 """Sessions: one Drive folder per subject, the only state that outlives a Colab runtime.
 
-A session folder holds ``session.json`` (schema version and settings), a README.txt that
-says what is where (``fastsd/session_readme.txt``, shipped inside the package so a regular
-install on Colab has it) and the folders instance_images/, captions/, checkpoints/,
-models/, outputs/.
+A new session folder is a copy of ``sessions_template/`` (at the top of the repository,
+installed inside the package as ``fastsd.sessions_template``): a README.txt that says what is
+where and the folders instance_images/, captions/, checkpoints/, models/, outputs/ (the
+``.keep`` files that hold them in git are not copied), plus ``session.json``, the schema
+version and settings.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastsd import drive
-from fastsd.errors import (ConfirmationNeeded, InvalidName, SchemaError, SessionExists,
-                           SessionNotFound)
+from fastsd import drive, options
+from fastsd.errors import (ConfirmationNeeded, DataError, InvalidName, SchemaError,
+                           SessionExists, SessionNotFound)
 from fastsd.workspace import Workspace
 
 Root = Workspace | Path | None  # a workspace, its folder, or None for this runtime's
 
 log = logging.getLogger("fastsd")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SESSION_FILE = "session.json"
 MAX_NAME = 64
-README = Path(__file__).resolve().parent / "session_readme.txt"  # package data
+TEMPLATE = "fastsd.sessions_template"  # sessions_template/, installed as package data
+NOT_COPIED = {".keep", "__init__.py", "__pycache__"}  # what makes the template a package in git
 FOLDERS = ("instance_images", "captions", "checkpoints", "models", "outputs")
 
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "base_model": "tiny-sd1",
+    # None until the user chooses one (the notebook's base model cell, or --model): a
+    # session never trains a model it was not given.
+    "base_model": None,
     "instance_token": "sks",
     "class_word": "person",
     "resolution": 512,
 }
+# How long each training stage runs unless told otherwise, in steps: TrainSettings'
+# defaults, and the plan the image check measures a set of photos against before a run.
+DEFAULT_UNET_STEPS = 1500
+DEFAULT_TEXT_STEPS = 350
 
 
 def validate_name(name: str) -> str:
@@ -80,7 +87,23 @@ def _migrate_1_to_2(data: dict) -> dict:
             "created": data.get("created", time.time()), "settings": settings}
 
 
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2}
+TEST_MODEL = "tiny-sd1"
+
+
+def _migrate_2_to_3(data: dict) -> dict:
+    # Version 2 filled in the tiny random test model as the base model of every session
+    # created without one (the notebook's session cell), and the base model cell then kept
+    # it. No user chose it: unset it, so the base model cell (or --model) names the real one.
+    settings = dict(data.get("settings", {}))
+    if settings.get("base_model") == TEST_MODEL:
+        settings["base_model"] = None
+        log.warning("Session %s had the tiny test model as its base model, set by an earlier "
+                    "fastsd by mistake; it now has none: choose one (%s).", data.get("name"),
+                    options.say("base_model", session=str(data.get("name"))))
+    return {**data, "schema_version": 3, "settings": settings}
+
+
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _schema_version(data: dict) -> int:
@@ -128,12 +151,35 @@ class Session:
         return self.path / "models"
 
     @property
+    def loras(self) -> Path:
+        """The session's trained LoRAs (models/Lora, AUTOMATIC1111's folder name): the web
+        UI lists them and reads them from here."""
+        return self.models / "Lora"
+
+    def lora(self, name: str | None = None) -> Path | None:
+        """The newest trained LoRA file in :attr:`loras` (or the one named), else None."""
+        found = sorted(self.loras.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) \
+            if self.loras.is_dir() else []
+        found = [p for p in found if not name or p.stem == name]
+        return found[-1] if found else None
+
+    @property
     def outputs(self) -> Path:
         return self.path / "outputs"
 
     @property
     def file(self) -> Path:
         return self.path / SESSION_FILE
+
+    @property
+    def base_model(self) -> str:
+        """The name of the base model (what :func:`fastsd.models.resolve_model` takes), or
+        a DataError that says how to choose one."""
+        name = self.settings.get("base_model")
+        if not name:
+            raise DataError(f"Session {self.name} has no base model yet. Choose one: "
+                            f"{options.say('base_model', session=self.name)}.")
+        return str(name)
 
     # persistence ---------------------------------------------------------
     def to_dict(self) -> dict:
@@ -174,14 +220,38 @@ def create(name: str, root: Root = None, **settings: Any) -> Session:
     if path.exists():
         raise SessionExists(f"A session named {path.name!r} already exists at {path}. "
                             "Load it, or choose another name.")
-    with drive.atomic_folder(path) as tmp:
-        shutil.copyfile(README, tmp / "README.txt")
-        for f in FOLDERS:
-            (tmp / f).mkdir(exist_ok=True)
+    with drive.folder_writer(path) as tmp:
+        for rel, entry in template():
+            if entry.is_dir():
+                (tmp / rel).mkdir(parents=True, exist_ok=True)
+            else:
+                (tmp / rel).write_bytes(entry.read_bytes())
+        for f in FOLDERS:  # an install built from a copy without dotfiles (as the install
+            (tmp / f).mkdir(exist_ok=True)  # cell makes) lacks the .keep files that hold them
         session = Session(path.name, tmp, ws, {**DEFAULT_SETTINGS, **settings}, time.time())
         session.save()
     session.path = path
     return session
+
+
+def template() -> list[tuple[str, Any]]:
+    """What a new session is made of: (relative path, entry) of every folder and file of the
+    session template, each folder before what it holds (:data:`NOT_COPIED` left out)."""
+    from importlib import resources
+
+    out: list[tuple[str, Any]] = []
+
+    def walk(node, prefix: str) -> None:
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            rel = f"{prefix}{child.name}"
+            if child.name in NOT_COPIED:
+                continue
+            out.append((rel, child))
+            if child.is_dir():
+                walk(child, rel + "/")
+
+    walk(resources.files(TEMPLATE), "")
+    return out
 
 
 def load(name: str, root: Root = None) -> Session:
@@ -206,8 +276,12 @@ def load(name: str, root: Root = None) -> Session:
                  _schema_version(raw), SCHEMA_VERSION)
         session.save()
     for f in FOLDERS:
-        (path / f).mkdir(exist_ok=True)
+        if not (path / f).is_dir():
+            drive.make_folder(path / f)
     return session
+
+
+_current: tuple[str, Workspace] | None = None  # what open() opened last in this process
 
 
 @dataclass
@@ -225,8 +299,11 @@ class Opened:
         lines = [f"{'Created' if self.created else 'Loaded'} session {s.name}: {s.path}"]
         lines += [f"  changed {k}: {old!r} -> {new!r}" for k, (old, new) in self.changed.items()]
         if self.kept:
-            lines.append("  kept the session's settings (the form differs; tick the change "
-                         "option to change them):")
+            change = [(k, new) for k, (_, new) in self.kept.items() if k in options.OPTIONS]
+            ticks = sorted({"change_base_model" if k == "base_model" else "change_settings"
+                            for k in self.kept})
+            lines.append("  kept the session's settings (the form differs; to change them, "
+                         f"{options.say(*change, *ticks, session=s.name)}):")
             lines += [f"    {k}: {old!r} (the form says {new!r})"
                       for k, (old, new) in self.kept.items()]
         return "\n".join(lines)
@@ -241,11 +318,15 @@ def open(name: str, root: Root = None, settings: dict[str, Any] | None = None,
     changed and reported in ``changed``. A setting the session has not chosen yet (None)
     is filled in from ``settings`` without ``change``.
     """
+    global _current
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     try:
         session = load(name, root)
     except SessionNotFound:
-        return Opened(create(name, root, **settings), created=True)
+        session = create(name, root, **settings)
+        _current = (session.name, session.workspace)
+        return Opened(session, created=True)
+    _current = (session.name, session.workspace)
     opened = Opened(session)
     for key, new in settings.items():
         old = session.settings.get(key)
@@ -259,6 +340,17 @@ def open(name: str, root: Root = None, settings: dict[str, Any] | None = None,
         session.update(**{k: new for k, (_, new) in opened.changed.items()})
         log.info("Changed %s of session %s", ", ".join(opened.changed), session.name)
     return opened
+
+
+def current() -> Session:
+    """The session this process opened last with :func:`open` (a notebook's session
+    cell), loaded again from its folder, so a later cell sees what the earlier ones
+    saved. In a runtime that opened none (a restarted one), a FastSDError that says which
+    cell to run first."""
+    if _current is None:
+        raise SessionNotFound("No session is open in this runtime (a new or restarted one): "
+                              f"{options.run('session')} first.")
+    return load(*_current)
 
 
 def list_sessions(root: Root = None) -> list[str]:

@@ -1,8 +1,8 @@
 """Free Drive space: what fastsd keeps in the workspace, how big each piece is, and the
 deletion of the pieces the user picks, only once confirmed.
 
-:func:`usage` lists, largest first, each session's checkpoints, trained models and
-outputs, and the workspace's downloaded and converted models, the Hugging Face cache,
+:func:`usage` lists, largest first, each session's checkpoints, trained models, LoRAs
+and outputs, and the workspace's downloaded and converted models, the Hugging Face cache,
 the wheelhouses and the tools. :func:`free` deletes the items picked by their number in
 that list (or their path), and only with ``confirm=True``; without it, it says what would
 go and how much room that makes.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from fastsd import drive, session as sessions
+from fastsd import drive, options, session as sessions
 from fastsd.errors import ConfirmationNeeded, DataError
 from fastsd.workspace import Workspace
 
@@ -73,6 +73,10 @@ def _entries(ws: Workspace) -> Iterable[tuple[Path, str, str | None]]:
         for p in _children(s.checkpoints):
             yield p, "checkpoint", name
         for p in _children(s.models):
+            if p == s.loras:  # each trained LoRA is an item of its own
+                for f in _children(p):
+                    yield f, "LoRA", name
+                continue
             yield p, "trained model" if p.is_dir() else "single file", name
         if s.outputs.is_dir() and any(s.outputs.iterdir()):
             yield s.outputs, "outputs (samples, images)", name
@@ -88,6 +92,15 @@ def _entries(ws: Workspace) -> Iterable[tuple[Path, str, str | None]]:
         yield p, "wheelhouse", None
     for p in _children(ws.tools):
         yield p, "tool", None
+
+
+def session_space(s: sessions.Session) -> dict:
+    """What one session keeps on Drive, in bytes: its checkpoints (each), trained models,
+    LoRAs (each) and outputs; `fastsd session show` prints it."""
+    return {"checkpoints": {p.name: size_of(p) for p in _children(s.checkpoints)},
+            "models": sum(size_of(p) for p in _children(s.models) if p != s.loras),
+            "loras": {p.name: size_of(p) for p in _children(s.loras)},
+            "outputs": size_of(s.outputs) if s.outputs.is_dir() else 0}
 
 
 def usage(root: Workspace | Path | None = None) -> list[Item]:
@@ -164,9 +177,10 @@ def free(picks: Iterable[int | str | os.PathLike[str]], root: Workspace | Path |
     listing = "\n".join(f"  {human(i.size):>9}  {i.kind}: {i.path}" for i in chosen)
     total = human(sum(i.size for i in chosen))
     if not confirm:
+        numbers = ",".join(str(items.index(i) + 1) for i in chosen)
         raise ConfirmationNeeded(
-            f"This would delete {len(chosen)} item(s), {total}:\n{listing}\nTick Confirm "
-            f"(CLI: --yes) to delete them. {TRASH_NOTE}.")
+            f"This would delete {len(chosen)} item(s), {total}:\n{listing}\nTo delete them: "
+            f"{options.say(('delete', numbers), 'confirm_delete')}. {TRASH_NOTE}.")
     for i in chosen:
         drive.delete(i.path)  # retries after a Drive drop
         log.info("Deleted %s (%s)", i.path, human(i.size))

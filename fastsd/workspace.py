@@ -12,11 +12,18 @@ WORKSPACE/
 On Colab the workspace is ``MyDrive/Fast-Dreambooth`` (or a Shared Drive's folder), mounted
 first; elsewhere it is ``$FASTSD_HOME`` (default ``~/fastsd``). Code that needs a folder asks
 a :class:`Workspace` for it, never walks up from another path.
+
+Base models may be kept on the runtime's own disk instead of Drive (the notebook's
+Use_Temp_Storage): :meth:`Workspace.on_local_disk` is the same workspace with its models/
+in :func:`local_models_root`; the model resolver (:func:`fastsd.models.resolve_model`) is
+the one place that picks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,18 @@ from fastsd import drive, env
 from fastsd.errors import DriveError
 
 WORKSPACE_NAME = "Fast-Dreambooth"
+LOCAL_MODELS_ENV = "FASTSD_LOCAL_MODELS"  # where models kept off Drive go
+
+
+def local_models_root() -> Path:
+    """The runtime's own disk, for models kept off Drive: ``$FASTSD_LOCAL_MODELS``, else
+    ``/content/fastsd-models`` on Colab, else ``fastsd-models`` in the system's temporary
+    folder. What is there goes with the runtime."""
+    if os.environ.get(LOCAL_MODELS_ENV):
+        return Path(os.environ[LOCAL_MODELS_ENV])
+    if env.runtime() == "colab":
+        return Path("/content/fastsd-models")
+    return Path(tempfile.gettempdir()) / "fastsd-models"
 
 
 def default_root(shared_drive: str | None = None, mount: bool = True) -> Path:
@@ -47,19 +66,19 @@ def default_root(shared_drive: str | None = None, mount: bool = True) -> Path:
     else:
         path = Path(os.environ.get("FASTSD_HOME") or Path.home() / "fastsd").expanduser()
     try:
-        drive.retry(lambda: path.mkdir(parents=True, exist_ok=True), f"Creating {path}")
+        drive.make_folder(path)
     except drive.DriveFull:
         raise
     except OSError as e:
         raise DriveError(f"Cannot create the workspace folder {path}: {e}. "
                          "Set FASTSD_HOME to a folder you can write to.") from e
-    drive.note_workspace(path)
     return path
 
 
 @dataclass(frozen=True)
 class Workspace:
     root: Path
+    models_root: Path | None = None  # models/ elsewhere: the runtime's disk (on_local_disk)
 
     @classmethod
     def current(cls, home: "Workspace | str | os.PathLike[str] | None" = None,
@@ -68,7 +87,6 @@ class Workspace:
         if isinstance(home, Workspace):
             return home
         if home:
-            drive.note_workspace(Path(home).expanduser())
             return cls(Path(home).expanduser())
         return cls(default_root(shared_drive, mount))
 
@@ -76,9 +94,14 @@ class Workspace:
     def sessions(self) -> Path:
         return self.root / "sessions"
 
+    def on_local_disk(self) -> "Workspace":
+        """This workspace with its models/ (downloads, Hub cache, conversions) on the
+        runtime's own disk (:func:`local_models_root`) instead of Drive."""
+        return dataclasses.replace(self, models_root=local_models_root())
+
     @property
     def models(self) -> Path:
-        return self.root / "models"
+        return self.models_root or self.root / "models"
 
     @property
     def hub_cache(self) -> Path:

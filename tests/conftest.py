@@ -24,6 +24,12 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "fastsd-home"
     home.mkdir()
     monkeypatch.setenv("FASTSD_HOME", str(home))
+    # on the command line unless the test says otherwise: a test that runs a notebook cell
+    # in this process (env.form) does not make later tests' messages name form fields
+    from fastsd import env
+
+    monkeypatch.setattr(env, "_caller", None)
+    monkeypatch.delenv(env.CALLER_ENV, raising=False)
     return home
 
 
@@ -53,10 +59,40 @@ def tiny_sdxl(tiny_root: Path) -> Path:
     return _tiny(tiny_root, "sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet_sd1(tiny_root: Path) -> Path:
+    """The tiny ControlNet of tiny-sd1, as the registry's tiny-canny lays it out."""
+    from fastsd.models import tiny
+
+    return tiny.ensure_controlnet("sd1", tiny_root / "controlnet" / "sd1-tiny-canny")
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_sdxl(tiny_root: Path) -> Path:
+    from fastsd.models import tiny
+
+    return tiny.ensure_controlnet("sdxl", tiny_root / "controlnet" / "sdxl-tiny-canny")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner(tiny_root: Path) -> Path:
+    from fastsd.models import tiny
+
+    return tiny.ensure_refiner(tiny_root)
+
+
 @pytest.fixture(scope="session", params=["sd1", "sd2", "sdxl"])
 def tiny_model(request: pytest.FixtureRequest, tiny_root: Path) -> tuple[str, Path]:
     """Each tiny family in turn, as (family, folder)."""
     return request.param, _tiny(tiny_root, request.param)
+
+
+def tiny_session(name: str, root=None, family: str = "sd1", **settings):
+    """A session on the tiny random model of ``family``. A session has no base model until
+    one is named (never a default), and tests name the tiny ones, built offline."""
+    from fastsd import session
+
+    return session.create(name, root, **{"base_model": f"tiny-{family}", **settings})
 
 
 def cached_repo(cache: Path, repo_id: str, files: dict[str, str | bytes]) -> Path:
@@ -83,6 +119,18 @@ def cache_family_configs(home: Path, family: str, model: Path) -> Path:
     files = {str(p.relative_to(model)): p.read_text() for pattern in CONFIG_FILES
              for p in model.glob(pattern)}
     return cached_repo(home / "models" / "hub", CONFIG_REPOS[(family, False)], files)
+
+
+def fake_nvidia_smi(bin_dir: Path, *gpus: str) -> Path:
+    """nvidia-smi cannot run here (no GPU): a script in ``bin_dir`` that answers the query
+    fastsd.env.driver_gpus makes as a driver with ``gpus`` ("name, free MiB, total MiB")
+    does, and fails any other. Returns ``bin_dir``, to put first on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name,memory.free,memory.total ] || exit 9\n"
+                   + "".join(f"echo '{g}'\n" for g in gpus))
+    smi.chmod(0o755)
+    return bin_dir
 
 
 COLAB = Path(__file__).resolve().parent / "colab"

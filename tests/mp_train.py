@@ -10,11 +10,11 @@ import json
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 from fastsd import session
 from fastsd.train import train
+from test_train_resume import wait_for_checkpoint
 
 
 def main() -> None:
@@ -30,10 +30,7 @@ def main() -> None:
 
     def hook(event: str, info: dict) -> None:
         if a.kill_at and event == "step" and info["global_step"] == a.kill_at:
-            done = s.checkpoints / f"step-{a.kill_after:07d}" / "manifest.json"
-            deadline = time.monotonic() + 60
-            while not done.is_file() and time.monotonic() < deadline:
-                time.sleep(0.05)  # the background write of that checkpoint
+            wait_for_checkpoint(s.checkpoints, a.kill_after)  # written in the background
             os.kill(os.getppid(), signal.SIGKILL)  # the launcher (torchrun's agent)
             os.killpg(os.getpgid(0), signal.SIGKILL)  # this worker (its own group)
 

@@ -51,6 +51,6 @@ def test_gpu_check_dry_run_exercises_everything_but_cuda(tmp_path, tiny_root, ti
     assert all(r.ours > 0 for r in rows)
     saved = json.loads((tmp_path / "results" / "gpu.json").read_text())
     assert saved["title"] == "GPU check at real size (CPU (dry run))"
-    assert "SDXL LoRA, T4 preset, 1024 px: pending" in saved["notes"]
+    assert "SDXL LoRA, T4 preset, 1024 px: UNet stage speed" in metrics
     assert "train_dreambooth.py: skipped, no script given" in saved["notes"]
     assert "## GPU check at real size" in (tmp_path / "RESULTS.md").read_text()

@@ -72,3 +72,34 @@ def test_env_reports_json(workspace, capsys):
     assert cli.main(["env"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device"] == "cpu" and report["workspace"] == str(workspace)
+
+
+def test_the_readme_walkthrough_trains_sd15_never_the_test_model(workspace, capsys, tmp_path):
+    """`fastsd session create my_dog --class dog`, then photos, then `fastsd train my_dog`:
+    the registry's SD 1.5, whose download (offline here) is the one error. A session made
+    without a base model is refused with the command that names one."""
+    from fastsd import session
+    from fastsd.dataset import samples
+    from fastsd.models import registry
+
+    assert cli.main(["session", "create", "my_dog", "--class", "dog"]) == 0
+    assert "(base model sd15)" in capsys.readouterr().out
+    assert session.load("my_dog", workspace).base_model == registry.DEFAULT_BASE_MODEL == "sd15"
+    photos = samples.write(tmp_path / "photos", ["chelsea"])
+    assert cli.main(["images", "import", "my_dog", str(photos[0].parent)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "my_dog", "--unet-steps", "1", "--text-steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert registry.get("sd15").repo in err, err
+    assert not (workspace / "models" / "tiny-sd1").exists()
+
+    session.create("bare", workspace)
+    assert cli.main(["train", "bare"]) == 2
+    assert "Session bare has no base model yet. Choose one: run 'fastsd session set bare " \
+        "--model MODEL'." in capsys.readouterr().err
+    assert cli.main(["session", "set", "bare", "--model", "sd21"]) == 0
+    assert "changed base_model: None -> 'sd21'" in capsys.readouterr().out
+    assert session.load("bare", workspace).base_model == "sd21"
+    assert cli.main(["session", "set", "nobody", "--model", "sd21"]) == 2
+    assert not (workspace / "sessions" / "nobody").exists()

@@ -146,7 +146,10 @@ def test_checkpoint_copy_during_a_drop_completes_and_keeps_the_local_copy(
 
 
 def test_a_full_drive_says_what_to_delete(fuse_drive):
+    from fastsd import session
+
     root = Workspace.current().root
+    session.create("old", root)
     old = root / "sessions" / "old" / "checkpoints" / "step-0000500"
     old.mkdir(parents=True)
     (old / "unet.safetensors").write_bytes(os.urandom(200_000))
@@ -154,7 +157,13 @@ def test_a_full_drive_says_what_to_delete(fuse_drive):
     with pytest.raises(drive.DriveFull) as e:
         drive.atomic_write_bytes(root / "big.bin", os.urandom(500_000))
     msg = str(e.value)
-    assert "no space left" in msg and str(old) in msg and "trash" in msg
+    assert "no space left" in msg and "trash" in msg
+    free = drive.free_bytes(root)  # the one reading of free space, the quota's on Drive
+    assert free < 300_000 and f"{drive.gb(free)} free at {root}" in msg
+    assert "`fastsd space`" in msg  # where what takes room is listed, largest first:
+    from fastsd import space
+
+    assert space.usage(root)[0].path == old
     assert temporaries(root) == [] and not (root / "big.bin").exists()
 
 
@@ -316,14 +325,14 @@ def test_models_are_read_from_a_local_copy_never_mapped_from_drive(fuse_drive, t
     (model / "unet").mkdir(parents=True)
     data = os.urandom(1 << 20)
     (model / "unet" / "w.safetensors").write_bytes(data)
-    local = models.stage(model, tmp_path / "stage")
+    local = models.local_copy(model, tmp_path / "stage")
     assert not local.is_relative_to(fuse_drive)
-    assert models.stage(model, tmp_path / "stage") == local, "reused while files are unchanged"
+    assert models.local_copy(model, tmp_path / "stage") == local, "reused while files are unchanged"
     standin.kill()  # Drive drops while the model is in use
     with open(local / "unet" / "w.safetensors", "rb") as f, \
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         assert mm[:] == data  # from Drive this read would be a SIGBUS
-    assert models.stage(tmp_path) == tmp_path, "off Drive, the path itself"
+    assert models.local_copy(tmp_path) == tmp_path, "off Drive, the path itself"
 
 
 @pytest.mark.timeout(900)
@@ -377,3 +386,41 @@ def test_training_with_drops_mid_sample_and_mid_model_export_completes(
     assert temporaries(root) == []
     assert not list(Path(tempfile.gettempdir()).glob(".fastsd-tmp-*-drops")), \
         "the local copy is removed once the Drive copy is whole"
+
+
+def test_disconnect_after_training_only_once_the_model_is_whole_on_drive(fuse_drive,
+                                                                        tiny_sd1, caplog,
+                                                                        monkeypatch):
+    """Disconnect_After_Training on Colab: a model whose single file is cut short keeps the
+    runtime; a whole one is flushed to Drive first, then the runtime is given back. Outside
+    Colab it is one line and nothing else."""
+    import shutil
+
+    from google import colab
+
+    from fastsd.convert import to_single_file
+    from fastsd.train.runner import TrainingFailed, disconnect_when_safe
+
+    models_dir = fuse_drive / "MyDrive" / "Fast-Dreambooth" / "sessions" / "dog" / "models"
+    model = shutil.copytree(tiny_sd1, models_dir / "dog")
+    single = to_single_file(model, models_dir / "dog.safetensors")
+    whole = single.read_bytes()
+    single.write_bytes(whole[:-100])  # as a copy cut short by a drop
+    colab.events.clear()
+    with pytest.raises(TrainingFailed, match=r"Not disconnecting: .*truncated.*stays connected"):
+        disconnect_when_safe(model, single)
+    assert colab.events == []
+    single.write_bytes(whole)
+    assert disconnect_when_safe(model, single) is True
+    assert colab.events == ["flush_and_unmount", "unassign"]
+    backing = Path(os.environ["COLAB_STANDIN_BACKING"]) / "MyDrive" / "Fast-Dreambooth"
+    assert (backing / "sessions" / "dog" / "models" / "dog.safetensors").read_bytes() == whole
+
+    monkeypatch.delenv("COLAB_RELEASE_TAG")
+    for name in [m for m in sys.modules if m.startswith("google.colab")]:
+        sys.modules.pop(name)  # (the fixture's teardown expects them gone or there)
+    caplog.clear()
+    caplog.set_level("INFO", logger="fastsd")
+    assert disconnect_when_safe(model, single) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Not on Colab: nothing to disconnect (the model is in {model})."]

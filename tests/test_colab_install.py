@@ -3,8 +3,10 @@ Drive as the real FUSE stand-in.
 
 The first runtime installs fastsd from a folder, builds the wheelhouse on Drive from the
 index (pip; uv is absent), and the next cell imports fastsd and every pin without a
-restart. A second fresh runtime, with uv and the index unreachable, installs everything
-from that wheelhouse.
+restart. A second fresh runtime, with uv and no network, fails on the default source (the
+project's address) and on a wrong folder with one message each, then installs fastsd from
+a repository .zip on Drive, and again from one uploaded through the cell, and everything
+else from that wheelhouse.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from test_notebooks import NOTEBOOKS, fill_in
+from test_notebooks import NOTEBOOKS, cell, default_source, fill_in
 
 from conftest import COLAB, colab_module as _load  # noqa: E402
 
@@ -59,6 +61,34 @@ def shown(output) -> str:
     return output.get("text", "")
 
 
+def with_form(source: str, **fields) -> str:
+    """The install cell's source with its form fields set, as the form's boxes set them."""
+    for field, value in fields.items():
+        source, n = re.subn(rf"^{field} = .*?  #@param", f"{field} = {value!r}  #@param",
+                            source, count=1, flags=re.M)
+        assert n == 1, field
+    return source
+
+
+def repository_zip(folder: Path, dest: Path) -> Path:
+    """``folder`` as a code host's "Download ZIP" gives a repository: one top folder."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, f"fastsd-main/{p.relative_to(folder)}")
+    return dest
+
+
+def one_message(cell) -> str:
+    """The one message a failed install cell shows: an error whose whole traceback is its
+    message (no traceback, no SystemExit banner)."""
+    (err,) = [o for o in cell.outputs if o.get("output_type") == "error"]
+    assert err["traceback"] == [f"{err['ename']}: {err['evalue']}"], err["traceback"]
+    text = "".join(shown(o) for o in cell.outputs)
+    assert "SystemExit" not in text and "To exit" not in text and "Traceback" not in text
+    return err["evalue"]
+
+
 def run_cells(tmp_path, python, env, cells, name, allow_errors=False):
     nb = nbformat.read(NOTEBOOKS / "fast_dreambooth.ipynb", as_version=4)
     install = nb.cells[1]
@@ -76,6 +106,7 @@ def run_cells(tmp_path, python, env, cells, name, allow_errors=False):
             os.environ.pop("JUPYTER_PATH")
         else:
             os.environ["JUPYTER_PATH"] = old
+    run_cells.cells = nb.cells  # each cell with its outputs, for a closer look
     return "".join(shown(o) for c in nb.cells for o in c.get("outputs", []))
 
 
@@ -111,26 +142,44 @@ def test_install_cell_first_runtime_then_offline_from_the_wheelhouse(tmp_path, c
     for w in man["wheels"]:
         zipfile.ZipFile(house / w).testzip()
 
-    # A second fresh runtime: uv present, the package index unreachable.
+    # A second fresh runtime: uv present, no network (the package index unreachable). The
+    # default source (the project's address) and a wrong folder fail with one message
+    # each; a repository .zip on Drive installs, then one uploaded through the cell.
     standin.unmount(colab_drive["mount"])
     py2 = runtime.fresh(tmp_path / "runtime2", with_uv=True)
     env2 = runtime.offline_env(env1)
-    def wrong_then_right(install):
-        missing = str(tmp_path / "no-such-folder")
-        wrong = re.sub(r'^FASTSD_SOURCE = .*?  #@param', f"FASTSD_SOURCE = {missing!r}  #@param",
-                       install.source, count=1, flags=re.M)
-        assert wrong != install.source
-        return [wrong, install, CHECK]
+    repository_zip(runtime.source_copy(tmp_path / "zip-src"),
+                   colab_drive["backing"] / "MyDrive" / "fastsd-main.zip")
+    uploaded = runtime.source_copy(tmp_path / "upload-src")
+    (uploaded / "fastsd" / "_uploaded.py").write_text("")  # tells the two installs apart
+    (tmp_path / "upload").mkdir()
+    repository_zip(uploaded, tmp_path / "upload" / "fastsd-main.zip")
+    env2["COLAB_STANDIN_UPLOAD"] = str(tmp_path / "upload")
 
-    out2 = run_cells(tmp_path, py2, env2, wrong_then_right, "rt2", allow_errors=True)
-    # A wrong source: one message that says what to set, not a traceback.
-    assert "SystemExit: fastsd could not be installed from" in out2 and \
-        "Set FASTSD_SOURCE to the folder" in out2, out2
-    assert "Traceback (most recent call last)" not in out2, out2
+    def sources(install):
+        return [cell(NOTEBOOKS / "fast_dreambooth.ipynb", "1."),  # the form's own source
+                with_form(install.source, FASTSD_SOURCE=str(tmp_path / "no-such-folder")),
+                with_form(install.source, FASTSD_SOURCE=str(
+                    colab_drive["mount"] / "MyDrive" / "fastsd-main.zip")), CHECK,
+                with_form(install.source, Upload_Zip=True),
+                CHECK + "import fastsd._uploaded\nprint('UPLOADED')\n"]
+
+    out2 = run_cells(tmp_path, py2, env2, sources, "rt2", allow_errors=True)
+    cells = run_cells.cells
+    unreachable = one_message(cells[0])
+    assert unreachable.startswith(f"fastsd could not be installed from {default_source()!r} "
+                                  "with uv"), unreachable
+    assert "check this runtime's internet access" in unreachable and \
+        "put it on your Drive and set FASTSD_SOURCE to its path" in unreachable
+    assert "The installer said:" in unreachable and "github.com" in \
+        unreachable.split("The installer said:")[1], "the installer's own output is shown"
+    wrong = one_message(cells[1])
+    assert wrong.startswith(f"{str(tmp_path / 'no-such-folder')!r} does not exist. What to do:")
     assert value(out2, "FASTSD_FILE").startswith(str(tmp_path / "runtime2")), out2
     assert value(out2, "MISSING") == "[]", out2
     assert "with uv" in out2 and "built the wheelhouse" not in out2, out2
     assert "Restart the session" not in out2
+    assert [o for o in cells[5].outputs if "UPLOADED" in o.get("text", "")], out2
     res = subprocess.run([str(py2), "-m", "pip", "download", "--no-deps", "-d",
                           str(tmp_path / "x"), "tqdm==4.70.1"], env=env2, capture_output=True)
     assert res.returncode != 0, "the index must really be unreachable in this test"

@@ -165,7 +165,8 @@ def test_exif_orientation_is_applied(s, mixed_folder):
 
 
 def test_heic_with_and_without_pillow_heif(s, tmp_path, monkeypatch):
-    pillow_heif = pytest.importorskip("pillow_heif")
+    import pillow_heif  # a hard requirement (requirements-colab.txt): never skipped
+
     pillow_heif.register_heif_opener()
     heic = tmp_path / "phone.heic"
     heic.write_bytes(png_bytes(gradient(90, 90), format="HEIF"))
@@ -293,3 +294,82 @@ def test_drive_link_offline_fails_fast(s):
         fetch.parse_drive_link("https://drive.google.com/")
     with pytest.raises(OfflineError, match="give their local path"):
         images.import_images(s, "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOp/view")
+
+
+# --------------------------------------------------------------------------- removing
+
+
+def session_files(s) -> dict[str, set[str]]:
+    """Every record of each photo in the session, by where it lives."""
+    from fastsd import drive
+    from fastsd.dataset import check, crop
+
+    ii = s.instance_images
+    read = lambda p: set(drive.read_json(p)) if p.is_file() else set()  # noqa: E731
+    return {"originals": {p.stem for p in (ii / "originals").glob("*.png")},
+            "previews": {p.stem for p in (ii / "previews").glob("*.png")},
+            "crops": {p.stem for p in crop.training_images(s)},
+            "crop records": read(ii / crop.CROPS),
+            "measures": read(ii / "previews" / check.MEASURES),
+            "captions": {p.stem for p in s.captions.glob("*.txt")},
+            "caption records": {p.stem for p in s.captions.glob("*.json")},
+            "import index": set(drive.read_json(ii / "originals" / images.INDEX).values())}
+
+
+@pytest.fixture
+def three(s, tmp_path):
+    """A session with three photos, each with its crop, caption, Kosmos-2 record and
+    cached measures."""
+    from fastsd.dataset import captions, check, crop
+
+    src = tmp_path / "three"
+    src.mkdir()
+    for i, name in enumerate(("ann", "bob", "cat")):
+        (src / f"{name}.png").write_bytes(png_bytes(gradient(96 + 8 * i, 80)))
+        (src / f"{name}.txt").write_text(f"sks cat number {i}")
+    images.import_images(s, src)
+    crop.crop_session(s)
+    for stem in ("ann", "bob", "cat"):
+        captions.write_record(s, stem, {"caption": "a cat", "subject_box": None})
+    check.check_session(s)
+    return s
+
+
+def test_removing_photos_takes_every_record_of_them_and_nothing_else(three):
+    before = session_files(three)
+    assert all(v == {"ann", "bob", "cat"} for v in before.values()), before
+    kept = {p.name: p.read_bytes() for p in (three.path / "instance_images").rglob("cat*")}
+    with pytest.raises(DataError, match="no photo named 'dan'; nothing was removed"):
+        images.remove_images(three, ["ann", "dan"])
+    assert session_files(three) == before
+    assert images.remove_images(three, ["ann", "bob.png"]) == ["ann", "bob"]
+    assert all(v == {"cat"} for v in session_files(three).values()), session_files(three)
+    assert {p.name: p.read_bytes() for p in (three.path / "instance_images").rglob("cat*")} \
+        == kept
+    # the import index forgot them: the same photo imports again
+    src = three.path.parent.parent.parent / "three"
+    rows = {r.file: r.outcome for r in images.import_images(three, src).rows}
+    assert rows["ann.png"] == rows["bob.png"] == "imported" and rows["cat.png"] == "duplicate"
+
+
+def test_importing_with_replace_removes_the_earlier_photos_once_new_ones_are_there(three,
+                                                                                   tmp_path):
+    from fastsd import cli
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    with pytest.raises(DataError, match="no image files, so the session's photos were kept"):
+        images.import_images(three, empty, replace=True)
+    assert session_files(three)["originals"] == {"ann", "bob", "cat"}
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "dog.png").write_bytes(png_bytes(gradient(120, 90)))
+    assert cli.main(["images", "import", "subject", str(new), "--remove-existing",
+                     "--no-crop"]) == 0
+    files = session_files(three)
+    assert files["originals"] == files["import index"] == {"dog"}
+    assert not (files["crops"] | files["captions"] | files["caption records"]
+                | files["crop records"] | files["measures"]) - {"dog"}
+    assert cli.main(["images", "remove", "subject", "dog"]) == 0
+    assert images.originals(three) == []

@@ -91,3 +91,43 @@ def test_cli_import_legacy(workspace, capsys):
     out = capsys.readouterr().out
     assert "Imported into session cat2" in out and "chelsea.jpg" in out
     assert session.list_sessions(workspace) == ["cat2"]
+
+
+def test_a_shared_session_zip_is_imported_with_its_trained_model(workspace, tmp_path):
+    """The .zip of a shared session (here fastsd's own layout: originals, their crops at
+    the top, captions, models/): its photos (the originals, once), captions, and its
+    trained model, kept in the workspace as the new session's base model."""
+    import shutil
+
+    from fastsd.dataset import captions, crop, images
+
+    friend = tmp_path / "friend"
+    theirs = session.create("buddy", friend, class_word="dog", resolution=64)
+    src = tmp_path / "photos"
+    samples.write(src, ["chelsea", "coffee"])
+    images.import_images(theirs, src)
+    crop.crop_session(theirs)
+    captions.write(theirs, "coffee", "sks dog beside a cup")
+    (theirs.models / "buddy.safetensors").write_bytes(b"trained weights")
+    z = shutil.make_archive(str(tmp_path / "buddy"), "zip", friend / "sessions", "buddy")
+
+    done = legacy.import_session(z, "mine", workspace, class_word="dog")
+    s = done.session
+    assert sorted(p.stem for p in images.originals(s)) == ["chelsea", "coffee"]
+    assert done.report.summary().startswith("2 imported, 0 duplicate")
+    assert captions.read(s, "coffee") == "sks dog beside a cup"
+    kept = workspace / "models" / "downloads" / "sessions"
+    assert done.model.is_relative_to(kept) and done.model.read_bytes() == b"trained weights"
+    assert s.settings["base_model"] == str(done.model)
+
+
+@pytest.mark.timeout(60)
+def test_a_shared_session_link_offline_fails_fast(workspace):
+    from fastsd.errors import OfflineError
+
+    with pytest.raises(OfflineError, match="give their local path"):
+        legacy.import_session("https://drive.google.com/drive/folders/1ZyXwVuTsRqPo",
+                              "shared", workspace)
+    with pytest.raises(DataError, match="not a Google Drive link"):
+        legacy.import_session("https://example.com/buddy.zip", "shared", workspace)
+    assert session.list_sessions(workspace) == []

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from conftest import fake_nvidia_smi
 from fastsd import deps
 from fastsd.errors import OfflineError
 
@@ -211,18 +212,13 @@ def run_doctor(workspace, path: str, deep: bool = False) -> dict:
 
 
 def test_doctor_reads_the_gpu_from_the_driver_without_importing_torch(workspace, tmp_path):
-    # nvidia-smi cannot run on this machine (no GPU): a script answering its query as a T4's
-    # driver does stands in for it. Everything else is the real doctor in a fresh process.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/bin/sh\n"
-                   "[ \"$1\" = --query-gpu=name,memory.free,memory.total ] || exit 9\n"
-                   "echo 'Tesla T4, 14930, 15360'\necho 'A100 MIG 1g.10gb, [N/A], [N/A]'\n")
-    smi.chmod(0o755)
+    # A stand-in for a T4's driver (and a MIG slice's); everything else is the real doctor
+    # in a fresh process.
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", "Tesla T4, 14930, 15360",
+                              "A100 MIG 1g.10gb, [N/A], [N/A]")
     got = run_doctor(workspace, f"{bin_dir}:/usr/bin:/bin")
     assert got["torch_imported"] is False, "doctor must not load torch into the kernel"
-    assert got["checks"]["GPU"] == ["Tesla T4, 14.58 of 15.0 GB free", True]
+    assert got["checks"]["GPU"] == ["Tesla T4, 14.58 of 15.0 GiB free", True]
     assert got["checks"]["GPU 1"] == ["A100 MIG 1g.10gb, memory not reported", True]
     # this machine's torch is a CPU build: with a GPU present that is a known problem
     assert got["checks"]["known problem"][0] == "a GPU but a CPU-only torch"

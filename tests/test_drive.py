@@ -1,5 +1,6 @@
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,72 @@ def test_mount_outside_colab_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(drive, "COLAB_MOUNT", tmp_path / "none")
     with pytest.raises(DriveError, match="FASTSD_HOME"):
         drive.mount_drive()
+
+
+def test_a_write_removes_what_dead_writers_left_in_its_folder(tmp_path):
+    import subprocess
+    import sys
+
+    tmp_path = tmp_path / "folder"
+    tmp_path.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    left = {  # a killed process's, another runtime's, an earlier fastsd's
+        f"{drive._TMP_MARK}{drive._BOOT}.{dead_pid}.abcdef-a.bin": b"half",
+        f"{drive._TMP_MARK}00000000.1.abcdef-b.bin": b"half",
+        f"{drive._TMP_MARK}1a2b3c4d-c.bin": b"half"}
+    live = f"{drive._TMP_MARK}{drive._BOOT}.{os.getpid()}.abcdef-d.bin"  # being written now
+    for name in [*left, live]:
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / f"{drive._TMP_MARK}00000000.1.abcdef-folder").mkdir()
+    drive.atomic_write_bytes(tmp_path / "new.bin", b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, "new.bin"])
+
+
+def test_copy_tree_keeps_empty_folders(tmp_path):
+    src = tmp_path / "src"
+    (src / "empty" / "deeper").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    dst = drive.copy_tree(src, tmp_path / "dst")
+    assert (dst / "empty" / "deeper").is_dir() and (dst / "a.txt").read_text() == "a"
+
+
+def test_a_folder_replaced_by_atomic_folder_comes_back_when_the_swap_fails(tmp_path,
+                                                                         monkeypatch):
+    tmp_path = tmp_path / "folder"
+    dst = tmp_path / "model"
+    dst.mkdir(parents=True)
+    (dst / "old.bin").write_bytes(b"previous")
+    real = os.replace
+
+    def replace(a, b):  # the old folder moves aside, then the new one never moves in
+        if (Path(a) / "new.bin").exists():
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        return real(a, b)
+
+    monkeypatch.setattr(drive, "DEFAULT_DELAY", 0.0)
+    monkeypatch.setattr(drive.os, "replace", replace)
+    with pytest.raises(DriveError):
+        with drive.atomic_folder(dst) as tmp:
+            (tmp / "new.bin").write_bytes(b"new")
+    monkeypatch.setattr(drive.os, "replace", real)
+    assert [p.name for p in dst.iterdir()] == ["old.bin"]
+    assert leftovers(tmp_path) == []
+
+
+def test_free_space_has_one_reading_and_a_shortfall_is_one_message(tmp_path):
+    import shutil
+
+    later = tmp_path / "not" / "made" / "yet"
+    assert abs(drive.free_bytes(later) - shutil.disk_usage(tmp_path).free) < 1 << 30
+    with pytest.raises(drive.DriveFull, match=r"Copying x needs 1000000000\.00 GB but .* free"):
+        drive.require_space(later, 10**18, "Copying x")
+    drive.require_space(later, 1, "Copying x")  # fits: nothing raised
+
+
+def test_paths_under_colab_mount_are_on_drive(tmp_path, monkeypatch):
+    monkeypatch.setattr(drive, "COLAB_MOUNT", tmp_path / "gdrive")
+    assert drive.on_drive(tmp_path / "gdrive" / "MyDrive" / "x")
+    assert not drive.on_drive(tmp_path / "gdrive-other" / "x")
+    assert not drive.on_drive(tmp_path)

@@ -30,7 +30,7 @@ def test_jupyter_is_told_by_a_kernel(monkeypatch):
 def test_device_on_this_machine_is_the_cpu():
     info = env.device_info()
     assert info.device == "cpu" and not info.is_cuda
-    assert info.vram_total_gb is None and info.name
+    assert info.vram_total_gib is None and info.name
 
 
 def test_report_names_the_workspace_and_versions(workspace):

@@ -21,7 +21,7 @@ import requests
 from fastsd import deps, session as sessions
 from fastsd.errors import DriveError, LaunchError
 from fastsd.models import registry
-from fastsd.webui import background, external, start
+from fastsd.webui import external, process, start
 from fastsd.workspace import Workspace
 from test_colab_drive import fuse_drive, standin  # noqa: F401  (the FUSE Drive fixture)
 from tunnel_helpers import AUTH
@@ -29,10 +29,10 @@ from tunnel_helpers import AUTH
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     yield
-    server = background.current()
+    server = process.current()
     if server is not None:
         server.stop(timeout=5)
 
@@ -260,7 +260,7 @@ def lora_file(path: Path) -> Path:
 
 @dataclass
 class Launched:
-    server: background.Server
+    server: process.Server
     home: Path
     folder: Path  # the UI's clone
     chosen: Path  # the diffusers model named in the notebook
@@ -291,6 +291,7 @@ def launched(tmp_path_factory, tiny_sd1):
     chosen = shutil.copytree(tiny_sd1, ws.models / "mine")  # diffusers only
     lora_file(ws.models / "Lora" / "style.safetensors")
     lora_file(ws.models / "loose-lora.safetensors")
+    lora_file(dog.loras / "dog.safetensors")  # a LoRA the session trained, named as its model
     cn = ws.models / registry.CONTROLNET_DIR / "sd1-canny"
     shutil.copytree(tiny_sd1 / "unet", cn)  # a diffusers ControlNet's files
     files = {f.name: f.stat().st_size for f in cn.iterdir()}
@@ -299,8 +300,8 @@ def launched(tmp_path_factory, tiny_sd1):
     shutil.copytree(tiny_sd1 / "unet", ws.hub_cache / "models--a--b" / "snapshots" / "1" / "unet")
     old = base / "local" / "stable-diffusion-webui" / "models" / "Stable-diffusion"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(background.RUN_DIR_ENV, str(base / "run"))
-        mp.setattr(background, "_current", None)
+        mp.setenv(process.RUN_DIR_ENV, str(base / "run"))
+        mp.setattr(process, "_current", None)
         mp.setitem(external.UIS, "a1111", external.ExternalUI(
             "AUTOMATIC1111", str(repo), commit, "stable-diffusion-webui"))
         mp.setattr(external, "local_root", lambda: base / "local")
@@ -334,7 +335,9 @@ def test_the_chosen_diffusers_model_is_one_file_loaded_at_start(launched):
 def test_the_lists_hold_single_files_loras_and_controlnets_each_in_its_place(launched):
     titles = sorted(m["title"] for m in launched.get("/sdapi/v1/sd-models"))
     assert titles == ["dog.safetensors", "mine.safetensors", "other.safetensors"]
-    assert sorted(lo["name"] for lo in launched.get("/sdapi/v1/loras")) == ["loose-lora",
+    # the session's LoRA (models/Lora) is a LoRA, never a checkpoint, though it has the name
+    # of the session's checkpoint
+    assert sorted(lo["name"] for lo in launched.get("/sdapi/v1/loras")) == ["dog", "loose-lora",
                                                                              "style"]
     assert launched.get("/controlnet/model_list")["model_list"] == ["control_v11p_sd15_canny"]
 

@@ -93,12 +93,12 @@ def test_tiny_kosmos_is_deterministic_and_cached(tmp_path: Path, tiny_kosmos_dir
 
 
 def _cuda(free: float) -> DeviceInfo:
-    return DeviceInfo("cuda", "Tesla T4", vram_free_gb=free, vram_total_gb=15.0,
+    return DeviceInfo("cuda", "Tesla T4", vram_free_gib=free, vram_total_gib=15.0,
                       capability=(7, 5))
 
 
 def test_loading_plan():
-    fp16, int8 = cm.vram_needed_gb(REAL_PARAMS, False), cm.vram_needed_gb(REAL_PARAMS, True)
+    fp16, int8 = cm.vram_needed_gib(REAL_PARAMS, False), cm.vram_needed_gib(REAL_PARAMS, True)
     assert 4.0 < fp16 < 6.0 and 2.5 < int8 < fp16
     assert cm.plan_loading(_cuda(14.5), REAL_PARAMS) == cm.LoadPlan(
         "cuda", "float16", False, cm.plan_loading(_cuda(14.5), REAL_PARAMS).reason)

@@ -41,7 +41,7 @@ def test_the_issue_models_are_all_there_with_every_field():
         assert e.repo.count("/") == 1 and e.revision and e.download_gb > 0
         assert "unet" in e.components and "scheduler" in e.components
         assert e.vae is None or e.vae in registry.data()["vaes"]
-        assert set(e.vram_gb) == set(registry.data()["gpus"])
+        assert set(e.vram_gib) == set(registry.data()["gpus"])
     assert es["sd15"].vae == "sd-vae-ft-mse"
     assert es["sd21"].prediction_type == "v_prediction" and es["sd21"].resolution == 768
     assert es["sd21-base"].prediction_type == "epsilon" and es["sd21-base"].resolution == 512
@@ -50,14 +50,14 @@ def test_the_issue_models_are_all_there_with_every_field():
 
 def test_vram_figures_are_the_trainers_estimate():
     # The registry copies the trainer's estimate (models sits below train); recompute it.
-    from fastsd.train.settings import PRESETS, TrainSettings, estimate_vram_gb
+    from fastsd.train.settings import PRESETS, TrainSettings, estimate_vram_gib
 
     for e in registry.entries().values():
         if e.tiny:
             continue
         for gpu in registry.data()["gpus"]:
             s = dataclasses.replace(TrainSettings(), resolution=e.resolution, **PRESETS[gpu])
-            assert e.vram_gb[gpu] == max(estimate_vram_gb(s, e.family, e.params).values()), \
+            assert e.vram_gib[gpu] == max(estimate_vram_gib(s, e.family, e.params).values()), \
                 (e.name, gpu)
     fits = registry.get("sd15").trains_on()
     assert fits == {"t4": True, "l4": True, "a100": True}
@@ -114,20 +114,27 @@ def test_the_registry_ships_in_a_regular_wheel(tmp_path):
 
 def test_controlnet_names_map_to_one_entry_of_their_family():
     for family in FAMILIES:
-        offered = [c.name for c in registry.controlnets(family)]
+        offered = [c.name for c in registry.controlnets(family, tiny=True)]
         assert offered, family
         assert len(offered) == len(set(offered))
         for name in offered:
             c = registry.controlnet(name, family)
             assert c.family == family and c.name == name
-            assert c.url.startswith("https://huggingface.co/") and c.repo.count("/") == 1
+            if c.tiny:  # built offline for the family's tiny model
+                assert not c.repo and not c.url and name.startswith("tiny-")
+            else:
+                assert c.url.startswith("https://huggingface.co/") and c.repo.count("/") == 1
             assert c.preprocessor
     sd15 = {c.name for c in registry.controlnets("sd1")}
     assert {"canny", "depth", "openpose", "lineart", "softedge", "scribble", "tile",
             "inpaint"} <= sd15
-    assert all("sd15" in c.repo for c in registry.controlnets("sd1"))
-    assert all("sd21" in c.repo for c in registry.controlnets("sd2"))
-    assert all("sdxl" in c.repo for c in registry.controlnets("sdxl"))
+    assert "tiny-canny" not in sd15, "the tiny test ControlNet is offered for tiny models only"
+    assert registry.controlnet("tiny-canny", "sd1").tiny  # still found by name
+    real = registry.controlnets()
+    assert real and not any(c.tiny for c in real)
+    assert all("sd15" in c.repo for c in real if c.family == "sd1")
+    assert all("sd21" in c.repo for c in real if c.family == "sd2")
+    assert all("sdxl" in c.repo for c in real if c.family == "sdxl")
     with pytest.raises(ModelError, match="No ControlNet 'tile' for sdxl"):
         registry.controlnet("tile", "sdxl")
 
@@ -275,6 +282,22 @@ def test_token_from_the_environment_first(workspace, monkeypatch):
     assert fetch.redact("a hf_fromfile123456 b") == "a *** b"
 
 
+
+def test_fast_stable_diffusions_token_txt_is_a_token_source(workspace, monkeypatch, caplog):
+    """Fast-Dreambooth/token.txt, where fast-stable-diffusion kept the token: read after
+    fastsd's own hf_token file, never shown."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert fetch.hf_token(workspace) is None
+    (workspace / "token.txt").write_text("hf_fromlegacy12345\n")
+    assert fetch.hf_token(workspace) == "hf_fromlegacy12345"
+    caplog.set_level(logging.INFO, logger="fastsd")
+    logging.getLogger("fastsd").info("using hf_fromlegacy12345")
+    assert "hf_fromlegacy12345" not in caplog.text and "***" in caplog.text
+    (workspace / fetch.TOKEN_FILE).write_text("hf_fromfile123456")
+    assert fetch.hf_token(workspace) == "hf_fromfile123456"
+
+
 def test_a_controlnet_downloads_into_the_shared_models_folder(hub, workspace, tiny_sd1):
     c = registry.controlnet("canny", "sd1")
     unet = tiny_sd1 / "unet"
@@ -333,3 +356,41 @@ def test_the_token_from_colab_secrets(workspace, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     assert fetch.hf_token(workspace) == "hf_fromsecrets12345"
+
+
+def test_use_temp_storage_keeps_the_base_model_on_the_runtimes_disk(hub, workspace, tiny_sd1,
+                                                                   tmp_path, monkeypatch):
+    """Use_Temp_Storage (the session's temp_storage): the resolver downloads the base model
+    onto the runtime's own disk, never into the workspace on Drive (whose token it still
+    uses); the report shows the model's size and each place's free space. A model already
+    whole on Drive is used from there."""
+    from fastsd import drive, session
+
+    local = tmp_path / "runtime-disk"
+    monkeypatch.setenv("FASTSD_LOCAL_MODELS", str(local))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    (workspace / fetch.TOKEN_FILE).write_text("hf_fromdrive1234567")
+    entry = registry.get("sd21-base")
+    publish_tiny_as(hub, entry.repo, tiny_sd1)
+    s = session.create("dog", workspace, base_model="sd21-base", temp_storage=True)
+    report = models.storage_report("sd21-base", workspace, temp_storage=True)
+    assert f"Base model sd21-base: about {entry.download_gb:.1f} GB, kept on this runtime's " \
+        "disk." in report
+    assert f"Drive: {drive.gb(drive.free_bytes(workspace))} free" in report
+    assert f"This runtime's disk: {drive.gb(drive.free_bytes(local))} free" in report
+    assert report.endswith("(run 'fastsd session set SESSION --no-temp-storage').")
+    out = models.base_model(s)
+    assert out == local / "sd21-base" and registry.is_whole(out)
+    assert not (workspace / "models" / "sd21-base").exists()
+    assert hub.auth[-1] == "Bearer hf_fromdrive1234567"
+    on_drive = models.resolve_model("sd21-base", workspace)  # Drive, as without the box
+    assert on_drive == workspace / "models" / "sd21-base" and registry.is_whole(on_drive)
+    hub.repos.clear()
+    assert models.base_model(s) == on_drive  # already on Drive: no second download
+    assert "kept on Drive (already there)" in models.storage_report("sd21-base", workspace,
+                                                                    temp_storage=True)
+    from fastsd.cli import main
+
+    assert main(["session", "set", "dog", "--no-temp-storage", "--home", str(workspace)]) == 0
+    assert session.load("dog", workspace).settings["temp_storage"] is False

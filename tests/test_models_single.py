@@ -147,6 +147,9 @@ def test_cli_models_list_and_controlnets(capsys):
     assert main(["models", "controlnet", "list", "--family", "sdxl", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and {r["family"] for r in rows} == {"sdxl"}
+    assert "tiny-canny" not in {r["name"] for r in rows}, "the tiny test one, on request only"
+    assert main(["models", "controlnet", "list", "--family", "sdxl", "--tiny", "--json"]) == 0
+    assert "tiny-canny" in {r["name"] for r in json.loads(capsys.readouterr().out)}
 
 
 def test_cli_models_get_and_offline_error(capsys, workspace, tiny_sd1):

@@ -4,12 +4,16 @@ child process that the Stop button (a kernel interrupt) stops with a checkpoint.
 from __future__ import annotations
 
 import queue
+import re
 import sys
 import textwrap
 import time
 
 import pytest
 from jupyter_client.manager import start_new_kernel
+
+from conftest import fake_nvidia_smi
+from fastsd import env
 
 
 class Kernel:
@@ -92,7 +96,8 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
         import sys
         from pathlib import Path
         import fastsd
-        from fastsd import session
+        from fastsd import env, session
+        env.form(globals())  # as each notebook cell does: messages name its form fields
         from fastsd.train import TrainSettings
         from fastsd.train.runner import train_in_child
         ROOT = Path({str(workspace)!r})
@@ -116,7 +121,7 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
     shown = [o["data"]["text/plain"] for o in out if o["type"] == "display_data"
              and "text/html" in o["data"] and "fastsd-error" in o["data"]["text/html"]]
     assert shown and shown[0].startswith("TrainingStopped: Training stopped at step"), out
-    assert "Tick Resume" in shown[0]
+    assert "tick Resume in cell 6 (Train), and run it again" in shown[0], shown[0]
     assert not (s.models / "stop").exists(), "stopped before the end: no model yet"
 
     reply, out = kernel.run("""
@@ -134,16 +139,52 @@ def test_training_runs_in_a_child_stops_with_stop_and_resumes(kernel, workspace,
 
 
 def test_an_out_of_memory_child_is_a_message_with_what_to_lower(workspace, monkeypatch):
-    from fastsd import session
+    from conftest import tiny_session
     from fastsd.train import TrainSettings, runner
 
-    s = session.create("oom", workspace, base_model="tiny-sd1")
+    s = tiny_session("oom", workspace)
     child = ("import sys; print('step 1'); sys.stderr.write('torch.OutOfMemoryError: CUDA out "
              "of memory. Tried to allocate 2.00 GiB\\n'); sys.exit(1)")
     monkeypatch.setattr(runner, "command", lambda *a, **k: [sys.executable, "-c", child])
-    with pytest.raises(runner.OutOfMemory, match="ran out of memory.*batch_size=2.*Lower "
-                       "batch_size"):
+    with pytest.raises(runner.OutOfMemory) as e:
         runner.train_in_child(s, TrainSettings(batch_size=2))
+    said = str(e.value)
+    assert said.startswith("The GPU ran out of memory while training (resolution from the "
+                           "preset, batch size 2, gradient checkpointing from the preset")
+    assert "(run 'fastsd train oom --batch-size 1 --gradient-checkpointing --adam-8bit')" \
+        in said and "then resume: run 'fastsd train oom --resume'" in said, said
+    # In the notebook: the GPU preset that sets them, and the boxes of the train cell.
+    monkeypatch.setenv(env.CALLER_ENV, "6. Train")
+    with pytest.raises(runner.OutOfMemory) as e:
+        runner.train_in_child(s, TrainSettings(batch_size=2))
+    said = str(e.value)
+    assert "(set GPU_Preset to 't4' in cell 6 (Train))" in said and \
+        "then resume: tick Resume in cell 6 (Train)" in said, said
+    assert not re.search(r"batch_size|adam_8bit|gradient_checkpointing|--", said), said
+
+
+def test_the_train_cells_child_names_the_cells_fields(workspace, monkeypatch, capsys):
+    """The child a train cell starts says what to tick in that cell; the same refusal on
+    the command line names the flags."""
+    from conftest import tiny_session
+    from fastsd.cli import main
+    from fastsd.train import TrainSettings, runner
+    from test_notebooks import NB, cell
+
+    s = tiny_session("again", workspace)
+    (s.checkpoints / "step-0000002").mkdir()  # a run to resume or restart
+    monkeypatch.setattr(env, "_caller", None)
+    env.form({"_ih": [cell(NB, "6.")]})  # what the train cell's env.form(globals()) records
+    assert env.caller() == "6. Train"
+    with pytest.raises(runner.TrainingFailed) as e:
+        runner.train_in_child(s, TrainSettings(unet_steps=1))
+    assert str(e.value).endswith("To resume that run: tick Resume in cell 6 (Train); to start "
+                                 "over, which deletes them: tick Restart in cell 6 (Train).")
+    monkeypatch.setattr(env, "_caller", None)
+    assert main(["train", "again"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "To resume that run: run 'fastsd train again --resume'; to start over, which deletes "
+        "them: run 'fastsd train again --restart'.\n")
 
 
 def test_a_child_killed_for_memory_says_so(workspace, monkeypatch):
@@ -174,3 +215,14 @@ def test_the_child_command_is_fastsd_train_with_the_settings():
 
     args = build_parser().parse_args(cmd[3:])
     assert args.unet_steps == 10 and args.flip and args.resume and args.events
+
+
+def test_the_child_runs_one_process_per_gpu_the_driver_lists(tmp_path, monkeypatch):
+    from fastsd.train import runner
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert runner.command("dog")[1:3] == ["-m", "fastsd.cli"]  # no driver: one process
+    two = fake_nvidia_smi(tmp_path / "bin", "NVIDIA L4, 22000, 23034", "NVIDIA L4, 22000, 23034")
+    monkeypatch.setenv("PATH", f"{two}:/usr/bin:/bin")
+    assert runner.command("dog")[1:5] == ["-m", "accelerate.commands.launch",
+                                          "--num_processes", "2"]

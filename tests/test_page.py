@@ -75,3 +75,39 @@ def test_the_page_is_behind_the_apis_auth(server):
     assert ok.status_code == 200 and "gradio" in ok.text.lower()
     assert httpx.get(server.url + "/", timeout=60).status_code == 401
     assert httpx.get(server.url + "/config", auth=(USER, "nope"), timeout=60).status_code == 401
+
+
+def test_the_controlnet_panel_and_hires_fix_make_a_request_the_server_takes(server, workspace,
+                                                                            tiny_controlnet_sd1):
+    """A drawing on the sketch pad becomes a white-on-black map; the panel's unit and the
+    hires fix settings make a request the server runs (the ControlNet copied into the
+    workspace after the server started is found)."""
+    import shutil
+
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(layer).line((8, 8, 56, 40), fill=(0, 0, 0, 255), width=3)
+    sketch = {"background": Image.new("RGB", (64, 64), "white"), "layers": [layer],
+              "composite": None}
+    drawn = page.control_image(None, sketch)
+    assert drawn.mode == "RGB" and drawn.getpixel((8, 8)) == (255, 255, 255)
+    assert drawn.getpixel((60, 4)) == (0, 0, 0), "black where nothing was drawn"
+    assert page.control_image(None, {"layers": [Image.new("RGBA", (64, 64))]}) is None
+    upload = Image.new("RGB", (64, 64), (9, 9, 9))
+    assert page.control_image(upload, sketch).getpixel((8, 8)) == (9, 9, 9), "upload wins"
+    assert page.controlnet_unit(False, "x", "none", upload, None, 1, 0, 1, "Balanced",
+                                "Just Resize", 100, 200) is None
+
+    shutil.copytree(tiny_controlnet_sd1, workspace / "models" / "controlnet" / "sd1-tiny-canny")
+    unit = page.controlnet_unit(True, "sd1-tiny-canny", "none", None, sketch, 0.9, 0.0, 0.8,
+                                "My prompt is more important", "Just Resize", 100, 200)
+    body = page.request_body("sks dog", "", "Euler", 2, 7, 64, 64, 5, 1, 1)
+    page.add_extras(body, unit, True, "Latent (bicubic)", 1.5, 2, 0.6, 0, 0, None, 0.8)
+    r = api_of(server).call("POST", "txt2img", body)
+    info = json.loads(r["info"])
+    assert page.b64_image(r["images"][0]).size == (96, 96)
+    text = info["infotexts"][0]
+    assert "Control Mode: My prompt is more important" in text and "Weight: 0.9" in text
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)" in text
+    assert info["ignored_fields"] == []
+    assert page.links_html(info["saved_files"]).startswith(
+        '<a href="gradio_api/file=' + info["saved_files"][0])

@@ -15,6 +15,7 @@ from test_train_resume import make_subject_session
 
 from fastsd.errors import DataError
 from fastsd.train import TrainSettings, train
+from fastsd.train.settings import DEFAULT_LR, rate_text
 
 FAST = dict(checkpoint_every=0, unet_lr=1e-4, text_lr=1e-4, class_steps=2, sample_steps=2)
 
@@ -222,9 +223,9 @@ def test_captions_fall_back_to_the_instance_prompt(workspace):
 
 
 def test_no_images_is_a_clear_error(workspace):
-    from fastsd import session
+    from conftest import tiny_session
 
-    s = session.create("empty", workspace)
+    s = tiny_session("empty", workspace)
     with pytest.raises(DataError, match="No training images"):
         train(s, TrainSettings(**FAST))
 
@@ -323,15 +324,65 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resumes(workspace, tiny
     assert r.resumed_from == 2 and r.global_step == 5
 
 
+def test_step_events_carry_each_loss_read_at_once_or_in_batches(workspace, tiny_sd1, capsys,
+                                                                 monkeypatch):
+    """What the train cell reads: one "step" event per step, in order, with its loss (the
+    cell's bar and curve), its step numbers and the batch's crops, and no more (not the
+    whole state with its growing loss list). The same when losses are read off the device
+    in batches, as on a GPU: the events come after their steps, none is lost, and a
+    checkpoint in between holds every loss so far."""
+    import json
+
+    from fastsd.train import checkpoint, runner
+    from fastsd.train.trainer import StepReport
+
+    link_tiny(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("events", workspace, n=2)
+
+    def run(**opts) -> tuple:
+        events, forwards = [], []
+
+        def hook(name: str, info: dict) -> None:
+            if name == "stage_start" and info["stage_name"] == "unet":
+                info["parts"].unet.register_forward_pre_hook(lambda m, a: forwards.append(1))
+            events.append((name, info, len(forwards)))  # forwards run when it arrived
+            runner.event_printer(name, info)  # what the child writes for the cell
+        r = train(s, TrainSettings(**dict(FAST, unet_steps=3, text_steps=2, **opts)),
+                  restart=True, on_event=hook)
+        printed = [json.loads(ln[len(runner.EVENT_MARK):])
+                   for ln in capsys.readouterr().out.splitlines()
+                   if ln.startswith(runner.EVENT_MARK)]
+        return r, events, printed
+
+    r, events, printed = run()
+    steps = [(info, ran) for name, info, ran in events if name == "step"]
+    assert all(info.keys() == {"stage_name", "global_step", "stage_step", "loss", "crops"}
+               for info, _ in steps)
+    assert [ran for _, ran in steps] == [1, 2, 3, 4, 5]  # on the CPU: right after the step
+    cell = [(e["stage_name"], e["stage_step"], e["global_step"]) for e in printed
+            if e["event"] == "step"]
+    assert cell == [("unet", 1, 1), ("unet", 2, 2), ("unet", 3, 3), ("text", 1, 4),
+                    ("text", 2, 5)]
+    assert [e["loss"] for e in printed if e["event"] == "step"] == r.losses
+    assert len(r.losses) == 5 and r.loss_curve.is_file()
+
+    monkeypatch.setitem(StepReport.READ_EVERY_S, "cpu", 3600.0)  # in batches, as on a GPU
+    r2, events2, printed2 = run(checkpoint_every=2, keep_checkpoints=5)
+    order = [(name, info["global_step"], ran) for name, info, ran in events2
+             if name in ("step", "checkpoint")]
+    assert order == [("step", 1, 2), ("step", 2, 2), ("checkpoint", 2, 2),
+                     ("step", 3, 3), ("checkpoint", 3, 3),
+                     ("step", 4, 4), ("checkpoint", 4, 4), ("step", 5, 5), ("checkpoint", 5, 5)]
+    assert r2.losses == r.losses
+    assert [e["loss"] for e in printed2 if e["event"] == "step"] == r.losses
+    for ck in checkpoint.listing(s.checkpoints):
+        assert ck.load().state["losses"] == r.losses[:ck.step]
+
+
 # --------------------------------------------------------------------------- outputs
 
 
 def test_single_file_export(workspace, tiny_sd1):
-    from fastsd import convert
-
-    if not hasattr(convert, "to_single_file"):
-        pytest.skip("fastsd.convert.to_single_file (the conversion issue) is not in this tree "
-                    "yet; the trainer calls it once it is")
     link_tiny(workspace, "sd1", tiny_sd1)
     s = make_subject_session("single", workspace, n=2)
     r = train(s, TrainSettings(unet_steps=1, text_steps=1, **FAST))
@@ -360,17 +411,38 @@ def test_presets_follow_the_gpu():
 
 def test_vram_estimate_for_sd15_on_a_t4():
     from fastsd.env import DeviceInfo
-    from fastsd.train.settings import describe, estimate_vram_gb, resolve
+    from fastsd.train.settings import describe, estimate_vram_gib, resolve
 
     s, preset = resolve(TrainSettings(), DeviceInfo("cuda", "Tesla T4", 14.5, 15, (7, 5)), 512)
     sd15 = {"unet": 859_520_964, "text_encoder": 123_060_480}
-    vram = estimate_vram_gb(s, "sd1", sd15)
+    vram = estimate_vram_gib(s, "sd1", sd15)
     assert 8 < vram["unet"] < 15 and vram["text"] < vram["unet"]
-    no_tricks = estimate_vram_gb(TrainSettings(resolution=512, batch_size=1,
+    no_tricks = estimate_vram_gib(TrainSettings(resolution=512, batch_size=1,
                                                mixed_precision="no", adam_8bit=False,
                                                gradient_checkpointing=False), "sd1", sd15)
     assert no_tricks["unet"] > 15  # why the T4 preset needs its tricks
     assert "Estimated peak VRAM" in describe(s, preset, vram)
+
+
+def test_vram_is_counted_in_gib_on_both_sides_of_the_comparison():
+    from fastsd.env import GIB, DeviceInfo
+    from fastsd.train.parts import placement_policy
+    from fastsd.train.settings import ROOMY_GIB, choose_preset, estimate_vram_gib
+
+    # fp32 weights + gradients + AdamW moments: 16 B a parameter. GIB / 4 more UNet
+    # parameters are 4 GiB more, the unit the device's total is read in (4.3 in 10^9 bytes).
+    plain = TrainSettings(resolution=512, batch_size=1, mixed_precision="no", adam_8bit=False)
+    small = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16, "text_encoder": 0})
+    large = estimate_vram_gib(plain, "sd1", {"unet": GIB // 16 + GIB // 4, "text_encoder": 0})
+    assert round(large["unet"] - small["unet"], 1) == 4.0
+    # One threshold says both that a GPU is of an A100's class and that it has room to keep
+    # every part of the model on it.
+    import torch
+
+    for total in (ROOMY_GIB - 0.5, ROOMY_GIB + 0.5):
+        info = DeviceInfo("cuda", "Some GPU", total - 1, total, (8, 6))
+        roomy = not placement_policy(torch.device("cuda"), info).offload
+        assert roomy == (choose_preset(info) == "a100") == (total >= ROOMY_GIB)
 
 
 def test_settings_are_checked():
@@ -396,8 +468,13 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
     for f in dataclasses.fields(TrainSettings):
         flag = "--" + f.name.replace("_", "-").rstrip("s" if f.name == "sample_prompts" else "")
         assert flag in text, flag
-    assert "--resume" in text and "(default: 1500)" in text and "(default: 2e-06)" in text
-    assert "(default: 350)" in text and "(default: 1e-06)" in text
+    d = TrainSettings()
+    assert "--resume" in text and f"(default: {d.unet_steps})" in text
+    assert f"(default: {d.text_steps})" in text
+    for stage in ("unet", "text"):  # no rate of its own: the method's, named in the help
+        assert getattr(d, f"{stage}_lr") is None
+        full, lora = (rate_text(DEFAULT_LR[m][stage]) for m in ("full", "lora"))
+        assert f"(default: {full} for full" in text and f"{lora} for LoRA" in text
     assert text.count("(default:") >= len(dataclasses.fields(TrainSettings))
     args = build_parser().parse_args(["train", "S", "--unet-steps", "5", "--flip",
                                       "--sample-prompt", "a", "--sample-prompt", "b"])
@@ -417,3 +494,41 @@ def test_cli_trains_a_session(workspace, tiny_sd1, capsys):
     assert "Trained 2 steps" in capsys.readouterr().out
     assert main(["train", "cli", "--home", str(workspace)]) == 2  # has checkpoints
     assert "--resume" in capsys.readouterr().err
+
+
+def test_offset_noise_shifts_each_channel_of_the_noise_and_reaches_the_loss(workspace,
+                                                                           tiny_sd1):
+    """Offset_Noise adds one draw per example and latent channel, the same over the whole
+    image, to the noise the UNet learns to predict; the loss of a step sees it."""
+    import dataclasses
+
+    import torch
+
+    from fastsd.train import data
+    from fastsd.train.parts import denoise_loss, encode_text, load_parts, tokenize
+    from fastsd.train.state import TrainState
+
+    s = make_subject_session("offset", workspace, n=2)
+    parts = load_parts(tiny_sd1)
+    examples = data.instance_examples(s)
+    base = TrainSettings(batch_size=2, resolution=64)
+    latents = data.encode_latents(parts.vae, examples, [], None, base, "cpu")
+
+    def batch(offset: float):
+        state = TrainState(data.DataOrder(len(examples), base.seed),
+                           data.DataOrder(1, base.seed + 1))
+        return data.sample_batch(state, latents, dataclasses.replace(base, offset_noise=offset),
+                                 examples, [], 0, 1, 1000, parts.vae.config.scaling_factor)
+
+    plain, shifted = batch(0.0), batch(0.1)
+    assert plain.latents.equal(shifted.latents) and plain.captions == shifted.captions
+    shift = shifted.noise - plain.noise
+    per_channel = shift[:, :, :1, :1]
+    assert torch.allclose(shift, per_channel.expand_as(shift), atol=1e-6)
+    assert per_channel.abs().min() > 0 and per_channel.abs().max() < 0.1 * 5
+    assert len(set(per_channel.flatten().tolist())) == per_channel.numel()  # each its own
+    hidden, _ = encode_text(parts, tokenize(parts, plain.captions), "cpu")
+    with torch.no_grad():
+        losses = [denoise_loss(parts, parts.unet, b.latents, b.noise, plain.timesteps, hidden)
+                  for b in (plain, shifted)]
+    assert not torch.allclose(losses[0], losses[1])

@@ -3,6 +3,7 @@ background checkpoints, the Drive space check and the leftovers of killed runs."
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,16 +35,42 @@ def test_extending_the_unet_stage_equals_a_longer_run(workspace, tiny_sd1):
     assert s.summary()["checkpoints"] == 1  # keep 1 by default, counted as checkpoints
 
 
-def test_a_stage_cannot_be_extended_after_the_next_one_trained(workspace, tiny_sd1):
+def test_a_stage_cannot_be_extended_after_the_next_one_trained_more_steps_can(workspace,
+                                                                              tiny_sd1):
+    """A finished stage is extended only while no later stage trained after it. "Train 2
+    more UNet steps after testing" is then a new segment on models/NAME: it counts global
+    steps on, replaces the earlier checkpoints once set up, leaves the text encoder as the
+    trained model had it, and is in the session's history."""
+    from fastsd import session
+    from fastsd.train import segments
+
     link_tiny(workspace, "sd1", tiny_sd1)
     s = make_subject_session("both", workspace, n=2)
+    with pytest.raises(DataError, match=r"no trained model in .*models/both to train further"):
+        train(s, dict(ONE, text_steps=0), more_unet_steps=2)
     train(s, dict(ONE, unet_steps=1, text_steps=1))
-    with pytest.raises(DataError, match="text encoder stage has trained after it"):
+    with pytest.raises(DataError, match=r"text encoder stage has trained after it.*Train 2 "
+                       r"more UNet steps on the trained model instead, as a new segment: run "
+                       r"'fastsd train \w+ --more-unet-steps 2'"):
         train(s, {"unet_steps": 3}, resume=True)
-    with pytest.raises(DataError, match=r"cannot change when resuming: unet-lr"):
+    with pytest.raises(DataError, match=r"cannot change when resuming: --unet-lr"):
         train(s, {"unet_lr": 0.5}, resume=True)
     r = train(s, {"text_steps": 2}, resume=True)  # the last stage: extended
     assert r.global_step == 3
+
+    before = final_tensors(s)
+    r = train(s, {"unet_lr": 5e-5}, more_unet_steps=2)
+    assert r.global_step == 5 and len(r.losses) == 2
+    after = final_tensors(s)
+    assert after.keys() == before.keys()
+    assert {k.split("/")[0] for k in after if not after[k].equal(before[k])} == {"unet"}
+    assert [c.step for c in checkpoint.listing(s.checkpoints)] == [5]
+    history = segments.history(session.load("both"))
+    assert [(h["base"], h["from_step"], h["to_step"], h["stages"]) for h in history] == [
+        ("tiny-sd1", 0, 3, {"unet": {"steps": 1, "lr": ONE["unet_lr"]},
+                            "text": {"steps": 2, "lr": ONE["text_lr"]}}),
+        (segments.TRAINED, 3, 5, {"unet": {"steps": 2, "lr": 5e-5}})]
+    assert all(h["started"] and h["finished"] for h in history)
 
 
 def test_another_base_model_is_refused_and_changed_data_needs_consent(workspace, tiny_sd1):
@@ -336,7 +363,8 @@ def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_
         "import sys, shutil; from pathlib import Path; from fastsd.cli import main; "
         f"h = Path({str(workspace)!r}); "
         "sys.exit(main(['train', 'full', '--unet-steps', '2', '--text-steps', '1', "
-        "'--keep-checkpoints', '2', '--home', str(h)]))")
+        "'--keep-checkpoints', '2', '--save-every', '1', '--save-from', '2', "
+        "'--home', str(h)]))")
     sess = workspace / "sessions" / "full"
     script = (f'cp -a "{sess}" /tmp/full-copy-$$ && mount -t tmpfs -o size=6m tmpfs "{sess}" '
               f'&& cp -a /tmp/full-copy-$$/. "{sess}" && rm -rf /tmp/full-copy-$$ '
@@ -346,9 +374,15 @@ def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_
     assert p.returncode == 2, p.stderr[-2000:]
     err = " ".join(p.stderr.split())
     assert "Not enough free space on Drive for this run" in err, err[-2000:]
-    assert "checkpoints 3 x" in err and "--keep-checkpoints 1 (now 2)" in err
+    assert "checkpoints 3 x" in err and \
+        "keep one checkpoint, not 2 (run 'fastsd train full --keep-checkpoints 1')" in err
     assert "MB is free" in err or "GB is free" in err
     assert "UNet stage:" not in err  # no step ran
+    # the intermediate single files (steps 2 and 3) count, each the single file's size
+    single = re.search(r"single file (\S+ GB), intermediate single files 2 x (\S+ GB)", err)
+    assert single and single[1] == single[2], err[-2000:]
+    assert "fewer intermediate single files" in err and \
+        "--save-every N --save-from N" in err
 
 
 def test_leftovers_of_killed_runs_are_removed(workspace, tiny_sd1, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from fastsd.env import DeviceInfo
 from fastsd.webui import infotext, samplers
 from fastsd.webui.auth import BasicAuth, required
-from fastsd.webui.memory import MemoryPolicy, Weights
+from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.params import GenerationParams, InvalidRequest, from_request
 
 # --------------------------------------------------------------------------- samplers
@@ -82,61 +82,88 @@ def test_api_lists_come_from_the_one_table():
 # --------------------------------------------------------------------------- memory
 
 
-def gpu(free: float, total: float = 16.0) -> DeviceInfo:
+def gpu(free: float, total: float = 15.0) -> DeviceInfo:
     return DeviceInfo("cuda", "Tesla T4", free, total, (7, 5))
-
-
-def fp32(gb: float) -> Weights:
-    return Weights(gb / 2, gb)
 
 
 @pytest.mark.parametrize("free,weights,expect", [
     (14.5, 4.0, set()),  # SD 1.5 on a free T4: fp16 only
-    (14.5, 13.0, set()),  # SDXL (6.5 GB fp16) on a free T4: fits
+    (14.5, 13.0, set()),  # SDXL (6.5 GiB fp16) on a free T4: fits
     (8.0, 13.0, {"attention_slicing", "vae_slicing"}),
     (7.2, 13.0, {"attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload"}),
     (3.5, 4.0, {"attention_slicing", "vae_slicing"}),
 ])
 def test_memory_policy_from_free_vram(free, weights, expect):
-    p = MemoryPolicy().resolve(gpu(free), fp32(weights))
+    p = MemoryPolicy().resolve(gpu(free), weights)
     on = {k for k, v in p.to_dict().items() if v and k != "fp16"}
     assert p.fp16 is True and on == expect
 
 
+def on(policy: MemoryPolicy) -> set[str]:
+    return {k for k, v in policy.to_dict().items() if v and k != "fp16"}
+
+
+# fp32 sizes in GiB, from the parameter counts: SD 1.5 (UNet, text encoder, VAE) 4.0,
+# SD 1.5 ControlNet 1.35; SDXL 9.6 + 0.46 + 2.6 + 0.31 = 12.9, SDXL ControlNet 4.66,
+# SDXL refiner 8.5
+SD15, SD15_CN, SDXL, SDXL_CN, REFINER = 4.0, 1.35, 12.9, 4.66, 8.5
+
+
+@pytest.mark.parametrize("what,weights,work,expect", [
+    ("SD 1.5 + ControlNet, 512", SD15 + SD15_CN, ("sd1", 512, 512, 1, 1), set()),
+    ("SD 1.5 + 2 ControlNets, hires 2x to 1024, batch 8", SD15 + SD15_CN,
+     ("sd1", 1024, 1024, 8, 2), {"vae_slicing"}),
+    ("SDXL + ControlNet, 1024", SDXL + SDXL_CN, ("sdxl", 1024, 1024, 1, 1), set()),
+    ("SDXL + ControlNet, hires 2x to 2048", SDXL + SDXL_CN, ("sdxl", 2048, 2048, 1, 1),
+     {"vae_slicing", "vae_tiling"}),
+    ("SDXL + 2 ControlNets + refiner, 1024", SDXL + 2 * SDXL_CN + REFINER,
+     ("sdxl", 1024, 1024, 1, 2), {"cpu_offload", "attention_slicing", "vae_slicing",
+                                  "vae_tiling"}),
+])
+def test_controlnet_and_hires_fix_on_a_t4_follow_the_estimate(what, weights, work, expect):
+    """The estimate of a request's working memory (a denoising step with its ControlNets,
+    the VAE's decode) raises the headroom the policy asks for: on a free T4 (14.5 GiB) SDXL
+    with a ControlNet fits at 1024 but needs the tiled VAE at 2048 (hires fix's second
+    pass), and with two ControlNets and the refiner its weights need offload."""
+    from fastsd.webui import memory
+
+    est = memory.work_gib(*work)
+    assert on(MemoryPolicy().resolve(gpu(14.5), weights, est)) == expect, (what, est)
+    # the same weights at the model's native size ask for no more than before
+    plain = MemoryPolicy().resolve(gpu(14.5), weights)
+    assert on(plain) <= expect
+
+
+def test_the_work_estimate_grows_with_pixels_batch_and_controlnets():
+    from fastsd.webui import memory
+
+    one = memory.work_gib("sd1", 512, 512)
+    assert memory.work_gib("sd1", 1024, 1024)["step"] == pytest.approx(4 * one["step"], 0.01)
+    assert memory.work_gib("sd1", 512, 512, 3)["decode"] == pytest.approx(3 * one["decode"], 0.01)
+    assert memory.work_gib("sd1", 512, 512, 3)["decode_one"] == one["decode_one"]
+    assert memory.work_gib("sd1", 512, 512, controlnets=2)["step"] > one["step"]
+
+
+def test_weights_are_counted_from_the_tensor_headers(tiny_sd1, tmp_path):
+    """fp16 files count as their fp32 size (the policy halves it for fp16 itself)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastsd.webui import memory
+
+    save_file({"w": torch.zeros(1024, 256, dtype=torch.float16)}, tmp_path / "a.safetensors")
+    assert memory.weights_gib(tmp_path / "a.safetensors") == 1024 * 256 * 4 / 1024**3
+    files = sum(p.stat().st_size for p in tiny_sd1.rglob("*.safetensors"))
+    assert memory.weights_gib(tiny_sd1) == pytest.approx(files / 1024**3, rel=0.01)
+
+
 def test_memory_policy_on_cpu_and_overrides():
     cpu = DeviceInfo("cpu", "x86")
-    assert MemoryPolicy().resolve(cpu, fp32(4.0)) == MemoryPolicy(False, False, False, False,
-                                                                  False)
-    forced = MemoryPolicy(attention_slicing=True, cpu_offload=False).resolve(gpu(2.0),
-                                                                             fp32(13.0))
+    assert MemoryPolicy().resolve(cpu, 4.0) == MemoryPolicy(False, False, False, False, False)
+    forced = MemoryPolicy(attention_slicing=True, cpu_offload=False).resolve(gpu(2.0), 13.0)
     assert forced.attention_slicing is True and forced.cpu_offload is False
     assert forced.vae_tiling is True  # the rest still chosen from free VRAM
-    assert MemoryPolicy(fp16=False).resolve(gpu(14.5), fp32(4.0)).fp16 is False
-
-
-def test_weights_are_counted_in_the_loaded_precision_whatever_the_files_hold(tiny_sd1, tmp_path):
-    """The registry's downloads and fastsd's exports are fp16 files: the memory policy must
-    not halve their size again when it loads them in fp16 (it once did, so offload and
-    slicing came on too late)."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from fastsd.convert.tensors import open_tensors
-
-    half = tmp_path / "half"
-    StableDiffusionPipeline.from_pretrained(tiny_sd1, torch_dtype=torch.float16) \
-        .save_pretrained(half)
-    stored = sum(f.stat().st_size for f in half.rglob("*.safetensors"))
-    with open_tensors(next(half.glob("unet/*.safetensors"))) as tf:
-        assert {tf.info(k).dtype for k in tf.keys()} == {"F16"}
-    from_half, from_full = Weights.of_folder(half), Weights.of_folder(tiny_sd1)
-    assert from_half == from_full  # what is loaded, not what is stored
-    assert from_half.fp16_gb == pytest.approx(stored / 1024**3, rel=0.02, abs=2e-3)
-    assert from_half.fp32_gb == pytest.approx(2 * from_half.fp16_gb, rel=0.01, abs=2e-3)
-    # a T4 with 2 GB free: the fp16 weights plus headroom no longer fit, offload comes on
-    need = from_half.fp16_gb + 1.0
-    assert MemoryPolicy().resolve(gpu(need - 0.01), from_half).cpu_offload is True
-    assert MemoryPolicy().resolve(gpu(need + 0.01), from_half).cpu_offload is False
+    assert MemoryPolicy(fp16=False).resolve(gpu(14.5), 4.0).fp16 is False
 
 
 # --------------------------------------------------------------------------- infotext
@@ -287,7 +314,8 @@ def test_cuda_out_of_memory_is_one_requests_error(tiny_sd1, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: out-of-memory can only happen on one")
     from fastsd.webui.catalog import Catalog
-    from fastsd.webui.engine import Engine, OutOfMemory
+    from fastsd.errors import OutOfMemory
+    from fastsd.webui.engine import Engine
 
     engine = Engine(Catalog([tiny_sd1.parent]), MemoryPolicy(attention_slicing=False,
                                                              vae_tiling=False,

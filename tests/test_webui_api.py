@@ -20,29 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import webuiapi  # a dev requirement (setup.py): the API suite never skips for want of it
 from PIL import Image
 
-webuiapi = pytest.importorskip("webuiapi")
-
-from fastsd import session as sessions  # noqa: E402
-from fastsd.webui import launch  # noqa: E402
-from fastsd.webui.api import create_app  # noqa: E402
-from fastsd.webui.auth import BasicAuth  # noqa: E402
-from fastsd.webui.catalog import Catalog  # noqa: E402
-from fastsd.webui.engine import Engine  # noqa: E402
-from fastsd.webui.worker import Worker  # noqa: E402
+from fastsd import session as sessions
+from fastsd.webui.api import create_app
+from fastsd.webui.auth import BasicAuth
+from fastsd.webui.catalog import Catalog
+from fastsd.webui.engine import Engine
+from fastsd.webui.server import Server, generate, serve, shutdown
+from fastsd.webui.worker import Worker
+from webui_server import arr, b64png, one_thread  # noqa: F401 (a fixture)
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 shared cores: threads fight and run 10x slower
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +49,10 @@ def home(tmp_path_factory, tiny_sd1, tiny_sd2, tiny_sdxl) -> Path:
 
 @pytest.fixture(scope="module")
 def server(home, one_thread):
-    srv = launch.serve("subject", root=home, port=0)
+    srv = serve("subject", root=home, port=0)
     yield srv
     srv.stop()
-    launch.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +64,9 @@ def url(server, path: str) -> str:
     return f"{server.url}/sdapi/v1/{path}"
 
 
-def arr(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.int16)
-
-
 def close(a, b) -> bool:
     """Equal up to float rounding (a batch of 2 and a batch of 1 round differently)."""
     return int(np.abs(arr(a) - arr(b)).max()) <= 3
-
-
-def b64png(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def gradient(seed: int = 0) -> Image.Image:
@@ -198,11 +178,11 @@ def test_lists_samplers_schedulers_models_loras_flags_memory(api, server):
 
 def test_unknown_fields_are_accepted_and_listed_as_ignored(server):
     body = {"prompt": "a cat", "width": SIZE, "height": SIZE, "steps": 2, "seed": 1,
-            "enable_hr": True, "my_plugin_field": {"x": 1}, "restore_faces": False}
+            "tiling": True, "my_plugin_field": {"x": 1}, "restore_faces": False}
     r = requests.post(url(server, "txt2img"), json=body, timeout=120)
     assert r.status_code == 200
     info = json.loads(r.json()["info"])
-    assert info["ignored_fields"] == ["enable_hr", "my_plugin_field"]
+    assert info["ignored_fields"] == ["my_plugin_field", "tiling"]
     assert r.json()["parameters"]["my_plugin_field"] == {"x": 1}
 
 
@@ -491,7 +471,7 @@ def test_full_queue_gets_503_and_nothing_else_breaks(server, tiny_sd1):
     engine = Engine(Catalog([tiny_sd1.parent]))
     engine.load("tiny-sd1")
     worker = Worker(engine, max_queue=1)
-    small = launch.Server(create_app(worker), "127.0.0.1", 0).start()
+    small = Server(create_app(worker), "127.0.0.1", 0).start()
     try:
         def post(steps):
             return requests.post(f"{small.url}/sdapi/v1/txt2img", timeout=300,
@@ -550,7 +530,7 @@ def test_auth_on_every_route(server):
     app = create_app(server.app.state.worker, auth=auth)
     # a page mounted later on the same app (as the web page is) is behind the same auth
     app.mount("/page", PlainTextResponse("the page"))
-    guarded = launch.Server(app, "127.0.0.1", 0).start()
+    guarded = Server(app, "127.0.0.1", 0).start()
     try:
         base = f"{guarded.url}/sdapi/v1"
         for method, path in (("get", "options"), ("get", "progress"), ("post", "txt2img"),
@@ -584,7 +564,7 @@ def test_auth_on_every_route(server):
 
 def test_auth_off_on_localhost_and_on_with_a_tunnel(server, home):
     assert requests.get(url(server, "options"), timeout=30).status_code == 200
-    tunnelled = launch.serve("subject", root=home, port=0, tunnel=True)
+    tunnelled = serve("subject", root=home, port=0, tunnel=True)
     try:
         assert tunnelled.auth is not None and len(tunnelled.auth.password) >= 12
         r = requests.get(f"{tunnelled.url}/sdapi/v1/options", timeout=30)
@@ -602,8 +582,8 @@ def test_auth_off_on_localhost_and_on_with_a_tunnel(server, home):
 def test_generate_in_process_shares_the_worker(server, home):
     worker = server.app.state.worker
     done = worker.jobs_done
-    images = launch.generate("a photo of sks cat", "subject", root=home, steps=2, seed=4,
-                             batch_size=2, show=False)
+    images = generate("a photo of sks cat", "subject", root=home, steps=2, seed=4,
+                      batch_size=2, show=False)
     assert len(images) == 2 and images[0].size == (SIZE, SIZE)
     assert "Seed: 4," in images[0].info["parameters"]
     assert worker.jobs_done == done + 1 and server.app.state.worker is worker

@@ -8,15 +8,15 @@ import pytest
 
 from fastsd import session
 from fastsd.errors import LaunchError
-from fastsd.webui import background, external, start
+from fastsd.webui import external, process, start
 
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(tmp_path / "run"))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.setattr(process, "_current", None)
     monkeypatch.setattr(external, "local_root", lambda: tmp_path / "local")
-    monkeypatch.delenv(background.PASSWORD_ENV, raising=False)
+    monkeypatch.delenv(process.PASSWORD_ENV, raising=False)
 
 
 def test_a_password_is_generated_once_kept_private_and_never_logged(workspace, caplog, capsys):
@@ -26,8 +26,11 @@ def test_a_password_is_generated_once_kept_private_and_never_logged(workspace, c
     path = workspace / start.PASSWORD_FILE
     assert path.read_text().strip() == first and path.stat().st_mode & 0o777 == 0o600
     assert first not in caplog.text
-    start.show_password(workspace)
-    assert capsys.readouterr().out.strip() == first
+    start.show_password(workspace)  # the user name beside it, always
+    shown = "The web UI's login: user {!r}, password " + first
+    assert capsys.readouterr().out.strip() == shown.format("fastsd")
+    start.show_password(workspace, "artist")
+    assert capsys.readouterr().out.strip() == shown.format("artist")
 
 
 def test_serve_command_has_no_password(workspace):
@@ -46,5 +49,5 @@ def test_forge_offline_fails_fast_with_the_reason(workspace, tmp_path):
     session.create("dog", workspace)
     with pytest.raises(LaunchError, match="Could not get Forge"):
         start.start("dog", ui="forge", home=workspace, tunnel=None)
-    assert background.current() is None
+    assert process.current() is None
     assert not (tmp_path / "local" / "stable-diffusion-webui-forge").exists()

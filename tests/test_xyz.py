@@ -138,7 +138,7 @@ def test_the_api_runs_a_plot_as_automatic1111s_script(server, workspace):
         plot = json.loads(infotext.parse(png.text["parameters"])["X/Y/Z plot"])
     assert plot["x"] == {"type": "Seed", "values": [1, 2]}
     assert plot["y"] == {"type": "Steps", "values": [1, 2]}
-    assert api.get_scripts()["txt2img"] == ["x/y/z plot"]
+    assert api.get_scripts()["txt2img"][0] == "x/y/z plot"
 
 
 def test_a_bad_plot_through_the_api_is_a_422(server):

@@ -10,7 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastsd import tunnel
+from fastsd.tunnel.base import Provider, Tunnel
 from fastsd.errors import TunnelError
 
 AUTH = ("artist", "correct horse")
@@ -54,11 +54,11 @@ class AuthServer:
         self.httpd.server_close()
 
 
-FORWARDER = ("import sys\nfrom fastsd.tunnel import forward\n"
+FORWARDER = ("import sys\nfrom fastsd.tunnel.relay import forward\n"
              "forward(0, int(sys.argv[1]), ready=lambda p: print(p, flush=True))\n")
 
 
-class LocalForward(tunnel.Provider):
+class LocalForward(Provider):
     """A provider whose tunnel is a forwarder process: its URL is a new localhost port."""
 
     name = "local"
@@ -76,7 +76,7 @@ class LocalForward(tunnel.Provider):
         def close():
             proc.kill()
             proc.wait()
-        return tunnel.Tunnel(self.name, f"http://127.0.0.1:{line}", port, _closers=[close])
+        return Tunnel(self.name, f"http://127.0.0.1:{line}", port, _closers=[close])
 
 
 def wait_until(predicate, timeout: float = 30.0, step: float = 0.1) -> bool:

@@ -275,14 +275,14 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
         cfg = fetch.hf_snapshot(os.fspath(config), ws.hub_cache, CONFIG_FILES,
                                 what="config files of")
     dtype = _precision(info) if fp16 is None else torch.float16 if fp16 else torch.float32
-    fetch.check_space(out_dir.parent, info["parameters"] * dtype.itemsize,
-                      f"Converting {path.name} to a diffusers folder")
+    drive.require_space(out_dir.parent, info["parameters"] * dtype.itemsize,
+                        f"Converting {path.name} to a diffusers folder")
     cls = pipeline_class(family, det.inpainting)
     log.info("Loading %s (%s) in %s with diffusers' single-file loader", path.name,
              det.describe(), str(dtype).removeprefix("torch."))
     try:
         pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True,
-                                    torch_dtype=dtype)
+                                    dtype=dtype)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
                          f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "
@@ -294,7 +294,7 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
                                                               prediction_type=pred, **zsnr)
     counts = verify(path, pipe, family)
     log.info("Checked %d tensors against the file: all equal", sum(counts.values()))
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     log.info("Wrote the diffusers model %s", out_dir)
     return out_dir

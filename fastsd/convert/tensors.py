@@ -101,6 +101,34 @@ class TensorFile:
         self.close()
 
 
+def _close_read_only(f) -> None:
+    """Close a file opened for reading. On a Drive that dropped, closing raises Errno 107;
+    nothing of a read is lost, and that error would hide the one that matters."""
+    try:
+        f.close()
+    except OSError as e:
+        log.debug("Closing %s: %s", getattr(f, "name", f), e)
+
+
+class MemoryTensors(TensorFile):
+    """Tensors already in memory (the state dict of a model being trained), read one at a
+    time as from a file; each is copied to CPU memory when it is read."""
+
+    def __init__(self, tensors: dict[str, "torch.Tensor"], name: str = "(in memory)") -> None:
+        self.path, self.metadata, self.pickle_extra = Path(name), {}, {}
+        self.index = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self.index)
+
+    def info(self, key: str) -> Info:
+        t = self.index[key]
+        return Info(dtype_name(t.dtype), tuple(t.shape))
+
+    def read(self, key: str, scratch: bool = False) -> "torch.Tensor":
+        return self.index[key].detach().to("cpu")
+
+
 def _bad(path: Path, what: str) -> DataError:
     return DataError(f"{path} is not a usable model file: {what}. Download it again (the copy "
                      "may be incomplete) or check that it is a .safetensors or .ckpt model.")
@@ -174,7 +202,7 @@ class SafetensorsFile(TensorFile):
             self.metadata, self.base, self.index = parse_header(self._f.read(n), size, path)
             self._scratch = None
         except BaseException:
-            self._f.close()
+            _close_read_only(self._f)
             raise
 
     def keys(self) -> list[str]:
@@ -205,7 +233,7 @@ class SafetensorsFile(TensorFile):
         return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
-        self._f.close()
+        _close_read_only(self._f)
 
 
 class PickleFile(TensorFile):

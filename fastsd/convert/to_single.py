@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastsd.convert import keymap
-from fastsd.convert.tensors import (FLOATS, Info, TensorFile, open_tensors, torch_dtype,
-                                    write_safetensors)
-from fastsd.errors import ModelError
+from fastsd.convert.tensors import (FLOATS, Info, MemoryTensors, TensorFile, open_tensors,
+                                    torch_dtype, write_safetensors)
+from fastsd.errors import DriveError, FastSDError, ModelError
 from fastsd.convert import detect
 
 if TYPE_CHECKING:
@@ -67,14 +67,19 @@ def _out_dtype(dtype: str, fp16: bool) -> str:
     return ("F16" if fp16 else "F32") if dtype in FLOATS else dtype
 
 
-def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack) -> list[Planned]:
-    """Every tensor of the single file, from the diffusers folder's configs and headers."""
+def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack,
+         tensors: dict[str, dict] | None = None) -> list[Planned]:
+    """Every tensor of the single file, from the diffusers folder's configs and headers;
+    the components named in ``tensors`` (folder name -> state dict) from those instead of
+    the folder's weight files."""
     parts: dict[str, list[tuple[int, Source, Info]]] = {}
     out: dict[str, Planned] = {}
+    tensors = tensors or {}
 
     def add(component_dir: Path, kmap: keymap.KeyMap, rename=lambda n: n) -> None:
-        for path in weight_files(component_dir):
-            tf = stack.enter_context(open_tensors(path))
+        files = ([MemoryTensors(tensors[component_dir.name])] if component_dir.name in tensors
+                 else [stack.enter_context(open_tensors(p)) for p in weight_files(component_dir)])
+        for tf in files:
             for key in tf.keys():
                 if kmap.dropped(key):  # a buffer, rebuilt by every loader
                     continue
@@ -98,7 +103,8 @@ def plan(folder: Path, family: str, fp16: bool, stack: contextlib.ExitStack) -> 
     for component, prefix, kind in keymap.LAYOUTS[family]:
         cdir = folder / component
         add(cdir, keymap.KeyMap.for_component(kind, prefix, _read_config(cdir)))
-        if component == "unet" and (folder / keymap.EMA_FOLDER).is_dir():
+        if component == "unet" and (folder / keymap.EMA_FOLDER).is_dir() and \
+                "unet" not in tensors:  # the folder's EMA is not of the weights given
             ema_dir = folder / keymap.EMA_FOLDER
             add(ema_dir, keymap.KeyMap.for_component(kind, prefix, _read_config(ema_dir)),
                 lambda n: keymap.EMA_PREFIX + n.removeprefix("model.").replace(".", ""))
@@ -163,16 +169,35 @@ def planned_size(src: str | os.PathLike[str], fp16: bool = True) -> int:
         return sum(p.info.nbytes for p in plan(src, det.family, fp16, stack))
 
 
+@contextlib.contextmanager
+def _drive_errors(src: Path, dst: Path):
+    """The model folder read (from Drive, in a trainer's export) failing mid-way: one
+    message. The file is written through drive.atomic_writer, so ``dst`` is untouched."""
+    try:
+        yield
+    except FastSDError:
+        raise
+    except OSError as e:
+        raise DriveError(f"Converting {src} to {dst.name} failed while reading it: {e}. Google "
+                         "Drive may have disconnected: re-run the Drive cell, then run this "
+                         f"again; {dst.name} was not written.") from e
+
+
 def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                    fp16: bool = True, ckpt: bool = False,
-                   global_step: int | None = None) -> Path:
+                   global_step: int | None = None,
+                   tensors: dict[str, dict] | None = None,
+                   metadata: dict[str, str] | None = None) -> Path:
     """Convert the diffusers folder ``src`` into the single file ``dst`` (LDM layout).
 
     ``.safetensors`` unless ``ckpt`` (then the suffix of ``dst`` becomes ``.ckpt``); fp16
     unless ``fp16=False``. ``global_step`` is recorded in the file; EMA weights (a
     ``unet_ema`` folder) are included as LDM's ``model_ema.*``. For SD 2.x the inference
     ``.yaml`` (the v-prediction variant for v models) is written beside the file.
-    Returns the path of the file written.
+    ``tensors`` (a component's folder name, such as "unet" or "text_encoder" -> its state
+    dict) writes those weights, in memory, instead of the folder's: a model being trained,
+    whose folder gives the configs and the components it does not train. ``metadata`` is
+    added to the file's header. Returns the path of the file written.
     """
     from tqdm.auto import tqdm
 
@@ -189,9 +214,10 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             "fastsd.precision": "fp16" if fp16 else "fp32"}
     if global_step is not None:
         meta[detect.META_STEP] = str(int(global_step))
+    meta.update(metadata or {})
     markers = prediction_markers(src, det.prediction_type)
-    with contextlib.ExitStack() as stack:
-        planned = plan(src, family, fp16, stack)
+    with _drive_errors(src, dst), contextlib.ExitStack() as stack:
+        planned = plan(src, family, fp16, stack, tensors)
         planned += [Planned(m, Info("F16" if fp16 else "F32", (0,)), [], "marker")
                     for m in markers]
         by_name = {p.name: p for p in planned}

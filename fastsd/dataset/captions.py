@@ -79,6 +79,17 @@ def write(session, stem: str, text: str, overwrite: bool = False) -> bool:
     return True
 
 
+def forget(session, stems: set[str]) -> int:
+    """Delete the captions (``.txt``) and Kosmos-2 records (``.json``) of ``stems``."""
+    gone = 0
+    for stem in stems:
+        for p in (path(session, stem), record_path(session, stem)):
+            if p.is_file():
+                drive.delete(p)
+                gone += 1
+    return gone
+
+
 def image_stems(session) -> list[str]:
     return [p.stem for p in originals(session)]
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from fastsd import drive
 from fastsd.dataset import captions, crop
 from fastsd.dataset.originals import PREVIEWS, originals, preview
+from fastsd.session import DEFAULT_UNET_STEPS
 
 log = logging.getLogger("fastsd")
 
@@ -43,7 +44,7 @@ class CheckSettings:
     """The thresholds; each finding names the one it crossed."""
 
     size: int | None = None  # training size in px; None: the session's resolution
-    steps: int = 1500  # planned UNet steps (TrainSettings.unet_steps' default)
+    steps: int = DEFAULT_UNET_STEPS  # planned UNet steps
     blank_spread: float = 6.0  # grey standard deviation (0-255) of a 64 px copy, below: blank
     blur_ratio: float = 0.3  # fine detail below this times the set's median: blurred
     duplicate_distance: int = 10  # perceptual hashes this close (of 64 bits): near-duplicates
@@ -181,6 +182,16 @@ def measures(session, paths: list[Path], need_face=frozenset()) -> dict[str, dic
     if changed:
         drive.atomic_write_json(path, cache)
     return out
+
+
+def forget(session, stems: set[str]) -> int:
+    """Drop the cached measures of ``stems``; returns how many there were."""
+    path = session.instance_images / PREVIEWS / MEASURES
+    cache = drive.read_json(path) if path.is_file() else {}
+    kept = {k: v for k, v in cache.items() if k not in stems}
+    if len(kept) != len(cache):
+        drive.atomic_write_json(path, kept)
+    return len(cache) - len(kept)
 
 
 # --------------------------------------------------------------------------- the checks

@@ -12,12 +12,20 @@ def _import(args) -> None:
     from fastsd.dataset import crop, images
 
     s = _load(args)
-    for source in args.source:
-        report = images.import_images(s, source)
+    for i, source in enumerate(args.source):
+        report = images.import_images(s, source, replace=args.remove_existing and i == 0)
         print(report.to_text())
     if not args.no_crop and images.originals(s):
         record = crop.crop_session(s, args.size)
         print(f"Cropped {len(record)} images to {args.size or s.settings['resolution']} px")
+
+
+def _remove(args) -> None:
+    from fastsd.dataset import images
+
+    gone = images.remove_images(_load(args), args.names)
+    print(f"Removed {len(gone)} photo(s), with their crops, captions and cached measures: "
+          + ", ".join(gone))
 
 
 def _crop(args) -> None:
@@ -94,7 +102,17 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     c.add_argument("--size", type=int, default=None,
                    help="crop size (default: the session's resolution)")
     c.add_argument("--no-crop", action="store_true", help="import only; crop later")
+    c.add_argument("--remove-existing", action="store_true",
+                   help="first remove the session's photos, with their crops and captions "
+                   "(once the source has given image files)")
     c.set_defaults(func=_import)
+    c = verbs.add_parser("remove", formatter_class=fmt,
+                         help="remove photos from a session, with their crops and captions")
+    c.add_argument("session", help="session name")
+    c.add_argument("names", nargs="+", metavar="NAME",
+                   help="a photo's name in the session (as 'images report' lists it), e.g. "
+                   "chelsea or chelsea.png")
+    c.set_defaults(func=_remove)
     c = verbs.add_parser("crop", formatter_class=fmt,
                          help="(re)crop the originals to the training resolution")
     c.add_argument("session", help="session name")

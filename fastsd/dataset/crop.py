@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastsd import drive
+from fastsd import drive, options
 from fastsd.dataset import captions
 from fastsd.dataset.originals import originals
 from fastsd.errors import DataError
@@ -134,7 +134,7 @@ def crop_session(session, size: int | None = None, stems=None) -> dict:
     found = originals(session)
     if not found:
         raise DataError(f"Session {session.name!r} has no images to crop: import some first "
-                        "(the images cell, or 'fastsd images import').")
+                        f"({options.run('images', session.name)}).")
     for path in found:
         if wanted is not None and path.stem not in wanted:
             continue
@@ -160,3 +160,19 @@ def training_images(session) -> list[Path]:
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix.lower() in TRAINING_EXTS
                   and not drive.is_temporary(p))
+
+
+def forget(session, stems: set[str]) -> int:
+    """Delete the training images (crops) of ``stems`` and their crop records."""
+    gone = 0
+    for p in training_images(session):
+        if p.stem in stems:
+            drive.delete(p)
+            gone += 1
+    record_path = session.instance_images / CROPS
+    record = drive.read_json(record_path) if record_path.is_file() else {}
+    if set(record) & stems:
+        drive.atomic_write_json(record_path, {k: v for k, v in record.items()
+                                              if k not in stems})
+    return gone
+

@@ -6,6 +6,11 @@ is checked, normalised (EXIF orientation applied, converted to 8-bit RGB, flatte
 white) and saved losslessly as ``instance_images/originals/STEM.png``. The source is never
 modified. Images whose pixels are already in the session are not imported again, so
 importing the same files twice adds nothing.
+
+:func:`remove_images` takes photos out of a session again, with everything made from them
+(each kept by its own module: original and preview, crop and crop record, captions, cached
+measures, the import index entry); ``replace=True`` on an import removes the session's
+photos once the new ones are in hand.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 from typing import Iterable
 
 from fastsd import drive, fetch
-from fastsd.dataset import captions, check
+from fastsd.dataset import captions, check, crop
+from fastsd.dataset import originals as originals_mod
 from fastsd.dataset.originals import IMAGE_EXTS, originals, originals_dir  # noqa: F401
 from fastsd.dataset.originals import write_preview
 from fastsd.errors import DataError
@@ -370,16 +376,27 @@ def _read(display: str, path: Path) -> bytes:
 
 
 def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[Row] = (),
-                 check_set: bool = True) -> ImportReport:
+                 check_set: bool = True, replace: bool = False) -> ImportReport:
     """Import (display name, path) pairs; the common end of every source.
 
     One row per pair, in the order given, after the ``refused`` rows (files a source
     already turned down, such as unsafe zip members). A ``.txt`` with the stem of an
     image among the files is that image's caption (written unless one exists). Then the
     whole set is checked (``check_set``), and the warnings are part of the report.
+    ``replace``: first remove the session's photos (:func:`remove_images`), once the
+    source has given at least one image file; with none, nothing is removed.
     """
-    folder = originals_dir(session)
-    folder.mkdir(parents=True, exist_ok=True)
+    files = list(files)
+    if replace:
+        if not any(p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+                   for _, p in files):
+            raise DataError("The source holds no image files, so the session's photos were "
+                            "kept. Give a folder, .zip or link with the new photos.")
+        old = [p.stem for p in originals(session)]
+        if old:
+            remove_images(session, old)
+            log.info("Removed the session's %d earlier photos before the import.", len(old))
+    folder = drive.make_folder(originals_dir(session))
     index_path = folder / INDEX
     taken = {p.stem for p in originals(session)}
     # pixel hash -> stem; entries whose original was deleted since are forgotten.
@@ -395,7 +412,6 @@ def import_files(session, files: Iterable[tuple[str, Path]], refused: Iterable[R
                 index[pixel_hash(decode_image(drive.read_bytes(p), p.name)[0])] = p.stem
             except Skip:
                 log.warning("%s is not a readable image; import it again", p.name)
-    files = list(files)
     rows: dict[int, Row] = {}
     stem_of: dict[str, tuple[str, str]] = {}  # source stem -> (session stem, outcome)
     for i, (display, path) in enumerate(files):
@@ -511,17 +527,19 @@ def extract_zip(zip_path: Path, dest: Path,
 
 
 def import_images(session, source: str | Path | dict[str, bytes],
-                  check_set: bool = True) -> ImportReport:
+                  check_set: bool = True, replace: bool = False) -> ImportReport:
     """Import from a folder, one file, a .zip, a Drive share link, or {name: bytes}.
 
     ``check_set``: check the whole set afterwards (fastsd.dataset.check); its warnings are
-    in the report."""
+    in the report. ``replace``: the session's photos are removed first, once the source
+    has given image files (see :func:`import_files`)."""
     with tempfile.TemporaryDirectory(prefix="fastsd-import-") as tmp:
         tmp_path = Path(tmp)
         if isinstance(source, dict):
             for name, data in source.items():
                 (tmp_path / Path(name).name).write_bytes(bytes(data))
-            return import_files(session, _walk(tmp_path), check_set=check_set)
+            return import_files(session, _walk(tmp_path), check_set=check_set,
+                                replace=replace)
         text = str(source)
         if text.startswith(("http://", "https://")):
             if not fetch.is_drive_link(text):
@@ -534,18 +552,59 @@ def import_images(session, source: str | Path | dict[str, bytes],
             for z in zips:
                 files += extract_zip(z, tmp_path / "unzipped" / z.stem, refused)
             return import_files(session, [(n, p) for n, p in files
-                                          if p.suffix.lower() != ".zip"], refused, check_set)
+                                          if p.suffix.lower() != ".zip"], refused, check_set,
+                                replace)
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path} does not exist. Give a folder, a .zip file or a Google "
                             "Drive share link.")
         if path.is_dir():
-            return import_files(session, _walk(path), check_set=check_set)
+            return import_files(session, _walk(path), check_set=check_set, replace=replace)
         if path.suffix.lower() == ".zip":
             refused = []
             files = extract_zip(path, tmp_path / "zip", refused)
-            return import_files(session, files, refused, check_set)
-        return import_files(session, [(path.name, path)], check_set=check_set)
+            return import_files(session, files, refused, check_set, replace)
+        return import_files(session, [(path.name, path)], check_set=check_set,
+                            replace=replace)
+
+
+# --------------------------------------------------------------------------- removing
+
+
+def remove_images(session, names: Iterable[str]) -> list[str]:
+    """Remove photos from the session, each named by its name in the session (``dog`` or
+    ``dog.png``, as the import report and the contact sheet show it): its original and
+    preview, its crop and crop record, its caption and Kosmos-2 record, its cached
+    measures and its import index entry, each through the module that keeps it. Returns
+    the names removed. A name the session does not have is a DataError, and then nothing
+    is removed."""
+    known = {p.stem for p in originals(session)} | {p.stem for p in crop.training_images(session)}
+    stems, unknown = [], []
+    for name in names:
+        name = str(name).strip()
+        if not name:
+            continue
+        stem = name if name in known else Path(name).stem if (
+            Path(name).suffix.lower() in IMAGE_EXTS and Path(name).stem in known) else None
+        (stems if stem else unknown).append(stem or name)
+    if unknown:
+        raise DataError(f"Session {session.name} has no photo named "
+                        f"{', '.join(map(repr, unknown))}; nothing was removed. Its photos: "
+                        f"{', '.join(sorted(known)) or 'none'}.")
+    gone = set(stems)
+    if not gone:
+        return []
+    originals_mod.forget(session, gone)
+    crop.forget(session, gone)
+    captions.forget(session, gone)
+    check.forget(session, gone)
+    index_path = originals_dir(session) / INDEX
+    if index_path.is_file():
+        index = drive.read_json(index_path)
+        drive.atomic_write_json(index_path, {k: v for k, v in index.items() if v not in gone})
+    log.info("Removed %d photo(s) from session %s: %s", len(gone), session.name,
+             ", ".join(sorted(gone)))
+    return sorted(gone)
 
 
 def last_report(session) -> ImportReport | None:

@@ -2,9 +2,11 @@
 previews: ``instance_images/previews/``.
 
 The import writes them (:mod:`fastsd.dataset.images`); captions, crops and the contact
-sheet read them through :func:`originals`. A preview is a copy whose longest side is at
-most PREVIEW_SIDE pixels (about the scale training sees), so the set check, the contact
-sheet and the notebook widgets never decode a 12 Mpx original again.
+sheet read them through :func:`originals`; :func:`forget` removes an image's original and
+preview (``fastsd.dataset.images.remove_images`` removes everything else of it). A preview
+is a copy whose longest side is at most PREVIEW_SIDE pixels (about the scale training
+sees), so the set check, the contact sheet and the notebook widgets never decode a 12 Mpx
+original again.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ def downsize(img, side: int = PREVIEW_SIDE):
 def write_preview(session, stem: str, img) -> Path:
     """Save the preview of an image being imported (``img``: the 8-bit RGB original)."""
     path = session.instance_images / PREVIEWS / f"{stem}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
     with drive.atomic_writer(path) as f:
         downsize(img).save(f, format="PNG", compress_level=1)
     return path
@@ -67,3 +68,16 @@ def preview(session, original: Path) -> Path:
         return path
     with Image.open(original) as im:
         return write_preview(session, original.stem, im.convert("RGB"))
+
+
+def forget(session, stems: set[str]) -> int:
+    """Delete the originals and previews of ``stems``; returns how many files went."""
+    gone = 0
+    for folder in (originals_dir(session), session.instance_images / PREVIEWS):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and p.stem in stems and p.suffix.lower() in IMAGE_EXTS:
+                drive.delete(p)
+                gone += 1
+    return gone

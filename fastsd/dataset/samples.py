@@ -30,7 +30,6 @@ def write(dest: str | Path, names: list[str] | tuple[str, ...] = tuple(SAMPLES))
     from fastsd import drive
 
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     out = []
     for name in names:
         path = dest / f"{name}.png"

@@ -11,9 +11,10 @@ import html
 import io
 import logging
 
-from fastsd import env
+from fastsd import env, options
 from fastsd.dataset import captions, check, images, sheet
 from fastsd.dataset.originals import originals, preview
+from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
 
@@ -25,20 +26,27 @@ def uploaded_files(value) -> dict[str, bytes]:
     return {v["name"]: bytes(v["content"]) for v in value}
 
 
-def upload(session):
-    """Ask the user for photos. Colab: returns the import report; Jupyter: a widget."""
+def upload(session, replace: bool = False):
+    """Ask the user for photos. Colab: returns the import report; Jupyter: a widget.
+    ``replace``: the session's photos are removed once new ones were picked."""
     if env.runtime() == "colab":
         from google.colab import files  # type: ignore[import-not-found]
 
-        return images.import_images(session, files.upload())
-    return UploadWidget(session).widget
+        try:
+            picked = files.upload()
+        except Exception as e:  # Colab's MessageError: the browser side of the upload failed
+            raise DataError(f"The upload from this device did not finish ({e}). Run the cell "
+                            "again; or put the photos (or a .zip) in a Drive folder and "
+                            f"{options.say('source')}.") from e
+        return images.import_images(session, picked, replace=replace)
+    return UploadWidget(session, replace).widget
 
 
 class UploadWidget:
-    def __init__(self, session) -> None:
+    def __init__(self, session, replace: bool = False) -> None:
         import ipywidgets as w
 
-        self.session = session
+        self.session, self.replace = session, replace
         self.picker = w.FileUpload(accept="image/*,.zip,.txt", multiple=True,
                                    description="Photos")
         self.button = w.Button(description="Import", button_style="primary")
@@ -49,7 +57,7 @@ class UploadWidget:
 
     def run(self) -> images.ImportReport:
         files = uploaded_files(self.picker.value)
-        self.report = images.import_images(self.session, files)
+        self.report = images.import_images(self.session, files, replace=self.replace)
         with self.output:
             from IPython.display import display
 

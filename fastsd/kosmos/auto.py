@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
-from fastsd import env
+from fastsd import env, options
 from fastsd.dataset import captions, crop, images
 from fastsd.errors import DataError, FastSDError
 from fastsd.kosmos import grounding
@@ -172,7 +172,7 @@ def caption_session(session: Session, settings: CaptionSettings | None = None,
     settings = settings or CaptionSettings()
     if not images.originals(session):
         raise DataError(f"Session {session.name!r} has no images to caption. Import the "
-                        "instance images first (the images cell, or 'fastsd images import').")
+                        f"instance images first ({options.run('images', session.name)}).")
     todo = pending(session, settings.overwrite)
     if not todo:
         log.info("Every image of %s has its captions already; pass overwrite to redo them.",

@@ -24,7 +24,7 @@ DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
 BRIEF_PROMPT = "<grounding>An image of"
 DETAILED_PROMPT = "<grounding> Describe this image in detail:"
 QUANTIZE = ("auto", "8bit", "none")
-HEADROOM_GB = 1.5  # CUDA context, activations and KV cache of a batch of 8, fragmentation
+HEADROOM_GIB = 1.5  # CUDA context, activations and KV cache of a batch of 8, fragmentation
 OVERHEAD = 1.1  # layer norms, biases and embeddings kept in fp16 by 8-bit loading, etc.
 
 
@@ -100,9 +100,9 @@ class LoadPlan:
     reason: str
 
 
-def vram_needed_gb(params: int, eight_bit: bool) -> float:
+def vram_needed_gib(params: int, eight_bit: bool) -> float:
     """VRAM to load and run a model of ``params`` parameters (fp16, or 8-bit)."""
-    return params * (1 if eight_bit else 2) * OVERHEAD / GIB + HEADROOM_GB
+    return params * (1 if eight_bit else 2) * OVERHEAD / GIB + HEADROOM_GIB
 
 
 def plan_loading(info: DeviceInfo, params: int, quantize: str = "auto") -> LoadPlan:
@@ -120,12 +120,12 @@ def plan_loading(info: DeviceInfo, params: int, quantize: str = "auto") -> LoadP
         return LoadPlan("cpu", "float32", False, why)
     if quantize == "8bit":
         return LoadPlan("cuda", "float16", True, "8-bit asked for")
-    free = info.vram_free_gb or 0.0
-    fp16 = vram_needed_gb(params, False)
+    free = info.vram_free_gib or 0.0
+    fp16 = vram_needed_gib(params, False)
     if quantize == "none" or free >= fp16:
         return LoadPlan("cuda", "float16", False, f"{free:.1f} GiB free VRAM, fp16 needs "
                         f"about {fp16:.1f} GiB")
-    int8 = vram_needed_gb(params, True)
+    int8 = vram_needed_gib(params, True)
     if free >= int8:
         return LoadPlan("cuda", "float16", True, f"{free:.1f} GiB free VRAM is less than the "
                         f"{fp16:.1f} GiB fp16 needs; 8-bit needs about {int8:.1f} GiB")
@@ -231,7 +231,7 @@ def _load(source: Source, plan: LoadPlan, name: str):
         model = Kosmos2ForConditionalGeneration.from_pretrained(source.path, **kwargs)
         processor = AutoProcessor.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:  # AutoProcessor turns a missing file into ValueError
-        if source.cache is not None and (source.local_only or offline()
+        if source.cache is not None and (source.local_only or use_cache_only()
                                          or "connect" in str(e).lower()):
             raise _offline_error(name, source.cache) from e
         raise ModelError(f"Could not load the captioning model {name!r}: {e}. Check the "

@@ -1,9 +1,10 @@
-"""Models: the registry, the embedded tiny models, staging to local disk, and the one
-resolver from a model name to a folder.
+"""Models: the registry, the embedded tiny models, local copies of models on Drive, and
+the one resolver from a model name to a folder.
 
 :func:`resolve_model` is the only place that turns what a user names as a model into a
 local diffusers folder; the trainer, the converter's callers, the demo and the generation
-engine all go through it, then load from :func:`stage` (a local copy of a model on Drive).
+engine all go through it, then load from :func:`local_copy` (a model on Drive copied to
+local disk first).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from fastsd import drive, fetch
+from fastsd import drive, fetch, options
 from fastsd.errors import ModelError
-from fastsd.models.staging import stage  # noqa: F401  (models.stage(path) -> local path)
+from fastsd.models.local import local_copy  # noqa: F401  (models.local_copy(path) -> a local path)
 from fastsd.workspace import Workspace
 
 TINY_PREFIX = "tiny-"
@@ -30,8 +31,13 @@ SOURCE_RECORD = "fastsd_source.json"
 
 
 def resolve_model(name: str | os.PathLike[str],
-                  ws: Workspace | Path | None = None) -> Path:
+                  ws: Workspace | Path | None = None, temp_storage: bool = False) -> Path:
     """The local diffusers folder for a model name.
+
+    Where a model is downloaded (and converted) to is decided here: into the workspace on
+    Drive, kept for later runtimes; with ``temp_storage`` onto the runtime's own disk
+    (:meth:`Workspace.on_local_disk`; the notebook's Use_Temp_Storage), fetched again in each
+    new runtime, Drive untouched. A registry model already whole on Drive is used from there.
 
     * a registry name (``sd15``, ``sd21``, ``sdxl``, ``tiny-sd1``...; ``fastsd models list``):
       downloaded once (fp16, without the safety checker), tiny ones built offline;
@@ -43,12 +49,17 @@ def resolve_model(name: str | os.PathLike[str],
     """
     from fastsd.models import registry
 
-    if not name:
-        raise ModelError("No base model is chosen for this session yet. Choose one in the "
-                         "notebook's base model cell (or 'fastsd session create NAME --model').")
+    if not name:  # a session's unset base model is refused earlier (Session.base_model)
+        raise ModelError("No model was named. Give a registry name ('fastsd models list'), "
+                         "a Hugging Face repo id, a diffusers folder, or a .safetensors/.ckpt "
+                         "file or a link to one.")
     ws = Workspace.current(ws)
     name = os.fspath(name)
-    if registry.get(name) is not None:
+    entry = registry.get(name)
+    if temp_storage and not (entry is not None and registry.is_whole(registry.folder(entry,
+                                                                                     ws))):
+        ws = ws.on_local_disk()
+    if entry is not None:
         return registry.ensure(name, ws)
     if fetch.is_link(name):
         return converted(fetch.link_file(name, ws.downloads, ws.hub_cache), ws)
@@ -69,6 +80,39 @@ def resolve_model(name: str | os.PathLike[str],
         f"Model {name!r} is neither a registry model ({', '.join(registry.entries())}), "
         "a Hugging Face repo id (owner/name), a diffusers folder with a model_index.json, nor "
         "a .safetensors/.ckpt file or a link to one. Give one of those.")
+
+
+def base_model(session) -> Path:
+    """The local folder of a session's base model, where the session keeps it (its
+    ``temp_storage`` setting: Drive, or the runtime's disk)."""
+    return resolve_model(session.base_model, session.workspace,
+                         temp_storage=bool(session.settings.get("temp_storage")))
+
+
+def storage_report(name: str, ws: Workspace | Path | None = None,
+                   temp_storage: bool = False) -> str:
+    """What keeping the base model ``name`` on Drive or on this runtime's disk takes: its
+    size (what the registry knows) and the free space of each place."""
+    from fastsd.models import registry
+
+    ws = Workspace.current(ws)
+    entry = registry.get(name)
+    if entry is not None and entry.tiny:
+        size = "a few MB"
+    elif entry is not None and entry.download_gb:
+        size = f"about {entry.download_gb:.1f} GB"
+    else:
+        size = "its size is known once it is downloaded"
+    local = ws.on_local_disk().models
+    on_drive = entry is not None and registry.is_whole(registry.folder(entry, ws))
+    chosen = "this runtime's disk" if temp_storage and not on_drive else "Drive"
+    return (f"Base model {name}: {size}, kept on {chosen}"
+            + (" (already there)" if on_drive else "") + ". "
+            f"Drive: {drive.gb(drive.free_bytes(ws.root))} free, the model is downloaded "
+            f"once and kept for later runtimes. This runtime's disk: "
+            f"{drive.gb(drive.free_bytes(local))} free, the model is downloaded again in "
+            "each new runtime and Drive is untouched ("
+            f"{options.say(('temp_storage', False) if temp_storage else 'temp_storage')}).")
 
 
 def converted(file: Path, ws: Workspace) -> Path:

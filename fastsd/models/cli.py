@@ -32,7 +32,7 @@ def _controlnet_list(args) -> None:
     from fastsd.models import registry
 
     rows = [{"name": c.name, "family": c.family, "preprocessor": c.preprocessor,
-             "url": c.url} for c in registry.controlnets(args.family)]
+             "url": c.url} for c in registry.controlnets(args.family, tiny=args.tiny)]
     if args.json:
         print_json(rows)
         return
@@ -86,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cs = cn.add_subparsers(dest="cn_verb", metavar="VERB", required=True)
     c = cs.add_parser("list", help="the ControlNets of the registry")
     c.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="only this base family")
+    c.add_argument("--tiny", action="store_true",
+                   help="also the tiny test ControlNets (they fit the tiny test models only)")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=_controlnet_list)
     c = cs.add_parser("get", help="download a ControlNet into the workspace's models/controlnet")

@@ -32,6 +32,11 @@ FP16 = ".fp16."
 UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+#: The base model a session gets when none is named (`fastsd session create` without
+#: --model; the notebooks' model fields start at it): Stable Diffusion 1.5.
+DEFAULT_BASE_MODEL = "sd15"
+
+
 @lru_cache(maxsize=1)
 def data() -> dict[str, Any]:
     """The registry file shipped with the package."""
@@ -54,13 +59,13 @@ class Entry:
     components: tuple[str, ...] = ()
     download_gb: float = 0.0
     params: dict[str, int] = field(default_factory=dict)
-    vram_gb: dict[str, float] = field(default_factory=dict)
+    vram_gib: dict[str, float] = field(default_factory=dict)
     tiny: bool = False
 
     def trains_on(self) -> dict[str, bool]:
         """Whether the trainer's VRAM estimate fits each GPU (T4, L4, A100)."""
         gpus = data()["gpus"]
-        return {g: self.tiny or self.vram_gb.get(g, float("inf")) <= gpus[g] for g in gpus}
+        return {g: self.tiny or self.vram_gib.get(g, float("inf")) <= gpus[g] for g in gpus}
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "repo": self.repo or None,
@@ -170,8 +175,7 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            (tmp / plain).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)  # within the workspace: a rename
             files[plain] = n
         index_path = tmp / "model_index.json"
         index = drive.read_json(index_path)
@@ -197,23 +201,26 @@ def finish(partial: Path, out: Path, entry: Entry, got: dict[str, int],
 class ControlNet:
     name: str
     family: str
-    repo: str
     preprocessor: str
+    repo: str = ""
     note: str = ""
+    tiny: bool = False  # built offline (fastsd.models.tiny), for the family's tiny model
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.repo}"
+        return f"https://huggingface.co/{self.repo}" if self.repo else ""
 
 
-def controlnets(family: str | None = None) -> list[ControlNet]:
-    """Every ControlNet of the registry (of one base family when given)."""
-    return [ControlNet(name, fam, **e) for fam, byname in data()["controlnet"].items()
-            if family in (None, fam) for name, e in byname.items()]
+def controlnets(family: str | None = None, tiny: bool = False) -> list[ControlNet]:
+    """The ControlNets of the registry (of one base family when given); the tiny test ones
+    only with ``tiny`` (for a tiny test model: they fit no other)."""
+    return [c for fam, byname in data()["controlnet"].items() if family in (None, fam)
+            for c in (ControlNet(name, fam, **e) for name, e in byname.items())
+            if tiny or not c.tiny]
 
 
 def controlnet(name: str, family: str) -> ControlNet:
-    found = [c for c in controlnets(family) if c.name == name]
+    found = [c for c in controlnets(family, tiny=True) if c.name == name]
     if len(found) != 1:
         names = ", ".join(c.name for c in controlnets(family)) or "none"
         raise ModelError(f"No ControlNet {name!r} for {family} (there are: {names}). Pick one "
@@ -224,9 +231,13 @@ def controlnet(name: str, family: str) -> ControlNet:
 def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None) -> Path:
     """The local diffusers folder of a ControlNet, downloaded once into the workspace's
     shared ``models/controlnet/``."""
+    from fastsd.models import tiny
+
     ws = Workspace.current(ws)
     c = controlnet(name, family)
     out = ws.models / CONTROLNET_DIR / f"{family}-{name}"
+    if c.tiny:
+        return tiny.ensure_controlnet(family, out)
     if is_whole(out):
         return out
     partial = ws.models / PARTIAL / f"controlnet-{family}-{name}"
@@ -241,7 +252,7 @@ def ensure_controlnet(name: str, family: str, ws: Workspace | Path | None = None
     with drive.atomic_folder(out) as tmp:
         for f, n in got.items():
             plain = f.replace(FP16, ".")
-            shutil.move(str(partial / f), str(tmp / plain))
+            drive.rename(partial / f, tmp / plain)
             files[plain] = n
         drive.atomic_write_json(tmp / MARKER, {"name": c.name, "repo": c.repo,
                                                "commits": {c.repo: commit}, "files": files})

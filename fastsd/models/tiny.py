@@ -3,7 +3,10 @@
 They use the real architectures' component classes and tensor names (same block layout
 as SD 1.x, SD 2.x and SDXL, with few channels), so the training loop, the converter and
 the web UI run on them exactly as on the real weights. Each builds in a few seconds,
-deterministically from a seed, and weighs a few MB.
+deterministically from a seed, and weighs a few MB. Beside them: a tiny ControlNet for each
+family (:func:`ensure_controlnet`, its encoder shaped like that family's tiny UNet) and a
+tiny SDXL refiner (:func:`ensure_refiner`, the refiner's layout: one text encoder, the
+aesthetic-score conditioning).
 
 The tokenizers are CLIP byte-level BPE tokenizers whose small vocabulary is learned here
 from a fixed word list, so they tokenize any text (unknown words fall back to bytes).
@@ -196,24 +199,124 @@ def build_pipeline(family: str, seed: int = 0):
         add_watermarker=False)
 
 
+#: The widest UNet block of a tiny model (and of its ControlNet); a real model's narrowest
+#: has 320 channels.
+TINY_MAX_WIDTH = 64
+
+
+def is_tiny(config: dict) -> bool:
+    """Whether a UNet's or a ControlNet's ``config`` is one of the tiny test architectures
+    built here (or a model trained from one): its widest block has at most TINY_MAX_WIDTH
+    channels."""
+    widths = config.get("block_out_channels") or ()
+    return bool(widths) and max(widths) <= TINY_MAX_WIDTH
+
+
+def is_tiny_model(folder: str | Path) -> bool:
+    """Whether the diffusers folder ``folder`` holds a tiny test model (by its UNet)."""
+    config = Path(folder) / "unet" / "config.json"
+    return config.is_file() and is_tiny(drive.read_json(config))
+
+
+def _unet_of(family: str):
+    return _sdxl_unet() if family == "sdxl" else _sd_unet(family == "sd2")
+
+
+def build_controlnet(family: str, seed: int = 0):
+    """A tiny ControlNet for the tiny ``family`` model, in memory. Its zero convolutions
+    (zero at the start of a real training) get small random weights, and its control-image
+    encoder He-initialised ones, so that what it adds depends on the control image, as a
+    trained ControlNet's does."""
+    import torch
+    from diffusers import ControlNetModel
+
+    if family not in FAMILIES:
+        raise ModelError(f"Unknown tiny model family {family!r}; choose one of {FAMILIES}.")
+    torch.manual_seed(seed * 1000 + 7)
+    net = ControlNetModel.from_unet(_unet_of(family), load_weights_from_unet=False,
+                                    conditioning_embedding_out_channels=(8, 16, 16, 32))
+    embedding = net.controlnet_cond_embedding
+    with torch.no_grad():
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, embedding.conv_out]:
+            conv.weight.normal_(0.0, 0.05)
+            conv.bias.normal_(0.0, 0.05)
+    return net
+
+
+def build_refiner(seed: int = 0):
+    """A tiny SDXL refiner in memory: SDXL's second text encoder only, and a UNet whose
+    added conditioning carries the aesthetic score (5 numbers where the base has 6)."""
+    import torch
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModelWithProjection
+
+    tok2 = build_clip_tokenizer(pad_token="!")
+    torch.manual_seed(seed * 1000 + 4)
+    te2 = CLIPTextModelWithProjection(_text_config(tok2, "gelu", TEXT2_WIDTH))
+    torch.manual_seed(seed * 1000 + 2)
+    vae = _vae(0.13025)
+    vae.register_to_config(force_upcast=True)
+    torch.manual_seed(seed * 1000 + 5)
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        cross_attention_dim=TEXT2_WIDTH, norm_num_groups=32, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT2_WIDTH + 5 * 8)
+    scheduler = EulerDiscreteScheduler(**_sd_scheduler_config(False), timestep_spacing="leading")
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
+        unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+
+
+def _save(model, out_dir: Path, meta: dict) -> Path:
+    with drive.folder_writer(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        drive.atomic_write_json(tmp / MARKER, {**meta, "version": TINY_VERSION})
+    log.info("Built tiny %s in %s", meta["kind"], out_dir)
+    return out_dir
+
+
+def _fresh(folder: Path, seed: int) -> bool:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    meta = drive.read_json(marker)
+    return meta.get("version") == TINY_VERSION and meta.get("seed") == seed
+
+
+def ensure_controlnet(family: str, folder: str | Path, seed: int = 0) -> Path:
+    """The tiny ControlNet of ``family`` saved (diffusers layout) in ``folder``, built when
+    missing or stale."""
+    folder = Path(folder)
+    if _fresh(folder, seed):
+        return folder
+    return _save(build_controlnet(family, seed), folder,
+                 {"kind": "controlnet", "family": family, "seed": seed})
+
+
+def ensure_refiner(root: str | Path, seed: int = 0) -> Path:
+    """The folder of the tiny SDXL refiner under ``root``, built when missing or stale."""
+    folder = Path(root) / ("tiny-sdxl-refiner" + ("" if seed == 0 else f"-seed{seed}"))
+    if _fresh(folder, seed):
+        return folder
+    return _save(build_refiner(seed), folder, {"kind": "sdxl refiner", "family": "sdxl",
+                                               "seed": seed})
+
+
 def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny ``family`` pipeline and save it in diffusers format to ``out_dir``."""
-    out_dir = Path(out_dir)
-    pipe = build_pipeline(family, seed)
-    with drive.staged_folder(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        drive.atomic_write_json(tmp / MARKER, {"family": family, "seed": seed,
-                                               "version": TINY_VERSION})
-    log.info("Built tiny %s model in %s", family, out_dir)
-    return out_dir
+    return _save(build_pipeline(family, seed), Path(out_dir),
+                 {"kind": f"{family} model", "family": family, "seed": seed})
 
 
 def ensure(family: str, root: str | Path, seed: int = 0) -> Path:
     """The folder of the tiny ``family`` model under ``root``, built when missing or stale."""
     path = Path(root) / (f"tiny-{family}" + ("" if seed == 0 else f"-seed{seed}"))
-    marker = path / MARKER
-    if marker.is_file():
-        meta = drive.read_json(marker)
-        if meta.get("version") == TINY_VERSION and meta.get("seed") == seed:
-            return path
-    return build(family, path, seed)
+    return path if _fresh(path, seed) else build(family, path, seed)

@@ -114,7 +114,7 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny Kosmos-2 and save model and processor to ``out_dir`` (whole or absent)."""
     out_dir = Path(out_dir)
     model, processor = build_pair(seed)
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
         drive.atomic_write_json(tmp / MARKER, {"family": "kosmos2", "seed": seed,

@@ -1,8 +1,10 @@
 """Upload a trained session model to the Hugging Face Hub: private unless asked otherwise.
 
-What goes up: the diffusers folder of the session's trained model, its single
-``.safetensors`` file, sample images from the session's ``outputs/``, and a model card
-(README.md) written from the session: base model, instance token, training settings.
+What goes up: the diffusers folder of the session's trained model and its single
+``.safetensors`` file, or for a session trained with LoRA its LoRA file; sample images
+from the session's ``outputs/``; and a model card (README.md) written from the session:
+base model (as the Hub's ``base_model``, so the Hub links the two), instance token,
+training settings.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastsd import fetch
+from fastsd import fetch, options
 from fastsd.errors import DataError, ModelError, OfflineError
 from fastsd.session import Session
 
@@ -27,7 +29,7 @@ class UploadPlan:
     """Every file of the upload as (path in the repo, local path), and the model card."""
 
     repo_id: str
-    model_dir: Path
+    model_dir: Path  # the trained model folder, or the LoRA file
     files: list[tuple[str, Path]] = field(default_factory=list)
     card: str = ""
 
@@ -39,33 +41,66 @@ def trained_model(session: Session, name: str | None = None) -> Path:
     if name:
         folders = [p for p in folders if p.name == name]
     if not folders:
+        lora = session.lora()
         raise ModelError(f"Session {session.name!r} has no trained model"
                          + (f" named {name!r}" if name else "") + f" in {session.models}. "
-                         "Train it first ('fastsd train SESSION').")
+                         + (f"It trained a LoRA ({lora.name}): use it with its base model "
+                            f"(<lora:{lora.stem}:1> in a prompt), or merge it into one: "
+                            f"{options.run('lora_merge', session.name)}." if lora else
+                            f"Train it first: {options.run('train', session.name)}."))
     return folders[-1]
 
 
-def model_card(session: Session, model_dir: Path, samples: list[str]) -> str:
-    """The README.md of the uploaded model."""
+def hub_base_model(base: str) -> str | None:
+    """The Hub repo id of a session's base model (a registry name is looked up), or None
+    for a file or a link."""
+    from fastsd.models import registry
+
+    entry = registry.get(base) if isinstance(base, str) else None
+    if entry is not None:
+        return entry.repo or None
+    if isinstance(base, str) and base.count("/") == 1 and \
+            not base.startswith(("/", ".", "~", "http")):
+        return base
+    return None
+
+
+def model_card(session: Session, model_dir: Path, samples: list[str],
+               repo_id: str = "USER/REPO") -> str:
+    """The README.md of the uploaded model (``model_dir``: its folder, or the LoRA file)."""
     s = session.settings
     base = s.get("base_model", "?")
     token = s.get("instance_token", "sks")
     cls = s.get("class_word", "")
     train = s.get("train", {})
+    is_lora = model_dir.suffix == ".safetensors"
     front = ["---", "library_name: diffusers", "license: creativeml-openrail-m"]
-    if isinstance(base, str) and base.count("/") == 1 and \
-            not base.startswith(("/", ".", "~", "http")):
-        front.append(f"base_model: {base}")
+    repo = hub_base_model(base)
+    if repo:
+        front.append(f"base_model: {repo}")
     prompt = f"photo of {token} {cls}".strip()
+    name = model_dir.stem if is_lora else model_dir.name
+    if is_lora:
+        what = f"A DreamBooth LoRA for `{repo or base}`"
+        files = [f"- `{model_dir.name}`: the LoRA (kohya's layout, rank "
+                 f"{train.get('rank', '?')}, alpha {train.get('alpha', '?')}). "
+                 f"AUTOMATIC1111 and Forge: put it in `models/Lora` and add "
+                 f"`<lora:{name}:1>` to the prompt; ComfyUI: a LoraLoader node; diffusers: "
+                 f"`pipe.load_lora_weights(\"{repo_id}\", weight_name=\"{model_dir.name}\")` "
+                 f"on a pipeline of the base model"]
+    else:
+        what = f"A DreamBooth fine-tune of `{base}`"
+        files = ["- the diffusers folders (`model_index.json`, `unet/`, `text_encoder/`, ...): "
+                 "`StableDiffusionPipeline.from_pretrained(...)`",
+                 f"- `{model_dir.name}.safetensors`: one file for AUTOMATIC1111, Forge or "
+                 "ComfyUI"]
     lines = [*front, "tags:", "- stable-diffusion", "- dreambooth", "- fastsd",
-             f"instance_prompt: {prompt}", "---", "", f"# {model_dir.name}", "",
-             f"A DreamBooth fine-tune of `{base}` trained with fastsd on the subject "
-             f"`{token}`" + (f" ({cls})" if cls else "") + ".", "",
+             *(["- lora"] if is_lora else []),
+             f"instance_prompt: {prompt}", "---", "", f"# {name}", "",
+             f"{what} trained with fastsd on the subject `{token}`"
+             + (f" ({cls})" if cls else "") + ".", "",
              f"Prompt with **{token}**, for example: `{prompt}`.", "",
-             "## Files", "",
-             "- the diffusers folders (`model_index.json`, `unet/`, `text_encoder/`, ...): "
-             "`StableDiffusionPipeline.from_pretrained(...)`",
-             f"- `{model_dir.name}.safetensors`: one file for AUTOMATIC1111, Forge or ComfyUI",
+             "## Files", "", *files,
              "", "## Training settings", "", "```json",
              json.dumps(train, indent=2, sort_keys=True, default=str), "```", ""]
     if samples:
@@ -77,6 +112,12 @@ def plan(session: Session, repo_id: str, name: str | None = None) -> UploadPlan:
     """What an upload of the session's model to ``repo_id`` sends."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise DataError(f"{repo_id!r} is not a Hub repo id: give USER/NAME (or ORG/NAME).")
+    lora = session.lora(name) if (session.settings.get("train") or {}).get(
+        "method") == "lora" else None
+    if lora is not None:
+        out = UploadPlan(repo_id, lora, [(lora.name, lora)])
+        out.card = model_card(session, lora, _samples(session, out), repo_id)
+        return out
     model_dir = trained_model(session, name)
     out = UploadPlan(repo_id, model_dir)
     for p in sorted(model_dir.rglob("*")):
@@ -91,14 +132,19 @@ def plan(session: Session, repo_id: str, name: str | None = None) -> UploadPlan:
     else:
         log.warning("%s has no single file beside it; uploading the diffusers folder only.",
                     model_dir)
+    out.card = model_card(session, model_dir, _samples(session, out))
+    return out
+
+
+def _samples(session: Session, out: UploadPlan) -> list[str]:
+    """Add the newest images of the session's outputs to the upload; their repo paths."""
     images = sorted((p for p in session.outputs.rglob("*") if p.suffix.lower() in IMAGE_EXTS),
                     key=lambda p: p.stat().st_mtime)[-MAX_SAMPLES:]
     samples = []
     for p in images:
         samples.append(f"samples/{p.name}")
         out.files.append((samples[-1], p))
-    out.card = model_card(session, model_dir, samples)
-    return out
+    return samples
 
 
 def upload(session: Session, repo_id: str, private: bool = True, name: str | None = None,

@@ -9,8 +9,8 @@ memory-efficient and flash SDPA kernels (what a T4, an L4 and an A100 run) never
 only each block's input is kept, plus one block's activations while it is recomputed in
 the backward: the largest block's.
 
-:data:`fastsd.train.settings.ACTIVATION_GB_512` records :func:`measure`'s ``saved_gb`` at
-512 px for each family; tests/real checks the two agree, and benchmarks/gpu_check.py sets
+:data:`fastsd.train.settings.ACTIVATION_BYTES_512` records :func:`measure`'s ``saved_gib``
+at 512 px for each family, in bytes; tests/real checks the two agree, and benchmarks/gpu_check.py sets
 the estimate against ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 
@@ -55,14 +55,16 @@ def conditioning(family: str, batch: int, resolution: int, device="meta") -> dic
 
 
 def measure(family: str, resolution: int = 512, batch: int = 1) -> dict[str, float]:
-    """GB that one fp16 training forward of ``family``'s UNet keeps for the backward.
+    """GiB that one fp16 training forward of ``family``'s UNet keeps for the backward.
 
-    Returns ``params`` (the UNet's parameter count), ``saved_gb`` (without the L x L
-    attention matrices), ``attn_matrices_gb`` (those), ``ckpt_inputs_gb`` (what gradient
-    checkpointing keeps: the blocks' inputs) and ``largest_block_gb`` (the block recomputed
-    at the peak)."""
+    Returns ``params`` (the UNet's parameter count), ``saved_gib`` (without the L x L
+    attention matrices), ``attn_matrices_gib`` (those), ``ckpt_inputs_gib`` (what gradient
+    checkpointing keeps: the blocks' inputs) and ``largest_block_gib`` (the block
+    recomputed at the peak)."""
     import torch
     from diffusers.models.attention_processor import Attention
+
+    from fastsd.env import GIB
 
     unet = meta_unet(family)
     params = sum(p.numel() for p in unet.parameters())
@@ -101,9 +103,9 @@ def measure(family: str, resolution: int = 512, batch: int = 1) -> dict[str, flo
         return kept[0]
 
     full_pass = forward()
-    attn_gb = attn[0] / 1e9
+    attn_gib = attn[0] / GIB
     unet.enable_gradient_checkpointing()
-    inputs = sum(forward().values()) / 1e9
-    return {"params": params, "saved_gb": sum(full_pass.values()) / 1e9,
-            "attn_matrices_gb": attn_gb, "ckpt_inputs_gb": inputs,
-            "largest_block_gb": max(v for k, v in full_pass.items() if k != "outside") / 1e9}
+    inputs = sum(forward().values()) / GIB
+    return {"params": params, "saved_gib": sum(full_pass.values()) / GIB,
+            "attn_matrices_gib": attn_gib, "ckpt_inputs_gib": inputs,
+            "largest_block_gib": max(v for k, v in full_pass.items() if k != "outside") / GIB}

@@ -152,11 +152,14 @@ def write(root: Path, snap: Snapshot, keep: int) -> Path:
             out = drive.retry(write_one, f"Writing {name} of checkpoint {dest.name}")
             manifest["files"][name] = {"bytes": out.n, "sha256": out.sha.hexdigest()}
         drive.atomic_write_json(tmp / MANIFEST, manifest)
-    problem = Checkpoint(dest, snap.step).check()
+    # Drive may drop (and be remounted) while this runs beside training: the read back and
+    # the removal of older checkpoints retry like the writes
+    problem = drive.retry(lambda: Checkpoint(dest, snap.step).check(),
+                          f"Reading checkpoint {dest.name} back")
     if problem:
         raise DataError(f"Checkpoint {dest} reads back wrong: {problem}. The previous "
                         "checkpoint is kept; check Drive's free space and connection.")
-    prune(root, keep)
+    drive.retry(lambda: prune(root, keep), f"Removing checkpoints older than {dest.name}")
     return dest
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsd import drive
+from fastsd import drive, options
 from fastsd.errors import DataError
 
 log = logging.getLogger("fastsd")
@@ -48,8 +48,7 @@ def instance_examples(session) -> list[Example]:
     images = crop.training_images(session)
     if not images:
         raise DataError(f"No training images in {session.instance_images}. Add images to "
-                        "the session first "
-                        "('fastsd images import' or the images cell).")
+                        f"the session first: {options.run('images', session.name)}.")
     fallback = instance_prompt(session.settings)
     out = []
     for p in images:
@@ -196,23 +195,13 @@ def clean_local_leftovers() -> int:
         elif p.name.startswith(SPILL_PREFIX):
             pid = p.name[len(SPILL_PREFIX):].split("-", 1)[0]
             owner = int(pid) if pid.isdigit() else None
-            if owner is not None and _alive(owner):
+            if owner is not None and drive.running(owner):
                 continue
         else:
             continue
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- images

@@ -10,6 +10,8 @@ from typing import Any
 
 from fastsd import drive
 from fastsd.errors import ModelError
+from fastsd.train import lora
+from fastsd.train.settings import ROOMY_GIB
 
 
 @dataclass
@@ -24,10 +26,16 @@ class Parts:
     noise_scheduler: Any
     family: str  # sd1 | sd2 | sdxl
     v_prediction: bool
+    adapters: lora.Adapters | None = None  # LoRA: only the adapters train, the base is frozen
 
     @property
     def sdxl(self) -> bool:
         return self.family == "sdxl"
+
+    @property
+    def half(self) -> bool:
+        """Whether the frozen base is in 16-bit (a LoRA run in mixed precision)."""
+        return next(self.unet.parameters()).element_size() == 2
 
     # What a stage trains and what a checkpoint keeps of it.
 
@@ -39,28 +47,66 @@ class Parts:
                 for i, m in enumerate(self.encoders)}
 
     def parameters(self, stage: str) -> list:
-        """The parameters the optimizer of ``stage`` steps."""
-        return [p for m in self.trainable(stage).values() for p in m.parameters()]
+        """The parameters the optimizer of ``stage`` steps: the modules' own, or for LoRA
+        their adapters'."""
+        trained = self.trainable(stage).values()
+        if self.adapters is not None:
+            return [p for m in trained for p in lora.weights(m)]
+        return [p for m in trained for p in m.parameters()]
+
+    def unfreeze(self, stage: str) -> list:
+        """Start ``stage``: its parameters take gradients, its modules train; returns them."""
+        params = self.parameters(stage)
+        for p in params:
+            p.requires_grad_(True)
+        for m in self.trainable(stage).values():
+            m.train()
+        return params
+
+    def freeze(self, stage: str) -> None:
+        """End ``stage``: nothing of it takes gradients any more."""
+        for p in self.parameters(stage):
+            p.requires_grad_(False)
+        for m in self.trainable(stage).values():
+            m.eval()
 
     def modules(self) -> dict[str, Any]:
         return {**self.trainable("unet"), **self.trainable("text")}
 
     def checkpoint_tensors(self, names: list[str], unwrap) -> dict[str, dict]:
         """What a checkpoint keeps of the modules ``names`` (those trained so far): their
-        state dicts, each module unwrapped from accelerate by ``unwrap``."""
-        return {n: unwrap(m).state_dict() for n, m in self.modules().items() if n in names}
+        state dicts, or for LoRA their adapters' weights only; each module unwrapped from
+        accelerate by ``unwrap``."""
+        keep = lora.state if self.adapters is not None else (lambda m: m.state_dict())
+        return {n: keep(unwrap(m)) for n, m in self.modules().items() if n in names}
 
     def load_checkpoint_tensors(self, tensors: dict[str, dict]) -> None:
         """Put back what :meth:`checkpoint_tensors` kept."""
         for name, sd in tensors.items():
-            self.modules()[name].load_state_dict(sd)
+            if self.adapters is not None:
+                lora.load_state(self.modules()[name], sd)
+            else:
+                self.modules()[name].load_state_dict(sd)
+
+    def add_adapters(self, adapters: lora.Adapters, seed: int) -> None:
+        """Make this a LoRA run: adapters on the UNet and the text encoders."""
+        lora.add_to_parts(self, adapters, seed)
+        self.adapters = adapters
 
     def param_counts(self) -> dict[str, int]:
-        return {k: sum(p.numel() for p in m.parameters()) for k, m in self.modules().items()}
+        """Parameters of each module of the base model (adapters not counted)."""
+        return {k: sum(p.numel() for n, p in m.named_parameters() if not lora.is_adapter(n))
+                for k, m in self.modules().items()}
+
+    def adapter_counts(self) -> dict[str, int]:
+        """Parameters of each module's LoRA adapters (none without adapters)."""
+        return {k: lora.count(m) for k, m in self.modules().items()}
 
 
-def load_parts(model_dir: Path) -> Parts:
-    """Load a diffusers folder (SD 1.x, SD 2.x or SDXL) in fp32 and tell its family."""
+def load_parts(model_dir: Path, precision: str = "fp32") -> Parts:
+    """Load a diffusers folder (SD 1.x, SD 2.x or SDXL) and tell its family. ``precision``
+    (fp32, fp16 or bf16) is that of the UNet and the text encoders; the VAE is always fp32
+    (it encodes the latent cache, and SDXL's VAE overflows in fp16)."""
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
 
@@ -70,9 +116,10 @@ def load_parts(model_dir: Path) -> Parts:
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=torch.float32,
-                                                 **unused)
+        pipe = DiffusionPipeline.from_pretrained(
+            str(model_dir), dtype={"default": dtype, "vae": torch.float32}, **unused)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the base model from {model_dir}: {e}. Check that the "
                          "folder is a complete diffusers model.") from e
@@ -142,15 +189,14 @@ def denoise_loss(parts: Parts, unet, latents, noise, timesteps, hidden, added=No
 class Placement:
     """Where the VAE, the text encoders and the UNet live in each phase of a run.
 
-    On a GPU with less than ``ROOMY_GB`` of memory, what a phase does not run leaves it:
-    the VAE after the latent cache is built, the text encoders during the UNet stage (their
-    embeddings are cached). On CPU, or a GPU with room, everything stays on the device.
+    On a GPU with less than ``settings.ROOMY_GIB`` of memory (below an A100's class), what
+    a phase does not run leaves it: the VAE after the latent cache is built, the text
+    encoders during the UNet stage (their embeddings are cached). On CPU, or a GPU with
+    room, everything stays on the device.
     """
 
     device: Any
     offload: bool
-
-    ROOMY_GB = 30.0
 
     def where(self, phase: str) -> dict[str, Any]:
         """Device of each group ("vae", "text", "unet") in ``phase``: "cache", "unet",
@@ -171,5 +217,5 @@ class Placement:
 
 
 def placement_policy(device, info) -> Placement:
-    vram = getattr(info, "vram_total_gb", None) or 0.0
-    return Placement(device, device.type == "cuda" and vram < Placement.ROOMY_GB)
+    vram = getattr(info, "vram_total_gib", None) or 0.0
+    return Placement(device, device.type == "cuda" and vram < ROOMY_GIB)

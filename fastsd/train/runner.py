@@ -9,6 +9,9 @@ the child, not the notebook.
 Interrupting the cell (the Stop button) sends SIGINT to the child, which checkpoints and
 exits; if it has not exited after ``grace`` seconds it gets SIGTERM (the trainer finishes
 its step, checkpoints and exits), then SIGKILL. A stopped run resumes with ``resume=True``.
+
+With Disconnect_After_Training ticked the cell then calls :func:`disconnect_when_safe`,
+which gives the Colab runtime back once the model is whole on Drive.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from collections import deque
 from pathlib import Path
 
-from fastsd.errors import FastSDError
+from fastsd import env as fastsd_env, options
+from fastsd.errors import FastSDError, OutOfMemory
 
 log = logging.getLogger("fastsd")
 
@@ -36,11 +39,12 @@ OOM_MARKS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "MPS bac
 class ChildResult:
     """What the child trained: like TrainResult, read back from the session's folders."""
 
-    model_dir: Path
+    model_dir: Path | None  # None for a LoRA run
     global_step: int
     single_file: Path | None
     loss_curve: Path | None
     samples: list[Path] = dataclasses.field(default_factory=list)  # as the child made them
+    lora: Path | None = None  # the LoRA file of a LoRA run
 
 
 class TrainingStopped(FastSDError):
@@ -51,10 +55,6 @@ class TrainingFailed(FastSDError):
     """The training process ended with an error."""
 
 
-class OutOfMemory(TrainingFailed):
-    """The GPU ran out of memory while training."""
-
-
 # --------------------------------------------------------------------------- child side
 
 
@@ -62,10 +62,12 @@ def event_printer(name: str, info: dict) -> None:
     """An ``on_event`` hook for the trainer that writes each event as one JSON line on
     stdout, for the parent to read (``fastsd train --events``)."""
     keep = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
-            if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir")}
+            if k in ("global_step", "stage_name", "stage_step", "loss", "path", "model_dir",
+                     "lora")}
     if name == "samples":
         keep["paths"] = [str(p) for p in info["paths"]]
-    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples", "done"):
+    if name == "step" or name in ("stage_start", "stage_end", "checkpoint", "samples",
+                                  "single_file", "done"):
         print(EVENT_MARK + json.dumps({"event": name, **keep}), flush=True)
 
 
@@ -110,17 +112,14 @@ def _settings_args(settings) -> list[str]:
 
 
 def gpu_count() -> int:
-    """GPUs this runtime has, asked of nvidia-smi so that the kernel never touches CUDA."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return 0
-    res = subprocess.run([smi, "-L"], capture_output=True, text=True)
-    return sum(1 for ln in res.stdout.splitlines() if ln.startswith("GPU "))
+    """GPUs this runtime has, asked of the driver so that the kernel never touches CUDA."""
+    return len(fastsd_env.driver_gpus() or [])
 
 
 def command(session_name: str, settings=None, *, resume: bool = False, restart: bool = False,
             accept_changed_data: bool = False, home: Path | None = None,
-            gpus: int | None = None) -> list[str]:
+            gpus: int | None = None, more_unet_steps: int = 0,
+            more_text_steps: int = 0) -> list[str]:
     """The child's command line."""
     gpus = gpu_count() if gpus is None else gpus
     if gpus > 1:
@@ -135,6 +134,10 @@ def command(session_name: str, settings=None, *, resume: bool = False, restart: 
         cmd.append("--restart")
     if accept_changed_data:
         cmd.append("--accept-changed-data")
+    for flag, n in (("--more-unet-steps", more_unet_steps), ("--more-text-steps",
+                                                            more_text_steps)):
+        if n:
+            cmd += [flag, str(int(n))]
     if home is not None:
         cmd += ["--home", str(home)]
     if settings is not None:
@@ -156,35 +159,45 @@ def _stop(proc: subprocess.Popen, grace: float) -> int:
     return proc.wait()
 
 
-def _oom_message(settings) -> str:
+def _oom_message(settings, session: str) -> str:
     now = []
-    for name in ("resolution", "batch_size", "gradient_checkpointing", "adam_8bit"):
+    for name, what in (("resolution", "resolution"), ("batch_size", "batch size"),
+                       ("gradient_checkpointing", "gradient checkpointing"),
+                       ("adam_8bit", "8-bit Adam")):
         value = getattr(settings, name, None) if settings is not None else None
-        now.append(f"{name}={'preset' if value is None else value}")
-    return ("The GPU ran out of memory while training (" + ", ".join(now) + "). Lower "
-            "batch_size (1 is enough for DreamBooth) or resolution, turn on "
-            "gradient_checkpointing and adam_8bit, or train the text encoder for fewer steps; "
-            "then run the train cell again with Resume ticked. The notebook's own GPU memory "
-            "is untouched.")
+        now.append(f"{what} {'from the preset' if value is None else value}")
+    less = options.say(("batch_size", 1), "gradient_checkpointing", "adam_8bit",
+                       session=session)
+    return ("The GPU ran out of memory while training (" + ", ".join(now) + "). Use less: "
+            "one image per step (enough for DreamBooth), gradient checkpointing and 8-bit Adam "
+            f"({less}), or fewer text encoder steps; then resume: "
+            f"{options.say('resume', session=session)}. The notebook's own GPU memory is "
+            "untouched.")
 
 
 def train_in_child(session, settings=None, *, resume: bool = False, restart: bool = False,
                    accept_changed_data: bool = False, grace: float = 120.0,
-                   env: dict | None = None) -> ChildResult:
+                   env: dict | None = None, more_unet_steps: int = 0,
+                   more_text_steps: int = 0) -> ChildResult:
     """Run ``fastsd train`` for ``session`` in a child process, showing its progress here.
+    ``more_unet_steps`` / ``more_text_steps``: a further segment on the trained model
+    (:mod:`fastsd.train.segments`).
 
     Returns where the model, its single file and the loss curve are. Stop
     (KeyboardInterrupt) stops the child with a checkpoint and raises TrainingStopped; an
-    error in the child raises TrainingFailed (OutOfMemory with what to lower).
+    error in the child raises TrainingFailed, or fastsd.errors.OutOfMemory (with what to
+    lower) when the GPU ran out of memory.
     """
     from tqdm.auto import tqdm
 
     cmd = command(session.name, settings, resume=resume, restart=restart,
-                  accept_changed_data=accept_changed_data, home=session.workspace.root)
+                  accept_changed_data=accept_changed_data, home=session.workspace.root,
+                  more_unet_steps=more_unet_steps, more_text_steps=more_text_steps)
     log.debug("starting %s", " ".join(cmd))
-    # The child's own bars are off: its events drive one bar here.
-    child_env = {**(os.environ if env is None else env), "TQDM_DISABLE": "1",
-                 "PYTHONUNBUFFERED": "1"}
+    # The child's own bars are off: its events drive one bar here. Its messages name what
+    # the user sets where this runs (a notebook cell's form fields: fastsd.options).
+    child_env = {**(os.environ if env is None else env), **fastsd_env.caller_env(),
+                 "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True, env=child_env,
                             stdin=subprocess.DEVNULL)
@@ -209,6 +222,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
                 bar.set_postfix(loss=f"{ev['loss']:.4f}", step=ev["global_step"])
             elif ev["event"] == "checkpoint":
                 tqdm.write(f"checkpoint at step {ev['global_step']}: {ev.get('path')}")
+            elif ev["event"] == "single_file":
+                tqdm.write(f"single file at step {ev['global_step']}: {ev.get('path')}")
             elif ev["event"] == "samples":
                 samples += [Path(p) for p in ev["paths"]]
                 show_samples(ev["global_step"], ev["paths"])
@@ -228,7 +243,8 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
         where = f"the checkpoint at step {ck.step}" if ck else "the start (no checkpoint yet)"
         raise TrainingStopped(
             f"Training stopped at step {last.get('global_step', 0)} (exit code {code}). "
-            f"Tick Resume and run this cell again to continue from {where}.") from None
+            f"To continue from {where}: {options.say('resume', session=session.name)}, and "
+            "run it again.") from None
     finally:
         if bar is not None:
             bar.close()
@@ -244,16 +260,79 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
     if code != 0:
         text = "\n".join(tail)
         if any(m in text for m in OOM_MARKS):
-            raise OutOfMemory(_oom_message(settings))
+            raise OutOfMemory(_oom_message(settings, session.name))
         errors = [ln for ln in tail if ln.startswith("error: ")]
         if errors:
             raise TrainingFailed(errors[-1][len("error: "):])
         raise TrainingFailed(f"Training stopped with exit code {code}. The last lines it "
                              "wrote:\n" + "\n".join(list(tail)[-8:]) + "\nCheckpoints are "
-                             "kept: fix the cause, then run the cell again with Resume.")
+                             "kept: fix the cause, then "
+                             f"{options.say('resume', session=session.name)}.")
     done = done or last
-    model_dir = Path(done["model_dir"])
-    single = model_dir.parent / f"{model_dir.name}.safetensors"
+    model_dir = Path(done["model_dir"]) if done.get("model_dir") else None
+    single = model_dir.parent / f"{model_dir.name}.safetensors" if model_dir else None
     curve = Path(session.outputs) / "loss.png"
-    return ChildResult(model_dir, int(done["global_step"]), single if single.is_file() else None,
-                       curve if curve.is_file() else None, samples)
+    return ChildResult(model_dir, int(done["global_step"]),
+                       single if single and single.is_file() else None,
+                       curve if curve.is_file() else None, samples,
+                       Path(done["lora"]) if done.get("lora") else None)
+
+
+# --------------------------------------------------------------------------- disconnect
+
+
+def check_whole(model_dir: Path | None, single_file: Path | None,
+                lora: Path | None = None) -> str | None:
+    """None when what the run made is whole on disk: the trained model folder (every weight
+    file there, each as long as its header says) and its single file, or for a LoRA run
+    its LoRA file; else what is wrong."""
+    from fastsd.convert.tensors import open_tensors
+    from fastsd.convert.to_single import weight_files
+
+    try:
+        if lora is not None:
+            files = [Path(lora)]
+        else:
+            model_dir = Path(model_dir)
+            index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+            files = [f for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+                     if part in index for f in weight_files(model_dir / part)]
+            if single_file is None or not Path(single_file).is_file():
+                return (f"the single file {single_file or model_dir.name + '.safetensors'} "
+                        "is missing")
+            files.append(Path(single_file))
+        for f in files:
+            open_tensors(f).close()
+    except (OSError, ValueError, FastSDError) as e:
+        return str(e)
+    return None
+
+
+def disconnect_when_safe(model_dir: Path | None, single_file: Path | None,
+                         lora: Path | None = None) -> bool:
+    """Give this Colab runtime back (Disconnect_After_Training, ``--disconnect``), so that
+    it stops using the account's compute units, once the result is safely on Drive: the
+    model folder and the single file (or the LoRA file) are checked whole, Drive's pending
+    writes are flushed (``google.colab.drive.flush_and_unmount``), and only then is the
+    runtime unassigned. Outside Colab it does nothing and says so in one line. Returns
+    whether it disconnected; a result that is not whole is a TrainingFailed, and the
+    runtime stays."""
+    made = lora if lora is not None else model_dir
+    if fastsd_env.runtime() != "colab":
+        log.info("Not on Colab: nothing to disconnect (the %s).",
+                 f"LoRA is {made}" if lora else f"model is in {made}")
+        return False
+    problem = check_whole(model_dir, single_file, lora)
+    if problem:
+        raise TrainingFailed(f"Not disconnecting: the trained model is not whole on Drive "
+                             f"({problem}). The runtime stays connected: run the train cell "
+                             f"again ({options.say('resume')}) to export it again.")
+    from google.colab import drive as colab_drive  # type: ignore[import-not-found]
+    from google.colab import runtime  # type: ignore[import-not-found]
+
+    log.info("%s is whole on Drive; flushing Drive and disconnecting this runtime.",
+             Path(made).name if lora is not None else
+             f"{Path(model_dir).name} with {Path(single_file).name}")
+    colab_drive.flush_and_unmount()  # what is still being uploaded reaches Drive first
+    runtime.unassign()
+    return True

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastsd import options
 from fastsd.train import data
 from fastsd.train.resume import STAGE_TITLES
 from fastsd.train.settings import TrainSettings
@@ -48,9 +49,8 @@ class StopSignals:
             signal.signal(s, old)
 
     def raise_stop(self, step: int, where: Path, session: str = "SESSION") -> None:
-        log.warning("Stopped at step %d; the checkpoint is in %s. Resume with "
-                    "'fastsd train %s --resume' (or tick 'resume' in the notebook).",
-                    step, where, session)
+        log.warning("Stopped at step %d; the checkpoint is in %s. To resume: %s.", step,
+                    where, options.say("resume", session=session))
         if self.signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(self.signum or signal.SIGTERM))
@@ -89,6 +89,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(states["cuda"][torch.cuda.current_device()])
 
 
+def stages_left(settings: TrainSettings, stage: int) -> list[str]:
+    """The stages with steps from index ``stage`` of the order on: none once a run has
+    trained them all (only its export may be left)."""
+    return [st for st in settings.stage_order[stage:] if settings.stage(st)["steps"]]
+
+
 @dataclass
 class TrainState:
     """Where a run is: saved whole in each checkpoint (``state.json`` and ``rng.pt``) and
@@ -105,11 +111,12 @@ class TrainState:
     optimizer_stage: str | None = None  # whose optimizer state the checkpoint holds
     rng: dict[str, Any] | None = None
 
-    def advance(self, stage: str, loss: float) -> None:
+    def advance(self, stage: str) -> None:
+        """One step of ``stage`` done; its loss joins ``losses`` when it is read off the
+        device (:class:`fastsd.train.trainer.StepReport`)."""
         self.stage_step += 1
         self.global_step += 1
         self.stage_steps[stage] = self.stage_steps.get(stage, 0) + 1
-        self.losses.append(loss)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "stage_step": self.stage_step,
@@ -129,7 +136,7 @@ class TrainState:
                    dict(saved["stage_steps"]), saved["optimizer_stage"], rng)
 
     def describe(self, settings: TrainSettings) -> str:
-        left = [st for st in settings.stage_order[self.stage:] if settings.stage(st)["steps"]]
+        left = stages_left(settings, self.stage)
         if not left:
             return (f"global step {self.global_step}, both stages done; only the export is "
                     "left")

@@ -28,10 +28,10 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from fastsd import __version__
-from fastsd.errors import FastSDError, ModelError
-from fastsd.webui import infotext, samplers, xyz
-from fastsd.webui.auth import AuthMiddleware, BasicAuth
-from fastsd.webui.engine import GenerationFailed, OutOfMemory, Result
+from fastsd.errors import FastSDError, ModelError, OutOfMemory
+from fastsd.webui import controlnet, infotext, samplers, xyz
+from fastsd.webui.auth import DEFAULT_PORT, AuthMiddleware, BasicAuth
+from fastsd.webui.engine import GenerationFailed, Result
 from fastsd.webui.memory import MemoryPolicy
 from fastsd.webui.outputs import Outputs
 from fastsd.webui.params import GenerationParams, InvalidRequest, decode_image, from_request
@@ -49,7 +49,7 @@ class ServerInfo:
     """What /cmd-flags reports about how the server was started (never a secret)."""
 
     host: str = "127.0.0.1"
-    port: int = 7860
+    port: int = DEFAULT_PORT
     session: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -122,7 +122,10 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
         try:
             body = await body_of(request)
             plot, body = await run_in_threadpool(xyz.script_of, body, img2img)
+            units, body, cn_ignored = await run_in_threadpool(controlnet.split, body, img2img)
             params, ignored = await run_in_threadpool(from_request, body, img2img)
+            params.controlnet = units
+            ignored = sorted(ignored + cn_ignored)
             if plot is None:
                 job = worker.submit(lambda e, c: e.generate(params, c),
                                     "img2img" if img2img else "txt2img", params.steps,
@@ -137,6 +140,9 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
         info = {**result.info, "ignored_fields": ignored, "warnings": result.warnings,
                 "interrupted": result.interrupted, "saved_files": saved}
         echo = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
+        if units:
+            echo["alwayson_scripts"] = {**echo.get("alwayson_scripts", {}), "controlnet": {
+                "args": [{**u.__dict__, "image": None} for u in units]}}
         if img2img:
             echo.update(init_images=None, mask=None)
         return {"images": images, "parameters": echo, "info": json.dumps(info)}
@@ -260,7 +266,41 @@ def create_app(worker: Worker, *, outputs: Outputs | None = None, auth: BasicAut
 
     @app.get(f"{PREFIX}/scripts")
     async def scripts():
-        return {"txt2img": [xyz.SCRIPT_NAME], "img2img": [xyz.SCRIPT_NAME]}
+        # "controlnet m2m" is how clients (webuiapi) tell that the ControlNet extension is
+        # there; webuiapi then clears its units between calls, as it must.
+        listed = [xyz.SCRIPT_NAME, controlnet.SCRIPT, "controlnet m2m", "refiner"]
+        return {"txt2img": listed, "img2img": listed}
+
+    # ------------------------------------------------------------ the ControlNet extension's
+
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": controlnet.API_VERSION}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models(update: bool = True):
+        if update:
+            await run_in_threadpool(engine.catalog.refresh)
+        return {"model_list": [c.title for c in engine.catalog.controlnets(engine.tiny)]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules(alias_names: bool = False):
+        return {"module_list": list(controlnet.MODULES),
+                "module_detail": {n: m.to_api() for n, m in controlnet.MODULES.items()}}
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings():
+        return {"control_net_unit_count": controlnet.MAX_UNITS}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: Request):
+        try:
+            body = await body_of(request)
+            maps = await run_in_threadpool(controlnet.detect_request, body)
+        except FastSDError as e:
+            return _error(status_of(e), e)
+        return {"images": [base64.b64encode(infotext.png_bytes(m, None)).decode()
+                           for m in maps], "info": "Success"}
 
     @app.get(f"{PREFIX}/sd-vae")
     async def sd_vae():

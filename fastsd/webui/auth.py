@@ -25,6 +25,8 @@ FREE_FAILURES = 3  # failures from one address answered at once
 BASE_DELAY, MAX_DELAY = 0.5, 10.0  # seconds: doubled from the 4th failure on
 FORGET_AFTER = 15 * 60.0  # seconds without a failure before an address starts afresh
 REALM = "fastsd"
+DEFAULT_USER = "fastsd"  # the user name when none is given
+DEFAULT_PORT = 7860  # AUTOMATIC1111's port, the one its clients try first
 PASSWORD_ENV = "FASTSD_WEBUI_PASSWORD"  # how a launcher hands a server its password (not argv)
 
 
@@ -46,6 +48,11 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
+def login(user: str, password: str) -> str:
+    """How the web UI's user name and password are shown to their owner, always together."""
+    return f"user {user!r}, password {password}"
+
+
 @dataclass
 class BasicAuth:
     username: str
@@ -54,7 +61,7 @@ class BasicAuth:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def with_generated_password(cls, username: str = "fastsd") -> "BasicAuth":
+    def with_generated_password(cls, username: str = DEFAULT_USER) -> "BasicAuth":
         return cls(username, generate_password())
 
     def check(self, header: str | None) -> bool:

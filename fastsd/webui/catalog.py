@@ -1,10 +1,12 @@
-"""The checkpoints and LoRAs a server may load: the session's models/ and the workspace's
-models/, nothing else.
+"""The checkpoints, LoRAs and ControlNets a server may load: the session's models/ and the
+workspace's models/ (and the LoRAs the workspace's sessions trained), nothing else.
 
 Clients name a checkpoint or a LoRA; the name is looked up here and never used as a path,
 so no request can make the server read a file outside those folders. A trained session's
 models/ holds NAME/ (diffusers) and NAME.safetensors (the same weights as one file): they
-are one checkpoint, loaded from the folder.
+are one checkpoint, loaded from the folder. ControlNets live in models/controlnet/ (where
+the registry and the notebook put them) or models/ControlNet/ (A1111's name): a diffusers
+folder each, or a single ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastsd import options
 from fastsd.errors import ModelError
+from fastsd.models import tiny
 
 log = logging.getLogger("fastsd")
 
 SINGLE_SUFFIXES = (".safetensors", ".ckpt")
 LORA_DIRS = ("Lora", "lora", "loras")
-SKIP_DIRS = {"hub", "downloads", "converted", *LORA_DIRS}
+CONTROLNET_DIRS = ("controlnet", "ControlNet")
+SKIP_DIRS = {"hub", "downloads", "converted", *LORA_DIRS, *CONTROLNET_DIRS}
 
 
 def quick_hash(path: Path) -> str:
@@ -68,6 +73,45 @@ class Lora:
         return {"name": self.name, "alias": self.name, "path": str(self.path), "metadata": {}}
 
 
+@dataclass
+class ControlModel:
+    """A ControlNet, listed as the ControlNet extension lists them: ``name [hash]``."""
+
+    name: str
+    path: Path  # a diffusers folder (config.json and weights) or a .safetensors file
+    hash: str
+    tiny: bool = False  # a tiny test ControlNet (fastsd.models.tiny): listed for tiny models
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash[:8]}]"
+
+    def to_api(self) -> dict:
+        return {"title": self.title, "name": self.name, "path": str(self.path)}
+
+
+def _controlnet_at(p: Path) -> ControlModel | None:
+    if p.name.startswith("."):
+        return None
+    if p.is_dir():
+        config = p / "config.json"
+        weights = sorted(p.glob("*.safetensors"))
+        if not config.is_file() or not weights:
+            return None
+        try:
+            import json
+
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("_class_name") != "ControlNetModel":
+            return None
+        return ControlModel(p.name, p, quick_hash(weights[0]), tiny.is_tiny(data))
+    if p.is_file() and p.suffix == ".safetensors":
+        return ControlModel(p.stem, p, quick_hash(p))
+    return None
+
+
 def _is_checkpoint_file(path: Path) -> bool:
     if path.suffix == ".ckpt":
         return True
@@ -81,21 +125,30 @@ def _is_checkpoint_file(path: Path) -> bool:
 
 
 class Catalog:
-    """What ``folders`` (searched in order) hold, re-read by :meth:`refresh`."""
+    """What ``folders`` (searched in order) hold, and the LoRAs in ``lora_folders`` (the
+    workspace's sessions' trained LoRAs, read where they are), re-read by :meth:`refresh`."""
 
-    def __init__(self, folders: list[Path]):
+    def __init__(self, folders: list[Path], lora_folders: list[Path] = ()):
         self.folders = [Path(f) for f in folders]
+        self.lora_folders = [Path(f) for f in lora_folders]
         self.extra: list[Checkpoint] = []  # models the server's owner named on the CLI
         self._checkpoints: list[Checkpoint] = []
         self._loras: list[Lora] = []
+        self._controlnets: list[ControlModel] = []
         self.refresh()
 
     def refresh(self) -> None:
         seen: dict[str, Checkpoint] = {}
         loras: dict[str, Lora] = {}
+        controls: dict[str, ControlModel] = {}
         for base in self.folders:
             if not base.is_dir():
                 continue
+            for d in CONTROLNET_DIRS:
+                for p in sorted((base / d).iterdir()) if (base / d).is_dir() else []:
+                    c = _controlnet_at(p)
+                    if c is not None:
+                        controls.setdefault(c.name.lower(), c)
             for d in LORA_DIRS:
                 for f in sorted((base / d).glob("*.safetensors")) if (base / d).is_dir() else []:
                     loras.setdefault(f.stem, Lora(f.stem, f))
@@ -115,10 +168,14 @@ class Catalog:
                 else:
                     continue
                 seen.setdefault(c.name.lower(), c)
+        for folder in self.lora_folders:
+            for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+                loras.setdefault(f.stem, Lora(f.stem, f))
         for c in self.extra:
             seen.setdefault(c.name.lower(), c)
         self._checkpoints = list(seen.values())
         self._loras = list(loras.values())
+        self._controlnets = list(controls.values())
 
     def add(self, path: Path) -> Checkpoint:
         """A model the server's owner named (any folder or file); listed from then on."""
@@ -148,6 +205,21 @@ class Catalog:
         known = ", ".join(c.title for c in self._checkpoints) or "none"
         raise ModelError(f"Unknown checkpoint {name!r}. Known: {known}. Put models in the "
                          "session's or the workspace's models/ folder and refresh checkpoints.")
+
+    def controlnets(self, tiny: bool = False) -> list[ControlModel]:
+        """The ControlNets found; the tiny test ones only with ``tiny`` (a tiny model)."""
+        return [c for c in self._controlnets if tiny or not c.tiny]
+
+    def controlnet(self, name: str) -> ControlModel:
+        """The ControlNet a client names by title (``name [hash]``) or name (any case)."""
+        key = (name or "").strip().lower()
+        for c in self._controlnets:
+            if key in (c.title.lower(), c.name.lower(), f"{c.name} [{c.hash}]".lower()):
+                return c
+        known = ", ".join(c.title for c in self._controlnets) or "none"
+        raise ModelError(f"Unknown ControlNet {name!r}. Known: {known}. Put ControlNets in the "
+                         "session's or the workspace's models/controlnet/ folder; to download "
+                         f"one there, {options.run('controlnet')}.")
 
     def lora(self, name: str) -> Lora | None:
         key = name.strip().lower()

@@ -2,7 +2,7 @@
 
 The chosen UI is cloned at a pinned commit onto local disk (never Drive: its thousands of
 small files would crawl through Drive's FUSE) and runs in the background through
-:func:`fastsd.webui.background.launch` with ``--api``, a password for the page and the API,
+:func:`fastsd.webui.process.launch` with ``--api``, a password for the page and the API,
 the chosen tunnel and a health check. A failure to start is reported with the end of its
 log.
 
@@ -16,11 +16,12 @@ outside the environment it installs into, so fastsd's packages stay as they are.
 **What it lists.** A folder of links on local disk (``fastsd-models/``) is its checkpoint
 folder (``--ckpt-dir``) and LoRA folder (``--lora-dir``): the single-file checkpoints of the
 workspace's and every session's ``models/`` (the list fastsd's own server shows, as single
-files), and their LoRAs. The workspace's ControlNets are linked, one file each under their
-repository's name, into ``models/ControlNet/fastsd/``, where Forge and AUTOMATIC1111's
-ControlNet extension look. The model chosen in the notebook is loaded at start (``--ckpt``);
-a diffusers model is converted into one file once (:func:`single_file`, after a check of
-Drive's free space) and kept.
+files), and their LoRAs (``models/Lora/``, LoRA files in ``models/``, and so each
+session's trained LoRAs, never listed as checkpoints). The workspace's ControlNets are
+linked, one file each under their repository's name, into ``models/ControlNet/fastsd/``,
+where Forge and AUTOMATIC1111's ControlNet extension look. The model chosen in the notebook
+is loaded at start (``--ckpt``); a diffusers model is converted into one file once
+(:func:`single_file`, after a check of Drive's free space) and kept.
 
 Its password reaches it without ever being written to a log: a small wrapper (this
 module's ``main``) reads it from the environment, adds ``--api-auth`` and copies the UI's
@@ -40,11 +41,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastsd import drive, env, fetch, models, session as sessions
+from fastsd import drive, env, models, session as sessions
 from fastsd.errors import LaunchError
 from fastsd.models import registry
 from fastsd.session import Session
-from fastsd.webui import background
+from fastsd.webui import process
 from fastsd.webui.auth import PASSWORD_ENV
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog
 from fastsd.workspace import Workspace
@@ -266,9 +267,9 @@ def single_file(model: Path, ws: Workspace) -> Path:
         if found is not None and found.is_file():
             return found
     need = planned_size(model)
-    fetch.check_space(dest.parent, need, f"The single file of {model.name} for the web UI")
+    drive.require_space(dest.parent, need, f"The single file of {model.name} for the web UI")
     log.info("Converting %s into one file for the web UI (%s, once): %s", model.name,
-             fetch.gb(need), dest)
+             drive.gb(need), dest)
     return to_single_file(model, dest)
 
 
@@ -389,10 +390,10 @@ def start(ui: str, port: int, auth: tuple[str, str], *,
           model: str | os.PathLike[str] | None = None, session: Session | None = None,
           log_path: Path, workspace: Workspace | Path, tunnel: str | None = "auto",
           folder: Path | None = None, clone: bool = True, cpu: bool | None = None,
-          ready_timeout: float = background.READY_TIMEOUT,
-          tunnel_timeout: float | None = None) -> background.Server:
+          ready_timeout: float = process.READY_TIMEOUT,
+          tunnel_timeout: float | None = None) -> process.Server:
     """Clone (once) and start ``ui`` in the background in its own environment, with
-    ``model`` (else ``session``'s trained model) loaded; see :func:`background.launch`."""
+    ``model`` (else ``session``'s trained model) loaded; see :func:`process.launch`."""
     spec = get(ui)
     ws = Workspace.current(workspace)
     folder = check_local(Path(folder) if folder else local_root() / spec.folder, ws.root)
@@ -407,9 +408,9 @@ def start(ui: str, port: int, auth: tuple[str, str], *,
         cpu = not _has_cuda()
     args = ui_args(port, write_auth_file(folder, auth), view, cpu=cpu)
     extra = {} if tunnel_timeout is None else {"tunnel_timeout": tunnel_timeout}
-    return background.launch(command(folder, auth[0], python, args), port, log_path, auth=auth,
-                             tunnel=tunnel, cwd=folder, health_path=background.HEALTH_PATH,
-                             ready_timeout=ready_timeout, **extra)
+    return process.launch(command(folder, auth[0], python, args), port, log_path, auth=auth,
+                          tunnel=tunnel, cwd=folder, health_path=process.HEALTH_PATH,
+                          ready_timeout=ready_timeout, **extra)
 
 
 def _has_cuda() -> bool:

@@ -28,6 +28,18 @@ MAX_PROMPT = 20_000  # characters
 MAX_SEED = 2**32 - 1
 MAX_INPUT_PIXELS = 4096 * 4096  # a decoded init image or mask
 MAX_MASK_BLUR, MAX_PADDING = 64, 512
+MAX_HR_SCALE = 4.0
+
+# Hires fix's upscalers, by A1111's names. Latent ones resize the first pass's latents
+# (torch's interpolate mode, antialias); the others resize its decoded image (a PIL filter).
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False),
+                    "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False),
+                    "Latent (nearest-exact)": ("nearest-exact", False)}
+PIXEL_UPSCALERS = {"None": "lanczos", "Lanczos": "lanczos", "Nearest": "nearest"}
+DEFAULT_UPSCALER = "Latent"  # A1111's when hr_upscaler is not given
+DEFAULT_SWITCH_AT = 0.8  # A1111's refiner "Switch at"
 
 
 class InvalidRequest(DataError):
@@ -57,12 +69,66 @@ class GenerationParams:
     inpaint_full_res: bool = False  # inpaint only the masked area, at full resolution
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: int = 0
+    # ControlNet: fastsd.webui.controlnet.Unit objects
+    controlnet: list[Any] = field(default_factory=list)
+    # hires fix (txt2img): a second img2img pass at a larger size
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0  # 0: from hr_scale (or from the other side's ratio)
+    hr_resize_y: int = 0
+    hr_upscaler: str = ""  # "": A1111's default, Latent
+    hr_second_pass_steps: int = 0  # 0: as many as the first pass
+    # the SDXL refiner: a second model takes over at refiner_switch_at of the steps
+    refiner_checkpoint: str = ""
+    refiner_switch_at: float = DEFAULT_SWITCH_AT
 
     @property
     def mode(self) -> str:
         if not self.init_images:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def hires(self) -> bool:
+        return self.enable_hr and self.mode == "txt2img"
+
+    @property
+    def upscaler(self) -> str:
+        return self.hr_upscaler or DEFAULT_UPSCALER
+
+    def hires_size(self) -> tuple[int, int, int, int]:
+        """Hires fix's (upscaled width, height, then the width and height kept after the
+        centred crop that a given hr_resize_x and hr_resize_y of another ratio need), as
+        A1111 computes them, each a multiple of 8."""
+        W, H, x, y = self.width, self.height, self.hr_resize_x, self.hr_resize_y
+        if x == 0 and y == 0:
+            to_w, to_h = int(W * self.hr_scale), int(H * self.hr_scale)
+            keep_w, keep_h = to_w, to_h
+        elif y == 0:
+            to_w, to_h = x, x * H // W
+            keep_w, keep_h = to_w, to_h
+        elif x == 0:
+            to_w, to_h = y * W // H, y
+            keep_w, keep_h = to_w, to_h
+        else:
+            if W / H < x / y:
+                to_w, to_h = x, x * H // W
+            else:
+                to_w, to_h = y * W // H, y
+            keep_w, keep_h = x, y
+        to_w, to_h = to_w // SIZE_STEP * SIZE_STEP, to_h // SIZE_STEP * SIZE_STEP
+        return to_w, to_h, min(to_w, keep_w // SIZE_STEP * SIZE_STEP), \
+            min(to_h, keep_h // SIZE_STEP * SIZE_STEP)
+
+    @property
+    def hr_steps(self) -> int:
+        return self.hr_second_pass_steps or self.steps
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        if self.hires:
+            return self.hires_size()[2:]
+        return self.width, self.height
 
     def validate(self) -> "GenerationParams":
         """Check every value; raise InvalidRequest naming the first bad one."""
@@ -102,7 +168,44 @@ class GenerationParams:
             _in_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
             _in_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, MAX_PADDING)
             _in_range("inpainting_fill", self.inpainting_fill, 0, 3)
+        if self.hires:
+            self._validate_hires()
+        if self.refiner_checkpoint:
+            if not 0.0 < self.refiner_switch_at <= 1.0 or math.isnan(self.refiner_switch_at):
+                raise InvalidRequest(f"refiner_switch_at is {self.refiner_switch_at}; it must be "
+                                     "above 0 and at most 1 (the fraction of the steps after "
+                                     "which the refiner takes over).")
+            if self.mode == "inpaint":
+                raise InvalidRequest("refiner_checkpoint works with txt2img and img2img; "
+                                     "inpainting has no refiner stage here. Leave it out.")
+        for unit in self.controlnet:
+            unit.validate()
         return self
+
+    def _validate_hires(self) -> None:
+        _in_range("hr_scale", self.hr_scale, 1.0, MAX_HR_SCALE)
+        for name in ("hr_resize_x", "hr_resize_y"):
+            v = getattr(self, name)
+            if v != 0 and not MIN_SIZE <= v <= MAX_SIZE:
+                raise InvalidRequest(f"{name} is {v}; use 0 (from hr_scale) or a size from "
+                                     f"{MIN_SIZE} to {MAX_SIZE}.")
+        _in_range("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS)
+        _in_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        if int(self.hr_steps * self.denoising_strength) < 1:
+            raise InvalidRequest(
+                f"denoising_strength {self.denoising_strength} of {self.hr_steps} hires steps "
+                "leaves no step to run; raise denoising_strength or hr_second_pass_steps.")
+        if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in PIXEL_UPSCALERS:
+            raise InvalidRequest(
+                f"hr_upscaler is {self.hr_upscaler!r}, which fastsd does not have (it runs no "
+                "upscaling model such as ESRGAN). Choose one of "
+                f"{', '.join([*LATENT_UPSCALERS, *PIXEL_UPSCALERS])}.")
+        to_w, to_h, w, h = self.hires_size()
+        if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE and to_w <= MAX_SIZE
+                and to_h <= MAX_SIZE):
+            raise InvalidRequest(f"Hires fix would make {to_w}x{to_h} images; sizes must be "
+                                 f"from {MIN_SIZE} to {MAX_SIZE}. Lower hr_scale or "
+                                 "hr_resize_x/hr_resize_y.")
 
 
 def _in_range(name: str, v: float, lo: float, hi: float) -> None:
@@ -115,29 +218,32 @@ def _in_range(name: str, v: float, lo: float, hi: float) -> None:
 # A1111 fields fastsd accepts but does not act on, with the value that asks for nothing:
 # a request that leaves them so is served exactly; any other value is listed as ignored.
 NEUTRAL: dict[str, Any] = {
-    "enable_hr": False, "restore_faces": False, "tiling": False, "styles": [],
+    "restore_faces": False, "tiling": False, "styles": [],
     "subseed": -1, "subseed_strength": 0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
     "eta": None, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
     "override_settings": {}, "override_settings_restore_afterwards": True,
     "script_name": None, "script_args": [], "alwayson_scripts": {}, "send_images": True,
     "save_images": None, "do_not_save_samples": False, "do_not_save_grid": False,
-    "sampler_index": None, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2,
-    "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+    "sampler_index": None, "firstphase_width": 0, "firstphase_height": 0,
     "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None,
     "hr_prompt": "", "hr_negative_prompt": "", "image_cfg_scale": None,
-    "initial_noise_multiplier": 1, "include_init_images": False, "refiner_checkpoint": None,
-    "refiner_switch_at": None, "disable_extra_networks": False, "comments": None,
+    "initial_noise_multiplier": 1, "include_init_images": False,
+    "disable_extra_networks": False, "comments": None,
     "latent_mask": None, "force_task_id": None, "infotext": None, "firstpass_image": None,
 }
 # Always neutral whatever their value: they only say how A1111 should save, and fastsd
 # always saves every image to the session's outputs/.
 _SAVING = {"save_images", "do_not_save_samples", "do_not_save_grid", "send_images",
-           "sampler_index", "image_cfg_scale", "eta", "hr_upscaler", "hr_scale"}
+           "sampler_index", "image_cfg_scale", "eta"}
+# Hires fix's fields: used in txt2img; an img2img body (which has no hires fix in A1111)
+# may carry them at any value.
+_HIRES = {"enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+          "hr_second_pass_steps"}
 
 _TYPES = {f.name: f.type for f in fields(GenerationParams)}
 
 
-def _coerce(name: str, value: Any, kind: str) -> Any:
+def coerce(name: str, value: Any, kind: str) -> Any:
     bad = InvalidRequest(f"{name} must be {'an integer' if kind == 'int' else 'a ' + kind}, "
                          f"not {value!r}.")
     if kind == "int":
@@ -217,14 +323,21 @@ def from_request(body: Any, img2img: bool) -> tuple[GenerationParams, list[str]]
     ignored: list[str] = []
     image_fields = {"init_images", "mask"}
     for key, value in body.items():
-        if key in _TYPES and key not in image_fields and (img2img or key in _TXT2IMG):
+        if key in ("refiner_checkpoint", "hr_upscaler") and value is None:
+            continue
+        if key in ("refiner_switch_at", "hr_scale") and value is None:
+            continue
+        if key in _TYPES and key not in image_fields and key != "controlnet" and (
+                img2img and key not in _HIRES or key in _TXT2IMG):
             kind = str(_TYPES[key]).replace("'", "")
-            values[key] = _coerce(key, value, kind)
+            values[key] = coerce(key, value, kind)
         elif key in image_fields and img2img:
             continue
         elif key in _SAVING or (key in NEUTRAL and value == NEUTRAL[key]) or (
-                key == "denoising_strength" and not img2img):  # txt2img: for hires fix
+                key in _HIRES and img2img):
             continue
+        elif key == "alwayson_scripts" and isinstance(value, dict):
+            values.update(_refiner_script(value, ignored))
         else:
             ignored.append(key)
     if img2img:
@@ -243,7 +356,29 @@ def from_request(body: Any, img2img: bool) -> tuple[GenerationParams, list[str]]
     return GenerationParams(**values).validate(), sorted(ignored)
 
 
+def _refiner_script(scripts: dict, ignored: list[str]) -> dict[str, Any]:
+    """Refiner fields from A1111's built-in "Refiner" script (``alwayson_scripts``:
+    ``{"Refiner": {"args": [enabled, checkpoint, switch_at]}}``); every other script with
+    arguments is listed as ignored (ControlNet's are taken out before, by
+    fastsd.webui.controlnet.split)."""
+    out: dict[str, Any] = {}
+    for name, script in scripts.items():
+        args = script.get("args") if isinstance(script, dict) else script
+        if str(name).strip().lower() == "refiner" and isinstance(args, list):
+            if args and coerce("alwayson_scripts.Refiner.args[0]", args[0], "bool") \
+                    and len(args) > 1 and args[1] not in (None, "", "None"):
+                out["refiner_checkpoint"] = coerce("alwayson_scripts.Refiner.args[1]",
+                                                   args[1], "str")
+                if len(args) > 2 and args[2] is not None:
+                    out["refiner_switch_at"] = coerce("alwayson_scripts.Refiner.args[2]",
+                                                      args[2], "float")
+        elif args:
+            ignored.append(f"alwayson_scripts.{name}")
+    return out
+
+
 # Fields of GenerationParams a txt2img body may set; the img2img ones are ignored there
 # unless left at a neutral value.
 _TXT2IMG = {"prompt", "negative_prompt", "width", "height", "steps", "cfg_scale",
-            "sampler_name", "scheduler", "seed", "batch_size", "n_iter"}
+            "sampler_name", "scheduler", "seed", "batch_size", "n_iter", "denoising_strength",
+            *_HIRES, "refiner_checkpoint", "refiner_switch_at"}

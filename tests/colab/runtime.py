@@ -98,11 +98,13 @@ def offline_env(base: dict | None = None) -> dict:
 
 
 def source_copy(dest: Path) -> Path:
-    """fastsd's source as a user keeps it on Drive: the package, setup.py, pins, README."""
+    """fastsd's source as a user keeps it on Drive: the package, the session template,
+    setup.py, MANIFEST.in, pins, README."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(REPO / "fastsd", dest / "fastsd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("setup.py", "requirements-colab.txt", "README.md"):
+    for folder in ("fastsd", "sessions_template"):
+        shutil.copytree(REPO / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("setup.py", "MANIFEST.in", "requirements-colab.txt", "README.md"):
         shutil.copy2(REPO / name, dest / name)
     return dest
 

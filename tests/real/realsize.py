@@ -13,7 +13,7 @@ def t4_policy(folder: Path):
     from fastsd import env
     from fastsd.webui import memory
 
-    return memory.MemoryPolicy().resolve(env.COLAB_T4, memory.Weights.of_folder(folder))
+    return memory.MemoryPolicy().resolve(env.COLAB_T4, memory.weights_gib(folder))
 
 
 def cache_configs(home: Path, family: str, model: Path) -> Path:

@@ -1,11 +1,15 @@
 """Stand-in for ``google.colab.drive``: mounts a local folder through a real FUSE
-passthrough (see tests/colab/passthrough.py)."""
+passthrough (see tests/colab/passthrough.py). With ``$COLAB_STANDIN_DECLINE`` set, the user
+declines the authorization, as Colab reports it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import standin
+
+from google.colab._message import MessageError
 
 mounts: list[tuple[str, bool]] = []  # every call, for tests to inspect
 
@@ -13,6 +17,8 @@ mounts: list[tuple[str, bool]] = []  # every call, for tests to inspect
 def mount(mountpoint: str, force_remount: bool = False, timeout_ms: int = 120000,
           readonly: bool = False) -> None:
     mounts.append((mountpoint, force_remount))
+    if os.environ.get("COLAB_STANDIN_DECLINE"):  # the user declined the authorization
+        raise MessageError("Error: credential propagation was unsuccessful")
     point = Path(mountpoint)
     if standin.alive(point):
         if not force_remount:
@@ -31,5 +37,8 @@ def mount(mountpoint: str, force_remount: bool = False, timeout_ms: int = 120000
 
 
 def flush_and_unmount(timeout_ms: int = 24 * 60 * 60 * 1000) -> None:
+    from google import colab
+
+    colab.events.append("flush_and_unmount")
     for point, _ in mounts[-1:]:
         standin.unmount(Path(point))

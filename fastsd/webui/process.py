@@ -1,4 +1,4 @@
-"""Running a web server in the background from a notebook cell.
+"""A web server run as its own process, in the background of a notebook cell.
 
 :func:`launch` starts the server as its own process and returns at once, so the cell ends
 and the kernel stays free (for captioning, notes, another cell). A thread waits for the
@@ -30,9 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fastsd import drive, tunnel as tunnels
+from fastsd import drive
 from fastsd.errors import LaunchError, TunnelError
-from fastsd.webui.auth import PASSWORD_ENV, generate_password
+from fastsd.tunnel.auto import open_tunnel, providers_for
+from fastsd.tunnel.base import DEFAULT_TIMEOUT, Auth, Tunnel
+from fastsd.tunnel.health import request_status, require_auth
+from fastsd.tunnel.keeper import Keeper
+from fastsd.tunnel.link import link_html
+from fastsd.webui.auth import PASSWORD_ENV
 
 log = logging.getLogger("fastsd")
 
@@ -53,7 +58,7 @@ def run_dir() -> Path:
     return path
 
 
-def _fingerprint(command: list[str], port: int, auth: tunnels.Auth | None, salt: str) -> str:
+def _fingerprint(command: list[str], port: int, auth: Auth | None, salt: str) -> str:
     """What a server serves, its port and its password, hashed: two launches with the same
     fingerprint are the same server. The password itself is never written anywhere."""
     h = hashlib.sha256(salt.encode())
@@ -78,9 +83,9 @@ class Server:
     health_path: str = "/"
     public_url: str | None = None
     # Known only to the kernel that launched it:
-    auth: tunnels.Auth | None = field(default=None, repr=False)
-    tunnel: tunnels.Tunnel | None = field(default=None, repr=False)
-    keeper: tunnels.Keeper | None = field(default=None, repr=False)
+    auth: Auth | None = field(default=None, repr=False)
+    tunnel: Tunnel | None = field(default=None, repr=False)
+    keeper: Keeper | None = field(default=None, repr=False)
     error: str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     _ready: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -190,7 +195,7 @@ class Server:
 
         body = f"<div>{html.escape(text)}</div>"
         if url:
-            body += tunnels.link_html(url, note=note)
+            body += link_html(url, note=note)
         handle.update(HTML(body))
 
     def _attach_display(self) -> None:
@@ -271,34 +276,34 @@ def port_free(port: int) -> bool:
     return True
 
 
-def answers(url: str, auth: tunnels.Auth | None, timeout: float = 5.0) -> int | None:
+def answers(url: str, auth: Auth | None, timeout: float = 5.0) -> int | None:
     """The HTTP status ``url`` answers with (with ``auth``), or None when nothing answers."""
     try:
-        return tunnels.request_status(url, auth, timeout)
+        return request_status(url, auth, timeout)
     except OSError:
         return None
 
 
-def launch(command: list[str], port: int, log_path: Path, *, auth: tunnels.Auth | None = None,
+def launch(command: list[str], port: int, log_path: Path, *, auth: Auth | None = None,
            tunnel: str | None = None, env: dict[str, str] | None = None,
            cwd: Path | None = None, health_path: str = "/", ready_timeout: float = READY_TIMEOUT,
-           tunnel_timeout: float = tunnels.DEFAULT_TIMEOUT, keep_interval: float = 30.0,
+           tunnel_timeout: float = DEFAULT_TIMEOUT, keep_interval: float = 30.0,
            on_url: Callable[[str], None] | None = None) -> Server:
     """Start ``command`` (a server listening on ``port``) in the background and return.
 
     ``auth`` is (user, password); its password reaches the child only through the
     environment variable PASSWORD_ENV. With ``tunnel`` (a provider name or ``"auto"``)
     a password is required, and a tunnel is opened once the server answers and kept open
-    by a :class:`~fastsd.tunnel.Keeper`. The same command, port and password as the
+    by a :class:`~fastsd.tunnel.keeper.Keeper`. The same command, port and password as the
     running server reuse it; anything else replaces it.
     """
     global _current
     if tunnel:
         try:
-            tunnels.require_auth(auth)
+            require_auth(auth)
         except TunnelError as e:
             raise LaunchError(str(e)) from None
-        tunnels.providers_for(tunnel)
+        providers_for(tunnel)
     with _lock():
         old = current()
         if old is not None:
@@ -318,7 +323,7 @@ def launch(command: list[str], port: int, log_path: Path, *, auth: tunnels.Auth 
             raise LaunchError(f"Port {port} is already in use by another program. Stop it, "
                               "or launch on another port.")
         log_path = Path(log_path)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        drive.make_folder(log_path.parent)
         child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         child_env.pop(PASSWORD_ENV, None)
         if auth:
@@ -367,10 +372,10 @@ def _watch(server: Server, tunnel: str | None, tunnel_timeout: float, ready_time
             assert server.auth is not None
             auth, path = server.auth, server.health_path
 
-            def reopen() -> tunnels.Tunnel:
-                return tunnels.open_tunnel(server.port, auth, tunnel, tunnel_timeout, path)
+            def reopen() -> Tunnel:
+                return open_tunnel(server.port, auth, tunnel, tunnel_timeout, path)
 
-            def changed(t: tunnels.Tunnel) -> None:
+            def changed(t: Tunnel) -> None:
                 server.tunnel, server.public_url = t, t.url
                 with contextlib.suppress(OSError):
                     server.save_state()
@@ -381,8 +386,8 @@ def _watch(server: Server, tunnel: str | None, tunnel_timeout: float, ready_time
 
             t = reopen()
             server.tunnel, server.public_url = t, t.url
-            server.keeper = tunnels.Keeper(t, auth, reopen, changed, interval=keep_interval,
-                                           path=path).start()
+            server.keeper = Keeper(t, auth, reopen, changed, interval=keep_interval,
+                                   path=path).start()
             server.save_state()
         note = server.tunnel.note if server.tunnel else ""
         passed = [str(a) for a in (server.tunnel.attempts[:-1] if server.tunnel else [])]

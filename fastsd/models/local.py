@@ -1,4 +1,6 @@
-"""Staging: a local-disk copy of a model that lives on Google Drive, made before loading.
+"""Local copies of models: a model on Google Drive is copied to local disk before it is
+loaded (:func:`local_copy`, Drive to local, for reading; writes go the other way through
+:mod:`fastsd.drive`).
 
 Loading a multi-gigabyte model straight from Drive's FUSE mount reads it over the network
 every time it is loaded (and memory-mapped loaders fault it in page by page); copied once with
@@ -16,45 +18,25 @@ import os
 import tempfile
 from pathlib import Path
 
-from fastsd import drive, env, fetch
+from fastsd import drive, env
 from fastsd.errors import DriveError
 
 log = logging.getLogger("fastsd")
 
-STAGE_ENV = "FASTSD_STAGE"  # the local folder of staged copies
-MANIFEST = ".fastsd_stage.json"
+LOCAL_ENV = "FASTSD_LOCAL_MODELS"  # the local folder of the copies
+MANIFEST = ".fastsd_local_copy.json"
 READ = 1 << 20  # bytes per read: sequential; on a FUSE mount 1 MB reads beat 16 MB ones
 #   (measured on the throttled stand-in: 39 against 26 MB/s), the kernel reading ahead
 
 
-def stage_root() -> Path:
-    """Where staged copies go: $FASTSD_STAGE, else /content/fastsd-stage on Colab, else a
-    folder in the system's temporary directory."""
-    if os.environ.get(STAGE_ENV):
-        return Path(os.environ[STAGE_ENV])
+def local_root() -> Path:
+    """Where the local copies go: $FASTSD_LOCAL_MODELS, else /content/fastsd-local-models on
+    Colab, else a folder in the system's temporary directory."""
+    if os.environ.get(LOCAL_ENV):
+        return Path(os.environ[LOCAL_ENV])
     if env.runtime() == "colab":
-        return Path("/content/fastsd-stage")
-    return Path(tempfile.gettempdir()) / "fastsd-stage"
-
-
-def on_drive(path: Path) -> bool:
-    """Whether ``path`` is on Colab's Drive or another FUSE mount (Drive's stand-in)."""
-    real = os.path.realpath(path)
-    if real.startswith(str(drive.COLAB_MOUNT) + os.sep):
-        return True
-    best, fstype = "", ""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return False
-    for line in mounts:
-        parts = line.split()
-        if len(parts) >= 3:
-            point = parts[1].replace("\\040", " ")
-            if (real == point or real.startswith(point.rstrip("/") + "/")) and \
-                    len(point) > len(best):
-                best, fstype = point, parts[2]
-    return fstype.startswith("fuse")
+        return Path("/content/fastsd-local-models")
+    return Path(tempfile.gettempdir()) / "fastsd-local-models"
 
 
 def _files(src: Path) -> dict[str, tuple[int, int]]:
@@ -70,12 +52,12 @@ def _files(src: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def stage(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
-          force: bool = False) -> Path:
+def local_copy(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+               force: bool = False) -> Path:
     """A local copy of the model folder (or single file) ``path``, to load from.
 
     A model not on Drive is returned as it is (unless ``force``). Otherwise it is copied
-    into ``root`` (default :func:`stage_root`) with large sequential reads and a progress
+    into ``root`` (default :func:`local_root`) with large sequential reads and a progress
     bar, once per runtime: a later call reuses the copy while each file's size and
     modification time still match the Drive copy's, and copies again when they do not.
     """
@@ -83,13 +65,13 @@ def stage(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = No
 
     src = Path(path)
     if not src.exists():
-        raise DriveError(f"Cannot stage {src}: it does not exist. Check the model's path (and "
-                         "that Drive is mounted).")
-    if not force and not on_drive(src):
+        raise DriveError(f"Cannot copy {src} to local disk: it does not exist. Check the "
+                         "model's path (and that Drive is mounted).")
+    if not force and not drive.on_drive(src):
         return src
     files = _files(src)
     key = hashlib.sha256(os.path.realpath(src).encode()).hexdigest()[:10]
-    dest = Path(root or stage_root()) / f"{src.name}-{key}"
+    dest = Path(root or local_root()) / f"{src.name}-{key}"
     manifest = dest / MANIFEST
     if manifest.is_file():
         recorded = {k: tuple(v) for k, v in drive.read_json(manifest).items()}
@@ -99,7 +81,7 @@ def stage(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = No
             log.info("Using the local copy %s of %s", dest / "data", src)
             return dest / "data" / (src.name if src.is_file() else "")
     total = sum(n for n, _ in files.values())
-    fetch.check_space(dest.parent, total, f"Copying {src.name} to local disk")
+    drive.require_space(dest.parent, total, f"Copying {src.name} to local disk")
     with drive.atomic_folder(dest) as tmp, tqdm(total=total, unit="B", unit_scale=True,
                                                 desc=f"Copying {src.name} to local disk") as bar:
         base = src.parent if src.is_file() else src
@@ -113,7 +95,7 @@ def stage(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = No
                                  f"not {size}: the Drive file changed while it was copied. "
                                  "Run this again.")
         drive.atomic_write_json(tmp / MANIFEST, files)
-    log.info("Copied %s to local disk (%s)", src, fetch.gb(total))
+    log.info("Copied %s to local disk (%s)", src, drive.gb(total))
     return dest / "data" / (src.name if src.is_file() else "")
 
 

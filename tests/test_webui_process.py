@@ -1,18 +1,16 @@
-"""Background launch, stop and relaunch of a real server process on localhost."""
+"""fastsd.webui.process: launch in the background, stop and relaunch of a real server
+process on localhost."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import time
 
 import psutil
 import pytest
 
-from fastsd import tunnel
 from fastsd.errors import LaunchError
-from fastsd.webui import background
+from fastsd.tunnel import auto, health
+from fastsd.webui import process
 from tunnel_helpers import AUTH, LocalForward, wait_until
 
 # A real server: Basic auth with the password from the environment, as the launcher
@@ -57,10 +55,10 @@ def command(port: int, delay: float = 0.0, mode: str = "ok") -> list[str]:
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    monkeypatch.setenv(background.RUN_DIR_ENV, str(folder))
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setenv(process.RUN_DIR_ENV, str(folder))
+    monkeypatch.setattr(process, "_current", None)
     yield folder
-    server = background.current()
+    server = process.current()
     if server is not None:
         server.stop(timeout=5)
 
@@ -72,47 +70,47 @@ def log_path(workspace):
 
 def test_launch_returns_at_once_and_serves(log_path):
     port = free_port()
-    server = background.launch(command(port, delay=2.0), port, log_path, auth=AUTH)
+    server = process.launch(command(port, delay=2.0), port, log_path, auth=AUTH)
     assert not server.ready  # returned while the server is still starting
-    assert background.answers(server.local_url, AUTH, timeout=1) is None
+    assert process.answers(server.local_url, AUTH, timeout=1) is None
     server.wait_ready(60)
-    assert background.answers(server.local_url, AUTH) == 200
-    assert background.answers(server.local_url, None) == 401
-    assert background.answers(server.local_url, ("artist", "wrong")) == 401
+    assert process.answers(server.local_url, AUTH) == 200
+    assert process.answers(server.local_url, None) == 401
+    assert process.answers(server.local_url, ("artist", "wrong")) == 401
     assert "hello from the server" in log_path.read_text()
     assert AUTH[1] not in log_path.read_text()
     assert AUTH[1] not in " ".join(psutil.Process(server.pid).cmdline())
-    assert AUTH[1] not in (background.run_dir() / background.STATE_FILE).read_text()
+    assert AUTH[1] not in (process.run_dir() / process.STATE_FILE).read_text()
 
 
 def test_stop_ends_the_server_and_frees_the_port(log_path, run_dir):
     port = free_port()
-    server = background.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
+    server = process.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
     pid = server.pid
-    assert background.current() is server
-    assert background.stop() is True
+    assert process.current() is server
+    assert process.stop() is True
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert background.port_free(port)
-    assert background.current() is None and not (run_dir / background.STATE_FILE).exists()
-    assert background.stop() is False
+    assert process.port_free(port)
+    assert process.current() is None and not (run_dir / process.STATE_FILE).exists()
+    assert process.stop() is False
 
 
 def test_the_same_launch_reuses_the_running_server(log_path):
     port = free_port()
-    first = background.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
-    again = background.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
+    first = process.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
+    again = process.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
     assert again is first and first.alive()
 
 
 def test_another_launch_replaces_the_first_never_two_servers(log_path):
     port = free_port()
-    first = background.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
-    other = background.launch(command(port), port, log_path,
-                          auth=("artist", "another password")).wait_ready(60)
+    first = process.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
+    other = process.launch(command(port), port, log_path,
+                           auth=("artist", "another password")).wait_ready(60)
     assert other.pid != first.pid and not first.alive() and other.alive()
-    assert background.answers(other.local_url, ("artist", "another password")) == 200
-    third = background.launch(command(port, mode="ok2"), port, log_path,
-                          auth=("artist", "another password")).wait_ready(60)
+    assert process.answers(other.local_url, ("artist", "another password")) == 200
+    third = process.launch(command(port, mode="ok2"), port, log_path,
+                           auth=("artist", "another password")).wait_ready(60)
     assert not other.alive() and third.alive()
     servers = [p for p in psutil.process_iter(["cmdline"])
                if p.info["cmdline"] and "hello from the server" in " ".join(p.info["cmdline"])]
@@ -122,15 +120,15 @@ def test_another_launch_replaces_the_first_never_two_servers(log_path):
 def test_a_new_kernel_finds_the_server_and_replaces_it(log_path, monkeypatch):
     """After a kernel restart only the state file knows the server."""
     port = free_port()
-    first = background.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
-    monkeypatch.setattr(background, "_current", None)  # a fresh kernel
-    found = background.current()
+    first = process.launch(command(port), port, log_path, auth=AUTH).wait_ready(60)
+    monkeypatch.setattr(process, "_current", None)  # a fresh kernel
+    found = process.current()
     assert found is not first and found.pid == first.pid and found.alive()
-    same = background.launch(command(port), port, log_path, auth=AUTH)
+    same = process.launch(command(port), port, log_path, auth=AUTH)
     assert same.pid == first.pid  # same command and password: reused
-    monkeypatch.setattr(background, "_current", None)
+    monkeypatch.setattr(process, "_current", None)
     new_port = free_port()
-    other = background.launch(command(new_port), new_port, log_path, auth=AUTH).wait_ready(60)
+    other = process.launch(command(new_port), new_port, log_path, auth=AUTH).wait_ready(60)
     assert other.pid != first.pid
     assert wait_until(lambda: not psutil.pid_exists(first.pid)
                       or psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE, 10)
@@ -138,7 +136,7 @@ def test_a_new_kernel_finds_the_server_and_replaces_it(log_path, monkeypatch):
 
 def test_a_server_that_fails_to_start_says_why_with_its_log(log_path):
     port = free_port()
-    server = background.launch(command(port, mode="crash"), port, log_path, auth=AUTH)
+    server = process.launch(command(port, mode="crash"), port, log_path, auth=AUTH)
     with pytest.raises(LaunchError) as e:
         server.wait_ready(60)
     assert "exit status 3" in str(e.value)
@@ -148,10 +146,10 @@ def test_a_server_that_fails_to_start_says_why_with_its_log(log_path):
 
 def test_a_server_that_ignores_sigterm_is_killed(log_path):
     port = free_port()
-    server = background.launch(command(port, mode="stubborn"), port, log_path,
+    server = process.launch(command(port, mode="stubborn"), port, log_path,
                            auth=AUTH).wait_ready(60)
     server.stop(timeout=1.0)
-    assert not server.alive() and background.port_free(port)
+    assert not server.alive() and process.port_free(port)
 
 
 def test_a_port_taken_by_another_program_is_named(log_path):
@@ -160,33 +158,33 @@ def test_a_port_taken_by_another_program_is_named(log_path):
     with socket.create_server(("127.0.0.1", 0)) as other:
         port = other.getsockname()[1]
         with pytest.raises(LaunchError, match=f"Port {port} is already in use"):
-            background.launch(command(port), port, log_path, auth=AUTH)
+            process.launch(command(port), port, log_path, auth=AUTH)
 
 
 def test_no_tunnel_without_a_password(log_path):
     port = free_port()
     with pytest.raises(LaunchError, match="never opened without"):
-        background.launch(command(port), port, log_path, auth=None, tunnel="auto")
-    assert background.current() is None
+        process.launch(command(port), port, log_path, auth=None, tunnel="auto")
+    assert process.current() is None
 
 
 def test_launch_with_a_tunnel_shows_its_url_and_keeps_it_open(log_path, monkeypatch):
-    monkeypatch.setitem(tunnel.PROVIDERS, "local", LocalForward)
+    monkeypatch.setitem(auto.PROVIDERS, "local", LocalForward)
     port = free_port()
     urls = []
-    server = background.launch(command(port, delay=1.0), port, log_path, auth=AUTH,
+    server = process.launch(command(port, delay=1.0), port, log_path, auth=AUTH,
                            tunnel="local", keep_interval=0.3, on_url=urls.append)
     server.wait_ready(60)
     assert server.public_url and server.public_url != server.local_url
     assert urls == [server.public_url]
-    assert tunnel.check(server.public_url, AUTH) is None
+    assert health.check(server.public_url, AUTH) is None
     first = server.public_url
     LocalForward.processes[-1].kill()
     assert wait_until(lambda: len(urls) == 2, 30)
-    assert server.public_url == urls[1] != first and tunnel.check(urls[1], AUTH) is None
-    assert background.answers(server.local_url, AUTH) == 200  # the server kept running
+    assert server.public_url == urls[1] != first and health.check(urls[1], AUTH) is None
+    assert process.answers(server.local_url, AUTH) == 200  # the server kept running
     server.stop()
-    assert tunnel.check(urls[1], AUTH, timeout=2).startswith("no answer")
+    assert health.check(urls[1], AUTH, timeout=2).startswith("no answer")
 
 
 def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path):
@@ -197,11 +195,11 @@ def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path
 
     port = free_port()
     cells = [
-        "import time\nfrom fastsd.webui import background\n"
-        f"t0 = time.monotonic()\nserver = background.launch({command(port, delay=3.0)!r}, {port}, "
+        "import time\nfrom fastsd.webui import process\n"
+        f"t0 = time.monotonic()\nserver = process.launch({command(port, delay=3.0)!r}, {port}, "
         f"{str(log_path)!r}, auth={AUTH!r})\nreturned_in = time.monotonic() - t0",
         "ready_after_launch = server.ready\nsquare = 12 * 12\nprint(ready_after_launch, square)",
-        "server.wait_ready(60)\nprint(background.answers(server.local_url, server.auth))",
+        "server.wait_ready(60)\nprint(process.answers(server.local_url, server.auth))",
         "server.stop()\nprint(server.alive())",
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
@@ -226,15 +224,15 @@ def test_a_notebook_cell_launches_and_the_kernel_stays_usable(tmp_path, log_path
     assert "The web UI is ready" in ready and f'href="http://127.0.0.1:{port}"' in ready
     assert "<svg" in ready  # the QR code
     assert "Stopped the server" in shown()
-    assert background.port_free(port)
+    assert process.port_free(port)
 
 
 def test_when_no_tunnel_opens_the_server_still_runs_and_every_reason_is_given(log_path):
     port = free_port()
-    server = background.launch(command(port), port, log_path, auth=AUTH,
-                               tunnel=["localtunnel", "colab"], tunnel_timeout=10)
+    server = process.launch(command(port), port, log_path, auth=AUTH,
+                            tunnel=["localtunnel", "colab"], tunnel_timeout=10)
     with pytest.raises(LaunchError) as e:
         server.wait_ready(60)
     assert "localtunnel: failed" in str(e.value) and "colab: failed" in str(e.value)
-    assert server.alive() and background.answers(server.local_url, AUTH) == 200
+    assert server.alive() and process.answers(server.local_url, AUTH) == 200
     assert server.public_url is None

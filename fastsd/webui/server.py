@@ -1,5 +1,6 @@
-"""Starting it all: the one worker of this process, the server, and the notebook's
-:func:`generate`.
+"""The web UI's server in this process: the one worker, the API server on it
+(:func:`serve`), and the notebook's :func:`generate`. (To run it as its own process, in
+the background of a cell: :mod:`fastsd.webui.start`.)
 
 A process has one worker (it owns the device): :func:`worker_for` makes it or reuses it,
 so a notebook that runs :func:`generate` and :func:`serve` side by side drives one
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastsd import models, session as sessions
+from fastsd import models, options, session as sessions
 from fastsd.errors import FastSDError, ModelError
+from fastsd.webui import controlnet
 from fastsd.webui.api import ServerInfo, create_app
-from fastsd.webui.auth import BasicAuth, generate_password, required
+from fastsd.webui.auth import DEFAULT_PORT, DEFAULT_USER, BasicAuth, generate_password, required
 from fastsd.webui.catalog import SINGLE_SUFFIXES, Catalog, Checkpoint
 from fastsd.webui.engine import Engine
 from fastsd.webui.memory import MemoryPolicy
@@ -29,7 +31,6 @@ from fastsd.workspace import Workspace
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PORT = 7860
 _lock = threading.Lock()
 _current: dict[str, Any] = {}  # the process's worker, and what it was made for
 
@@ -45,6 +46,32 @@ def trained_model(session: sessions.Session) -> Path | None:
     found = sorted((p.parent for p in Path(session.models).glob("*/model_index.json")),
                    key=lambda p: (p / "model_index.json").stat().st_mtime)
     return found[-1] if found else None
+
+
+def session_loras(ws: Workspace) -> list[Path]:
+    """Where the workspace's sessions keep their trained LoRAs (listed by every server)."""
+    out = []
+    for name in sessions.list_sessions(ws):
+        try:
+            out.append(sessions.load(name, ws).loras)
+        except FastSDError as e:  # a damaged session lists nothing, and says why
+            log.warning("Not listing the LoRAs of session %s: %s", name, e)
+    return out
+
+
+def lora_tag(name: str, weight: float = 1.0) -> str:
+    """AUTOMATIC1111's prompt syntax for a LoRA at ``weight``."""
+    return f"<lora:{name}:{weight:g}>"
+
+
+def with_session_lora(prompt: str, session, weight: float = 1.0) -> str:
+    """``prompt`` with the session's trained LoRA at ``weight`` added (unchanged when the
+    session trained no LoRA, or the prompt already names it)."""
+    s = _session(session, None)
+    lora = s.lora() if s is not None else None
+    if lora is None or f"<lora:{lora.stem}:" in prompt:
+        return prompt
+    return f"{prompt} {lora_tag(lora.stem, weight)}".strip()
 
 
 def _model_path(model: str, ws: Workspace) -> Path:
@@ -67,9 +94,14 @@ def default_checkpoint(catalog: Catalog, session, model: str | None,
         raise ModelError("Name a model (--model) or a session (--session) to generate with.")
     trained = trained_model(session)
     if trained is None:
-        log.warning("Session %s has no trained model yet; using its base model %s",
-                    session.name, session.settings["base_model"])
-        return catalog.add(models.resolve_model(session.settings["base_model"], ws))
+        lora = session.lora()
+        if lora is not None:
+            log.info("Session %s trained a LoRA: its base model %s is loaded; put %s in a "
+                     "prompt to use it", session.name, session.base_model, lora_tag(lora.stem))
+        else:
+            log.warning("Session %s has no trained model yet; using its base model %s",
+                        session.name, session.base_model)
+        return catalog.add(models.base_model(session))
     return catalog.find(trained.name) if any(c.folder == trained for c in
                                               catalog.checkpoints()) else catalog.add(trained)
 
@@ -90,7 +122,7 @@ def worker_for(session=None, model: str | None = None, root: Workspace | Path | 
             worker.engine.unload()
             worker = None
         if worker is None:
-            engine = Engine(Catalog(folders), policy, workspace=ws)
+            engine = Engine(Catalog(folders, session_loras(ws)), policy, workspace=ws)
             worker = Worker(engine, max_queue)
             _current.update(worker=worker, key=key,
                             outputs=Outputs(Path(s.outputs) if s else ws.root / "outputs"))
@@ -140,7 +172,8 @@ class Server:
         while not self._server.started:
             if not self._thread.is_alive():
                 raise FastSDError(f"The server could not start on {self.host}:{self.port} "
-                                  "(is the port in use?). Choose another with --port.")
+                                  f"(is the port in use?). Choose another: "
+                                  f"{options.say('port')}.")
             if time.monotonic() > deadline:
                 self.stop()
                 raise FastSDError(f"The server did not start within {timeout:.0f}s.")
@@ -194,8 +227,9 @@ def serve(session=None, model: str | None = None, *, listen: bool = False,
     auth = None
     if required(host, tunnel) or password:
         if user is not None and not user:
-            raise FastSDError("The user name is empty; give --user NAME or leave it out.")
-        auth = BasicAuth(user or "fastsd", password or generate_password())
+            raise FastSDError(f"The user name is empty: {options.say('user')}, or leave it "
+                              "out.")
+        auth = BasicAuth(user or DEFAULT_USER, password or generate_password())
     app = create_app(worker, outputs=outputs, auth=auth,
                      server=ServerInfo(host, port, s.name if s else None))
     page_api = None
@@ -237,7 +271,10 @@ def generate(prompt: str = "", session=None, model: str | None = None, *,
     PIL images; in a notebook they are shown in the cell.
 
     ``settings`` are A1111's field names (negative_prompt, width, height, steps,
-    cfg_scale, sampler_name, scheduler, seed, batch_size, n_iter, init_images, mask, ...).
+    cfg_scale, sampler_name, scheduler, seed, batch_size, n_iter, init_images, mask,
+    enable_hr, hr_scale, refiner_checkpoint, ...); ``controlnet`` is a list of units, each
+    a dict of the ControlNet extension's fields (model, module, image as a PIL image,
+    weight, ...).
     Width and height default to the model's native size. Images go to the session's
     outputs/ like the API's. ``images[i].info["parameters"]`` holds each one's infotext.
     """
@@ -248,6 +285,9 @@ def generate(prompt: str = "", session=None, model: str | None = None, *,
     size = worker.engine.native_size
     settings.setdefault("width", size)
     settings.setdefault("height", size)
+    if settings.get("controlnet"):
+        settings["controlnet"] = controlnet.units(settings["controlnet"],
+                                                  bool(settings.get("init_images")))
     try:
         params = GenerationParams(prompt=prompt, **settings).validate()
     except TypeError as e:
