@@ -72,7 +72,11 @@ def fill_number(page, elem_id: str, value: str) -> None:
 
 
 def whole(page, selector: str) -> dict:
-    """Where an image sits and how it is fitted, to tell whether it is shown whole."""
+    """Where an image sits and how it is fitted, to tell whether it is shown whole.
+
+    Waits for the image to have loaded: its natural size is 0 x 0 until then."""
+    page.wait_for_function("""(sel) => { const i = document.querySelector(sel);
+        return i && i.complete && i.naturalWidth > 0; }""", arg=selector, timeout=WAIT)
     return page.evaluate("""(sel) => { const i = document.querySelector(sel);
         const r = i.getBoundingClientRect();
         return {left: r.left, right: r.right, fit: getComputedStyle(i).objectFit,
