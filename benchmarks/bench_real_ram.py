@@ -121,6 +121,8 @@ def child(op: str, family: str, work: str) -> dict:
         to_single_file(model, work_dir / "out.safetensors", fp16=True)
     elif op == "train":
         extra.update(train_child(family, work_dir, model))
+    elif op == "merge":
+        extra.update(merge_child(work_dir))
     elif op == "checkpoint":
         extra.update(checkpoint_child(work_dir, model))
     elif op == "resume":
@@ -146,26 +148,48 @@ def child(op: str, family: str, work: str) -> dict:
 
 
 def train_child(family: str, work: Path, model: Path) -> dict:
-    """Training start-up through the first step, stopped there. Reports the peak at the
-    step's end and the RSS when the stage started (the model and the caches: what stays in
-    system RAM when a GPU holds the training)."""
+    """SD 1.5: training start-up through the first step, stopped there. SDXL (a LoRA): the
+    whole run of one step per stage, a checkpoint after each step, and the LoRA file at the
+    end (kept for the merge row). Reports the peak and the RSS when the first stage started
+    (the model and the caches: what stays in system RAM when a GPU holds the training)."""
     sys.path.insert(0, str(HERE.parent / "tests" / "real"))
     from realsize import T4_ON_CPU, subject_session
 
     from fastsd.train import TrainSettings, train
 
-    s = subject_session("ram", work / "home", model, full_resolution(family), n=1)
-    method = "lora" if family == "sdxl" else "full"  # SDXL trains on a T4 as a LoRA
+    lora = family == "sdxl"  # SDXL trains on a T4 as a LoRA
+    home = lora_home(work) if lora else work / "home"
+    s = subject_session("ram", home, model, full_resolution(family), n=1)
     out: dict = {}
 
     def hook(event, info):
         if event == "stage_start":
-            out["stage_start_gb"] = current_rss_gb()
-        elif event == "step":
+            out.setdefault("stage_start_gb", current_rss_gb())
+        elif event == "step" and not lora:
             finish(out)
-    train(s, TrainSettings(method=method, unet_steps=2, text_steps=0, checkpoint_every=0,
-                           **T4_ON_CPU), on_event=hook)
-    raise SystemExit("the run ended before its first step was measured")
+    steps = dict(unet_steps=1, text_steps=1, checkpoint_every=1) if lora else \
+        dict(unet_steps=2, text_steps=0, checkpoint_every=0)
+    r = train(s, TrainSettings(method="lora" if lora else "full", **steps, **T4_ON_CPU),
+              on_event=hook)
+    if not lora:
+        raise SystemExit("the run ended before its first step was measured")
+    out["lora_mb"] = r.lora.stat().st_size / 1e6
+    return out
+
+
+def lora_home(work: Path) -> Path:
+    """Where the SDXL LoRA row trains, for the merge row after it."""
+    return work.parent / "sdxl-lora"
+
+
+def merge_child(work: Path) -> dict:
+    """`fastsd lora merge SESSION --precision fp16` on the session the SDXL LoRA row trained:
+    the base loaded in fp16, the LoRA fused in, a diffusers folder and its single file."""
+    from fastsd import session
+    from fastsd.train.lora_export import merge_session
+
+    folder, single = merge_session(session.load("ram", lora_home(work)), precision="fp16")
+    return {"single_gb": single.stat().st_size / GB}
 
 
 def trained_state(model: Path):
@@ -237,8 +261,11 @@ OPS = [  # (operation, family, what the row says)
     ("stage", "sdxl", "SDXL: staging the folder from Drive (FUSE, Drive's speed) to local disk"),
     ("train", "sd1", "SD 1.5: training start-up through the first step (T4 preset as far as "
                      "a CPU goes, 512 px; the CPU is the device)"),
-    ("train", "sdxl", "SDXL LoRA: training start-up through the first step (T4 preset as far "
-                      "as a CPU goes, 1024 px; the CPU is the device)"),
+    ("train", "sdxl", "SDXL LoRA: a whole run (T4 preset as far as a CPU goes, 1024 px; the "
+                      "CPU is the device): load, caches, a UNet and a text-encoder step, a "
+                      "checkpoint after each, the LoRA file"),
+    ("merge", "sdxl", "SDXL: the LoRA merged into the base (fastsd lora merge, fp16 folder "
+                      "and single file)"),
     ("checkpoint", "sd1", "SD 1.5: the UNet stage's first checkpoint (fp32 UNet and 8-bit "
                           "AdamW: snapshot, write, read-back check)"),
     ("resume", "sd1", "SD 1.5: resuming from that checkpoint (fp32 pipeline loaded, the "
@@ -268,6 +295,8 @@ def main(argv: list[str]) -> None:
                 (Path(tmp) / f"{family}.safetensors").unlink()
             if op == "resume":
                 shutil.rmtree(Path(tmp) / "checkpoints", ignore_errors=True)
+            if op == "merge":
+                shutil.rmtree(lora_home(work), ignore_errors=True)
             bar = SDXL_BAR_GB if family == "sdxl" else LIMIT_GB
             print(f"{title}: {r['peak_gb']:.2f} GB peak RSS, {r['seconds']:.0f} s", flush=True)
             if "converted_peak_gb" in r:  # the conversion alone, before the load
@@ -285,6 +314,10 @@ def main(argv: list[str]) -> None:
                 notes.append(f"{title}: {r['stage_start_gb']:.2f} GB when the stage started "
                              "(the model and the caches; on a GPU the weights, gradients, "
                              "optimizer state and activations counted in the peak are in VRAM)")
+            if "lora_mb" in r:
+                notes.append(f"{title}: the LoRA file {r['lora_mb']:.0f} MB")
+            if "single_gb" in r:
+                notes.append(f"{title}: the merged single file {r['single_gb']:.2f} GB")
             if "before_gb" in r:
                 notes.append(f"{title}: {r['before_gb']:.2f} GB before it began (the process "
                              "with the weights and optimizer state a GPU would hold), so it "
