@@ -140,7 +140,7 @@ def child(op: str, family: str, work: str) -> dict:
         from fastsd import models
 
         with Mount(model.parent, work_dir / "mnt") as mnt:
-            local = models.stage(mnt / model.name, work_dir / "stage")
+            local = models.local_copy(mnt / model.name, work_dir / "stage", force=True)
         extra["bytes"] = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
     else:
         raise SystemExit(f"unknown operation {op}")
@@ -165,6 +165,7 @@ def train_child(family: str, work: Path, model: Path) -> dict:
     def hook(event, info):
         if event == "stage_start":
             out.setdefault("stage_start_gb", current_rss_gb())
+            out.setdefault("peak_before_step_gb", rss_gb())  # the load and the caches
         elif event == "step" and not lora:
             finish(out)
     steps = dict(unet_steps=1, text_steps=1, checkpoint_every=1) if lora else \
@@ -298,6 +299,9 @@ def main(argv: list[str]) -> None:
             if op == "merge":
                 shutil.rmtree(lora_home(work), ignore_errors=True)
             bar = SDXL_BAR_GB if family == "sdxl" else LIMIT_GB
+            # a training row's peak, with the CPU as the device, also holds what a GPU holds
+            # in VRAM (the step's activations): held to Colab's limit, not SDXL's margin
+            row_bar = LIMIT_GB if op == "train" else bar
             print(f"{title}: {r['peak_gb']:.2f} GB peak RSS, {r['seconds']:.0f} s", flush=True)
             if "converted_peak_gb" in r:  # the conversion alone, before the load
                 name = {"sd1": "SD 1.5", "sdxl": "SDXL"}[family]
@@ -305,9 +309,14 @@ def main(argv: list[str]) -> None:
                                 "resolver, the first time a file is loaded)", "GB peak RSS",
                                 round(r["converted_peak_gb"], 2), target=f"< {bar:g} GB",
                                 higher_is_better=False, passed=r["converted_peak_gb"] < bar))
+            if "peak_before_step_gb" in r:  # what a GPU machine's RAM holds at most
+                rows.append(Row(f"{title.split(':')[0]}: the load and the caches, up to the "
+                                "first step (system RAM on a GPU machine)", "GB peak RSS",
+                                round(r["peak_before_step_gb"], 2), target=f"< {bar:g} GB",
+                                higher_is_better=False, passed=r["peak_before_step_gb"] < bar))
             rows.append(Row(title, "GB peak RSS", round(r["peak_gb"], 2),
-                            target=f"< {bar:g} GB", higher_is_better=False,
-                            passed=r["peak_gb"] < bar))
+                            target=f"< {row_bar:g} GB", higher_is_better=False,
+                            passed=r["peak_gb"] < row_bar))
             if r.get("policy"):
                 notes.append(f"{title}: memory options {', '.join(r['policy'])}")
             if "stage_start_gb" in r:
@@ -329,7 +338,11 @@ def main(argv: list[str]) -> None:
         "as the registry downloads them; each operation in its own process through fastsd's "
         "code; peak RSS = ru_maxrss (pages of memory-mapped files included). Colab's free "
         f"runtime has {LIMIT_GB} GB and kills the kernel above it; SDXL is held to "
-        f"{SDXL_BAR_GB} GB. SDXL trains on a T4 as a LoRA (a full SDXL fine-tune's fp32 UNet, "
+        f"{SDXL_BAR_GB} GB. Training rows run with this CPU as the device, so their peak "
+        "also holds what a GPU holds in VRAM (the step's activations and gradients): they are "
+        f"held to {LIMIT_GB} GB, and the row before each (the load and the caches, up to the "
+        "first step) is what system RAM holds on a GPU machine. SDXL trains on a T4 as a "
+        "LoRA (a full SDXL fine-tune's fp32 UNet, "
         "gradients and 8-bit AdamW alone take about 41 GB); its export is the adapters' file "
         "alone, written from the adapters in memory. No GPU was lent for this "
         "measurement: benchmarks/gpu_check.py's GPU figures are still to be measured (its "
