@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -109,22 +110,31 @@ def test_a_checkpoint_written_killed_and_resumed(full_models, workspace):
            "--preset", "t4", "--mixed-precision", "bf16", "--adam-8bit", "--sample-every", "0"]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "TQDM_DISABLE": "1"})
-    losses, tail = [], []
-    for line in child.stdout:
-        tail.append(line)
-        if not line.startswith("@@fastsd-event "):
-            continue
-        ev = json.loads(line.split(" ", 1)[1])
-        if ev["event"] == "step":
-            losses.append(ev["loss"])
-        if ev["event"] == "checkpoint" and ev["global_step"] == 1:
-            manifest = s.checkpoints / "step-0000001" / checkpoint.MANIFEST
-            deadline = time.monotonic() + 600
-            while not manifest.is_file() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            child.send_signal(signal.SIGKILL)
-            break
+    losses, tail, written = [], [], threading.Event()
+
+    def read() -> None:  # all along: a child whose output pipe is full stops writing
+        for line in child.stdout:
+            tail.append(line)
+            if not line.startswith("@@fastsd-event "):
+                continue
+            ev = json.loads(line.split(" ", 1)[1])
+            if ev["event"] == "step":
+                losses.append(ev["loss"])
+            if ev["event"] == "checkpoint" and ev["global_step"] == 1:
+                written.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    manifest = s.checkpoints / "step-0000001" / checkpoint.MANIFEST
+    deadline = time.monotonic() + 900
+    while not (written.is_set() and manifest.is_file()):
+        assert child.poll() is None, "the run ended before its step-1 checkpoint:\n" + \
+            "".join(tail[-20:])
+        assert time.monotonic() < deadline, "no step-1 checkpoint in 15 minutes:\n" + \
+            "".join(tail[-20:])
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
     assert child.wait(120) == -signal.SIGKILL, "".join(tail[-20:])
+    reader.join(30)
     ckpt = checkpoint.latest(s.checkpoints)
     assert ckpt.step == 1 and len(losses) >= 1
     seen = {}
