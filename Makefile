@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test bench venv clean fuse chromium package
+.PHONY: demo test test-real gpu-check bench venv clean fuse chromium package
 
 venv: $(STAMP)
 
@@ -26,6 +26,16 @@ demo: $(STAMP)
 test: $(STAMP) fuse chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
+
+# The real-size tier (tests/real): random full-size SD 1.5, SD 2.1 and SDXL built once
+# from their configs into $$FASTSD_FULL_CACHE (default ~/.cache/fastsd-full), run on the
+# CPU. Slow (about 25 minutes) and about 12 GB of RAM; `make test` never runs it.
+test-real: $(STAMP) fuse
+	FASTSD_TEST_REAL=1 $(PY) -m pytest -q -p no:cacheprovider --durations=0 tests/real
+
+# On a CUDA machine: it/s and peak VRAM at real size, written to benchmarks/RESULTS.md.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 # Debian packages the tests use: fuse3 for the Drive stand-in (tests/colab, a FUSE
 # passthrough), chromium for the browser tests (never a downloaded browser).

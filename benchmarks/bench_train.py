@@ -209,52 +209,9 @@ def whole_process(kind: str, home: Path) -> float:
 def measure_sd15_activations() -> dict[str, float]:
     """GiB of tensors autograd saves in one 512 px forward of the SD 1.5 UNet (16-bit),
     without and with gradient checkpointing' peak, on the meta device."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from fastsd.train import activations
 
-    from fastsd.env import GIB
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET)
-    params = sum(p.numel() for p in unet.parameters())
-    unet = unet.to(torch.float16).train()
-    blocks = {**{f"down{i}": b for i, b in enumerate(unet.down_blocks)}, "mid": unet.mid_block,
-              **{f"up{i}": b for i, b in enumerate(unet.up_blocks)}}
-    current = ["outside"]
-    for name, b in blocks.items():
-        b.register_forward_pre_hook(lambda m, a, n=name: current.__setitem__(0, n))
-        b.register_forward_hook(lambda m, a, o: current.__setitem__(0, "outside"))
-    attn = [0]
-    seen: set[int] = set()
-    kept: list[dict[str, int]] = [{}]  # saved bytes per block, of the current pass
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter) and id(t) not in seen:
-            seen.add(id(t))
-            n = t.numel() * t.element_size()
-            if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] in (4096, 1024, 256, 64):
-                attn[0] += n  # L x L attention matrices: memory-efficient SDPA keeps none
-            else:
-                kept[0][current[0]] = kept[0].get(current[0], 0) + n
-        return t
-
-    def forward() -> dict[str, int]:
-        seen.clear()
-        kept[0] = {}
-        x = torch.randn(1, 4, 64, 64, device="meta", dtype=torch.float16)
-        h = torch.randn(1, 77, 768, device="meta", dtype=torch.float16)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, torch.tensor([500], device="meta"), h)
-        return kept[0]
-
-    full = forward()
-    total = sum(full.values()) / GIB
-    attn_gib = attn[0] / GIB
-    unet.enable_gradient_checkpointing()  # now only block inputs are kept...
-    inputs = sum(forward().values()) / GIB
-    largest = max(v for k, v in full.items() if k != "outside") / GIB  # ...+ one recomputed
-    return {"params": params, "saved_gib": total, "ckpt_inputs_gib": inputs,
-            "largest_block_gib": largest, "attn_matrices_gib": attn_gib}
+    return activations.measure("sd1", 512)
 
 
 def t4_estimate(act: dict) -> tuple[float, str]:
@@ -277,9 +234,9 @@ def t4_estimate(act: dict) -> tuple[float, str]:
         f"{u * 12 / GIB:.2f} GiB; activations: autograd keeps {act['saved_gib']:.2f} GiB in a "
         f"512 px fp16 forward (measured on the meta device by a saved-tensors hook, without "
         f"the {act['attn_matrices_gib']:.1f} GiB of L x L attention matrices that SDPA's "
-        f"memory-efficient kernel does not store); with checkpointing, block inputs "
-        f"{act['ckpt_inputs_gib']:.2f} GiB + the largest block recomputed "
-        f"{act['largest_block_gib']:.2f} GiB, a fraction "
+        f"memory-efficient kernel does not store, nor views of the weights); with "
+        f"checkpointing, block inputs {act['ckpt_inputs_gib']:.2f} GiB + the largest block "
+        f"recomputed {act['largest_block_gib']:.2f} GiB, a fraction "
         f"{(act['ckpt_inputs_gib'] + act['largest_block_gib']) / act['saved_gib']:.2f} of it "
         f"(the estimate uses {S.CHECKPOINTED_FRACTION}, for margin, on its stored "
         f"{S.ACTIVATION_BYTES_512['sd1'] / GIB:.2f} GiB), "

@@ -41,6 +41,11 @@ def render(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def load(folder: Path) -> list[dict]:
+    """Every results/NAME.json in ``folder``, by name."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
 def main(argv: list[str]) -> int:
     """Run the named benchmarks (all when none is named); --table only rewrites RESULTS.md."""
     only = {a for a in argv if not a.startswith("--")}
@@ -51,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(f"== {bench.name}", flush=True)
         if subprocess.run([sys.executable, str(bench)], cwd=HERE.parent).returncode:
             failed.append(bench.name)
-    results = [json.loads(p.read_text()) for p in sorted((HERE / "results").glob("*.json"))]
+    results = load(HERE / "results")
     (HERE / "RESULTS.md").write_text(render(results))
     print(f"Wrote {HERE / 'RESULTS.md'} ({len(results)} benchmarks)")
     if failed:

@@ -75,6 +75,13 @@ class DeviceInfo:
         return f"{self.vram_free_gib} of {self.vram_total_gib} GiB free"
 
 
+#: The free Colab GPU as torch reports it (15 GB card, 14.74 GiB total, ~14.6 GiB free once
+#: a context is open): what the estimates, benchmarks and real-size tests plan for.
+COLAB_T4 = DeviceInfo("cuda", "Tesla T4", 14.6, 14.74, (7, 5))
+#: Colab's free runtime: system RAM in GB; the kernel is killed above it.
+COLAB_RAM_GB = 12.7
+
+
 def _gib(mib: str) -> float | None:
     """nvidia-smi's MiB figure in GiB; None for "[N/A]" (some GPUs, MIG slices)."""
     try:
@@ -83,14 +90,26 @@ def _gib(mib: str) -> float | None:
         return None
 
 
+def cuda_index(count: int) -> int:
+    """The GPU this process uses: LOCAL_RANK's under ``accelerate launch`` or torchrun (one
+    process per GPU), else the first."""
+    rank = os.environ.get("LOCAL_RANK", "")
+    return int(rank) if rank.isdigit() and int(rank) < count else 0
+
+
 def device_info() -> DeviceInfo:
-    """The best device torch can use here, with its free and total memory on CUDA."""
+    """The best device torch can use here, with its free and total memory on CUDA.
+
+    Asked before accelerate has picked the process's GPU, so it asks about that GPU by
+    index (:func:`cuda_index`): reading the free memory opens a CUDA context on the GPU
+    asked about, and every process asking about GPU 0 left one there each."""
     import torch
 
     if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        return DeviceInfo("cuda", torch.cuda.get_device_name(0), round(free / GIB, 2),
-                          round(total / GIB, 2), torch.cuda.get_device_capability(0))
+        i = cuda_index(torch.cuda.device_count())
+        free, total = torch.cuda.mem_get_info(i)
+        return DeviceInfo("cuda", torch.cuda.get_device_name(i), round(free / GIB, 2),
+                          round(total / GIB, 2), torch.cuda.get_device_capability(i))
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return DeviceInfo("mps", "Apple GPU")

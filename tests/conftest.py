@@ -11,6 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+#: The real-size tier (tests/real: full-size models, tens of minutes, ~12 GB of RAM) runs
+#: only under `make test-real`, which sets this. `make test` (`pytest tests`) never enters
+#: the folder: its conftest would also take the name `conftest` from this one.
+REAL_ENV = "FASTSD_TEST_REAL"
+collect_ignore = [] if os.environ.get(REAL_ENV) else ["real"]
+
 
 @pytest.fixture(autouse=True)
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -28,3 +28,29 @@ def test_results_table(tmp_path, monkeypatch):
     assert "| speed (it/s) | 30 | 10 | 3.00× | >= 3x | yes |" in md
     assert "| peak RSS (MB) | 900 | 1,800 | 2.00× | <= 1 GB | **no** |" in md
     assert "A note." in md
+
+
+def test_gpu_check_dry_run_exercises_everything_but_cuda(tmp_path, tiny_root, tiny_sd1,
+                                                          tiny_sdxl):
+    """benchmarks/gpu_check.py --dry-run: the same code as on a GPU (the trainer with the T4
+    preset, the engine with each sampler family, the results table), on the CPU with the
+    tiny models, so that the check is ready the day a GPU is lent."""
+    import gpu_check
+
+    from fastsd.webui import samplers
+
+    rows = gpu_check.main(["--dry-run", "--results", str(tmp_path / "results"),
+                           "--tiny-models", str(tiny_root)])
+    metrics = [r.metric for r in rows]
+    assert "SD 1.5, T4 preset, 512 px: UNet stage speed" in metrics
+    assert "SD 1.5, T4 preset, 512 px: text encoder stage speed" in metrics
+    families = gpu_check.sampler_families()
+    assert len(families) == len({s.cls for s in samplers.SAMPLERS})
+    assert sum("engine sd1 64 px txt2img" in m for m in metrics) == len(families)
+    assert sum("engine sdxl 64 px txt2img" in m for m in metrics) == 1  # all on a GPU
+    assert all(r.ours > 0 for r in rows)
+    saved = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    assert saved["title"] == "GPU check at real size (CPU (dry run))"
+    assert "SDXL LoRA, T4 preset, 1024 px: UNet stage speed" in metrics
+    assert "train_dreambooth.py: skipped, no script given" in saved["notes"]
+    assert "## GPU check at real size" in (tmp_path / "RESULTS.md").read_text()

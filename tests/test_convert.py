@@ -160,6 +160,58 @@ def test_fp16_is_within_fp16_rounding(tiny_sd1, tmp_path):
     assert _differing(_state_dicts(ref), _state_dicts(got), cast=torch.float16) == []
 
 
+def test_an_fp16_file_becomes_an_fp16_folder_unless_asked(tiny_sd1, tmp_path):
+    """A downloaded fp16 file stays fp16 (it was always loaded and saved in fp32: an SDXL
+    file took 14 GB of RAM and twice its size on Drive); fp16=False still gives fp32."""
+    f = convert.to_single_file(tiny_sd1, tmp_path / "m.safetensors")  # fp16
+    half = convert.to_diffusers(f, tmp_path / "half", config=tiny_sd1)
+    full = convert.to_diffusers(f, tmp_path / "full", config=tiny_sd1, fp16=False)
+
+    def dtypes(folder: Path) -> set[str]:
+        out = set()
+        for w in folder.glob("*/*.safetensors"):
+            with open_tensors(w) as tf:
+                out |= {tf.info(k).dtype for k in tf.keys()}
+        return out
+
+    def size(folder: Path) -> int:
+        return sum(w.stat().st_size for w in folder.glob("*/*.safetensors"))
+
+    assert dtypes(half) == {"F16"} and dtypes(full) == {"F32"}
+    assert size(half) == pytest.approx(size(full) / 2, rel=0.01)
+    ref = _pipe_class("sd1").from_pretrained(full)
+    assert _differing(_state_dicts(ref), _state_dicts(_pipe_class("sd1").from_pretrained(
+        half, torch_dtype=torch.float32))) == []  # the same fp16 values either way
+
+
+def test_to_diffusers_checks_the_free_space_before_loading(tiny_sd1, tmp_path):
+    """A file whose weights would not fit in the destination's free space is refused with
+    the numbers, before anything is loaded or written. The file announces one more tensor
+    than the disk holds (its bytes a hole: a sparse file)."""
+    import struct
+
+    from fastsd.errors import DriveError
+
+    f = convert.to_single_file(tiny_sd1, tmp_path / "m.safetensors")
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    free = shutil.disk_usage(tmp_path).free
+    count = free // 2 + 1  # F16 values: more bytes than the disk has free
+    header["model.diffusion_model.extra"] = {"dtype": "F16", "shape": [count],
+                                             "data_offsets": [len(data), len(data) + 2 * count]}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as out:
+        out.write(struct.pack("<Q", len(head)) + head + data)
+        out.truncate(8 + len(head) + len(data) + 2 * count)
+    with pytest.raises(DriveError, match="needs .* GB but .* free"):
+        convert.to_diffusers(big, tmp_path / "out", config=tiny_sd1)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_single_to_diffusers_to_single_is_identical(family, singles, tiny_sd1, tiny_sd2,
                                                     tiny_sdxl, tmp_path):

@@ -51,3 +51,15 @@ def test_reachable_tells_a_listening_port_from_a_closed_one():
         port = server.getsockname()[1]
         assert env.reachable("127.0.0.1", port, timeout=2)
     assert not env.reachable("127.0.0.1", port, timeout=2)
+
+
+def test_each_process_asks_about_its_own_gpu(monkeypatch):
+    """Under accelerate launch each process is told its GPU by LOCAL_RANK before accelerate
+    picks it; asking about GPU 0 from every process opened a CUDA context there in each."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert env.cuda_index(4) == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert env.cuda_index(4) == 3
+    assert env.cuda_index(2) == 0  # more processes than GPUs: not an index to ask about
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    assert env.cuda_index(4) == 0

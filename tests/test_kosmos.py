@@ -187,3 +187,20 @@ def test_cli_offline_names_the_model(workspace: Path, monkeypatch):
     assert p.returncode == 2, p.stderr
     assert "microsoft/kosmos-2-patch14-224" in p.stderr and "offline" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_in_a_child_process_the_captions_are_the_same(workspace: Path, kosmos: str,
+                                                       capsys):
+    """In a notebook kernel on a GPU machine Kosmos-2 runs in a child process (a model run
+    on CUDA in the kernel keeps a CUDA context there for the runtime's life): the same
+    captions and records, and the child's own report shown here."""
+    a, b = _session(workspace, "here"), _session(workspace, "child")
+    here = caption_session(a, _settings(kosmos), workspace, in_child=False)
+    assert "Captioned 3 images" not in capsys.readouterr().out
+    child = caption_session(b, _settings(kosmos), workspace, in_child=True)
+    assert [(r.stem, r.caption, r.text, r.subject_box, r.txt_written) for r in child] == \
+        [(r.stem, r.caption, r.text, r.subject_box, r.txt_written) for r in here]
+    for stem in STEMS:
+        assert (b.captions / f"{stem}.json").read_bytes() == \
+            (a.captions / f"{stem}.json").read_bytes()
+    assert f"Captioned 3 images in {b.captions}" in capsys.readouterr().out  # `fastsd captions auto`

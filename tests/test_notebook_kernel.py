@@ -187,6 +187,21 @@ def test_the_train_cells_child_names_the_cells_fields(workspace, monkeypatch, ca
         "them: run 'fastsd train again --restart'.\n")
 
 
+def test_a_child_killed_for_memory_says_so(workspace, monkeypatch):
+    """The kernel's OOM killer sends SIGKILL: the cell says what that most likely was, not
+    only "exit code -9"."""
+    from fastsd import session
+    from fastsd.train import TrainSettings, runner
+
+    s = session.create("killed", workspace, base_model="tiny-sd1")
+    child = ("import os, signal; print('@@fastsd-event {\"event\": \"step\", "
+             "\"global_step\": 7, \"loss\": 0.1}', flush=True); os.kill(os.getpid(), "
+             "signal.SIGKILL)")
+    monkeypatch.setattr(runner, "command", lambda *a, **k: [sys.executable, "-c", child])
+    with pytest.raises(runner.TrainingFailed, match="killed .SIGKILL. at step 7.*system RAM"):
+        runner.train_in_child(s, TrainSettings())
+
+
 def test_the_child_command_is_fastsd_train_with_the_settings():
     from fastsd.train import TrainSettings, runner
 

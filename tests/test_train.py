@@ -532,3 +532,23 @@ def test_offset_noise_shifts_each_channel_of_the_noise_and_reaches_the_loss(work
         losses = [denoise_loss(parts, parts.unet, b.latents, b.noise, plain.timesteps, hidden)
                   for b in (plain, shifted)]
     assert not torch.allclose(losses[0], losses[1])
+
+
+def test_parts_load_in_their_files_precision_then_convert(tiny_sd1):
+    """A part stored in one precision and trained in another is loaded as stored and then
+    converted one tensor at a time (never twice in memory): the same values as a cast of
+    the file's, in the training's precision; the VAE stays fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fastsd.train.parts import load_parts, stored_dtype
+
+    assert stored_dtype(tiny_sd1 / "unet") == torch.float32
+    assert stored_dtype(tiny_sd1 / "no-such-part") is None
+    parts = load_parts(tiny_sd1, "bf16")
+    assert parts.unet.dtype == parts.encoders[0].dtype == torch.bfloat16
+    assert parts.vae.dtype == torch.float32
+    stored = load_file(next((tiny_sd1 / "unet").glob("*.safetensors")))
+    loaded = parts.unet.state_dict()
+    assert stored.keys() == loaded.keys()
+    assert all(loaded[k].equal(v.to(torch.bfloat16)) for k, v in stored.items())

@@ -525,6 +525,26 @@ def test_the_base_model_fingerprint_is_its_weights_not_where_it_was_loaded(tiny_
     assert resume.model_fingerprint(c) != fa
 
 
+def test_the_fingerprint_of_a_tensor_over_2_24_values():
+    """SDXL's UNet has tensors of more than 2**24 values, past float32's exact integers:
+    the sampled indices stay inside the tensor, and its last value still counts."""
+    import torch
+
+    from fastsd.train import resume
+
+    class Big(torch.nn.Module):
+        config = {"sample_size": 128}
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.zeros(2**24 * 7 // 4, dtype=torch.int8))
+
+    m = Big()
+    before = resume.model_fingerprint(m)
+    m.w[-1] = 1
+    assert resume.model_fingerprint(m) != before
+
+
 def test_a_checkpoint_of_the_earlier_fingerprint_resumes(tiny_sd1, tmp_path, caplog):
     from fastsd.errors import ModelError
     from fastsd.train import resume

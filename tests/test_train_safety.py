@@ -196,6 +196,50 @@ def test_bf16_mixed_precision_runs_on_cpu(workspace, tiny_sd1):
     assert all(v.dtype == torch.float32 for v in saved.values())  # fp32 master weights
 
 
+def test_t4_preset_as_far_as_a_cpu_goes(workspace, tiny_sd1, monkeypatch):
+    """The T4's settings on CPU (bf16 for fp16): the trained weights stay fp32 and the
+    optimizer keeps 8-bit (uint8, for tensors of 4096 values and more) or fp32 moments,
+    never half-precision ones; class images are made under autocast like the samples (they
+    were made in fp32, four times slower on a T4)."""
+    import torch
+
+    from fastsd.train import checkpoint, data
+
+    link_tiny(workspace, "sd1", tiny_sd1)
+    s = make_subject_session("t4cpu", workspace, n=2)
+    made, weights = [], []
+    real = data.generate_class_images
+
+    def generate(*a, **kw):
+        made.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(*a, **kw)
+    monkeypatch.setattr(data, "generate_class_images", generate)
+
+    def hook(event, info):
+        if event == "stage_start":
+            weights.append(info["parts"])
+        if event == "step":
+            parts = weights[0]
+            weights.append({p.dtype for st in ("unet", "text") for p in parts.parameters(st)})
+    r = train(s, dict(FAST, unet_steps=2, text_steps=1, mixed_precision="bf16",
+                      adam_8bit=True, gradient_checkpointing=True, prior_preservation=True,
+                      class_images=1, class_steps=1, keep_checkpoints=5), on_event=hook)
+    assert made == [(True, torch.bfloat16)]
+    assert s.settings["train"]["adam_8bit"] is True
+    assert all(w == {torch.float32} for w in weights[1:] if isinstance(w, set))
+    assert all(torch.isfinite(torch.tensor(r.losses)))
+
+    def moments(d: dict) -> list:  # bitsandbytes nests its quantized state one level down
+        return [x for k, v in d.items() for x in (moments(v) if isinstance(v, dict) else
+                [v] if isinstance(v, torch.Tensor) and k.startswith(("state", "exp_avg"))
+                else [])]
+    for ck in checkpoint.listing(s.checkpoints):
+        state = checkpoint.Checkpoint(ck.path, ck.step).load().objects["optimizer"]["state"]
+        kinds = {v.dtype for v in moments(state)}
+        assert kinds <= {torch.uint8, torch.float32}, ck.path.name
+        assert torch.uint8 in kinds, ck.path.name  # 8-bit AdamW ran
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -220,6 +264,93 @@ def test_a_snapshot_is_taken_at_the_step_and_written_exactly_in_the_background(t
     w.submit(tmp_path / "bg", checkpoint.capture(6, {"unet": live}, {}, {}), keep=1)
     w.wait()
     assert [c.step for c in checkpoint.listing(tmp_path / "bg")] == [6]
+
+
+def test_a_checkpoint_is_written_and_read_without_a_second_copy_in_memory(tmp_path):
+    """The snapshot is the only copy while it is written (it was serialised whole into
+    bytes, then read back whole: three copies of an fp32 UNet at the first checkpoint on a
+    T4). tracemalloc sees every Python bytes object; the tensors' own memory is not traced,
+    so the traced peak is what the write and the reads add: less than one tensor's size."""
+    import tracemalloc
+
+    import torch
+
+    n = 2_000_000  # 8 MB of fp32 per tensor
+    weights, moments = {"w": torch.randn(n)}, {"state": {0: {"exp_avg": torch.randn(n)}}}
+    snap = checkpoint.capture(3, {"unet": weights}, {"optimizer": moments}, {"stage": 0})
+    tracemalloc.start()
+    try:
+        checkpoint.write(tmp_path, snap, keep=1)
+        write_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        ck = checkpoint.latest(tmp_path)
+        unet, opt = ck.tensors["unet"], ck.objects["optimizer"]
+        read_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert unet["w"].equal(weights["w"])
+    assert opt["state"][0]["exp_avg"].equal(moments["state"][0]["exp_avg"])
+    assert write_peak < 4 * n / 2 and read_peak < 4 * n / 2, (write_peak, read_peak)
+
+
+def test_resume_reads_the_weights_when_they_are_used_not_before(tmp_path):
+    """latest() checks every file but keeps only the state: the weights are read when the
+    trainer copies them into the model (after the model is loaded, not beside it)."""
+    import torch
+
+    from fastsd.errors import DataError
+
+    path = checkpoint.save(tmp_path, 4, {"unet": {"w": torch.arange(5.0)}}, {}, {"stage": 1},
+                           keep=1)
+    ck = checkpoint.latest(tmp_path)
+    assert ck.state["stage"] == 1 and ck.step == 4
+    assert list(ck.tensors) == ["unet"] and ck.tensors["unet"]["w"].equal(torch.arange(5.0))
+    f = path / "unet.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF  # changed after latest() checked it: found when it is read
+    f.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="changed after it was checked"):
+        ck.tensors["unet"]
+
+
+def test_the_next_snapshot_is_taken_only_once_the_previous_is_on_drive(tmp_path):
+    """Two snapshots never sit in memory together: Writer.save waits for the write under
+    way before it captures the next one (the capture used to come first)."""
+    import threading
+
+    import torch
+
+    from fastsd import drive
+
+    live = {"w": torch.zeros(4)}
+    gate, waiting = threading.Event(), threading.Event()
+    real = drive._open_dest
+
+    def slow(path, mode="wb"):  # the first checkpoint's write waits for the gate
+        if "step-0000001" in str(path):
+            gate.wait(60)
+        return real(path, mode)
+
+    class Watched(checkpoint.Writer):
+        def wait(self):
+            waiting.set()
+            return super().wait()
+
+    drive._open_dest = slow
+    try:
+        w = Watched(background=True)
+        w.save(tmp_path, 1, {"unet": live}, {}, {}, keep=2)
+        waiting.clear()
+        second = threading.Thread(target=w.save, args=(tmp_path, 2, {"unet": live}, {}, {}, 2))
+        second.start()
+        assert waiting.wait(60)  # the second save is waiting for the first write...
+        live["w"] += 7  # ...while training goes on
+        gate.set()
+        second.join(60)
+        w.wait()
+    finally:
+        drive._open_dest = real
+    assert checkpoint.latest(tmp_path).tensors["unet"]["w"].equal(torch.full((4,), 7.0))
 
 
 def test_a_run_that_does_not_fit_on_drive_stops_before_training(workspace, tiny_sd1):

@@ -270,6 +270,43 @@ def test_fastsd_serve_command(workspace, tiny_sd1):
 # --------------------------------------------------------------------------- CUDA
 
 
+def test_after_out_of_memory_the_activations_are_gone_before_the_cache_is_emptied(
+        tiny_sd1, monkeypatch):
+    """The CUDA cache can only give back what nothing holds: the memory is freed once the
+    exception, whose traceback holds the pipeline's frames and their activations, is gone
+    (it was freed inside the except block, with all of it still held). On CPU: an
+    out-of-memory error raised mid-generation, and a probe of what is alive when the
+    engine frees memory."""
+    import gc
+    import weakref
+
+    import torch
+
+    from fastsd.webui import memory
+    from fastsd.webui.catalog import Catalog
+    from fastsd.webui.engine import Control, Engine, OutOfMemory
+
+    engine = Engine(Catalog([tiny_sd1.parent]))
+    engine.load("tiny-sd1")
+    held, alive_at_free = [], []
+
+    def step(i, total, latents):
+        held.append(weakref.ref(latents))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    real = memory.free_memory
+
+    def free():
+        gc.collect()
+        alive_at_free.append([r() is not None for r in held])
+        real()
+    monkeypatch.setattr(memory, "free_memory", free)
+    with pytest.raises(OutOfMemory, match="Out of GPU memory making 1 image"):
+        engine.generate(GenerationParams(width=64, height=64, steps=3), Control(on_step=step))
+    assert alive_at_free == [[False]]
+    assert len(engine.generate(GenerationParams(width=64, height=64, steps=2)).images) == 1
+
+
 def test_cuda_out_of_memory_is_one_requests_error(tiny_sd1, tmp_path):
     """A request too big for the GPU fails alone, with a clear message; memory is freed and
     the next request works. Needs a CUDA GPU (none here: skipped, and said so)."""

@@ -20,7 +20,8 @@ def _to_diffusers(args) -> None:
     from fastsd.convert import to_diffusers
 
     out = to_diffusers(args.file, Path(args.out), config=args.config,
-                       prediction=args.prediction, fp16=args.fp16, root=home(args))
+                       prediction=args.prediction, root=home(args),
+                       fp16=True if args.fp16 else False if args.fp32 else None)
     print(out)
 
 
@@ -67,7 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the detected family's, fetched once into the workspace)")
     d.add_argument("--prediction", choices=["epsilon", "v"], default=None,
                    help="override the detected prediction type (SD 2.x files often omit it)")
-    d.add_argument("--fp16", action="store_true", help="save fp16 weights (default: fp32)")
+    prec = d.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true",
+                      help="save fp16 weights (default: the file's own precision)")
+    prec.add_argument("--fp32", action="store_true",
+                      help="save fp32 weights (default: the file's own precision)")
     add_home(d)
     d.set_defaults(func=_to_diffusers)
 

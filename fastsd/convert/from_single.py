@@ -55,9 +55,11 @@ def inspect(file: str | os.PathLike[str]) -> dict[str, Any]:
         extra = dict(tf.pickle_extra)
         fmt = "safetensors" if type(tf).__name__ == "SafetensorsFile" else "pickle"
     dtypes: dict[str, int] = {}
+    nbytes: dict[str, int] = {}
     params = 0
     for i in infos.values():
         dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+        nbytes[i.dtype] = nbytes.get(i.dtype, 0) + i.nbytes
         n = 1
         for d in i.shape:
             n *= d
@@ -68,7 +70,8 @@ def inspect(file: str | os.PathLike[str]) -> dict[str, Any]:
     step = metadata.get(detect.META_STEP, extra.get("global_step"))
     return {
         "path": str(path), "format": fmt, "size_bytes": path.stat().st_size,
-        **det.to_dict(), "precision": precision, "dtypes": dtypes, "tensors": len(infos),
+        **det.to_dict(), "precision": precision, "dtypes": dtypes, "bytes_by_dtype": nbytes,
+        "tensors": len(infos),
         "parameters": params, "global_step": int(step) if step is not None else None,
         "metadata": metadata,
     }
@@ -124,68 +127,104 @@ def _model_name(own: set[str], name: str) -> str:
         else keymap.TEXT_MODEL + name
 
 
-def file_state_dicts(path: Path, pipe, family: str) -> dict[str, dict[str, Any]]:
-    """The file's tensors as diffusers state dicts per component, through the key map."""
+def file_tensors(path: Path, pipe, family: str, only: str | None = None):
+    """The file's tensors one at a time as (component folder, diffusers name, tensor),
+    through the key map (``only``: the tensors of one component). Nothing is kept: each
+    tensor is read when it is asked for."""
     fmap = keymap.FamilyMap.build(family, _configs(pipe, family))
-    out: dict[str, dict[str, Any]] = {f: {} for f in fmap.components}
     own = {f: set(getattr(pipe, f).state_dict()) for f in fmap.components}
     with open_tensors(path) as tf:
         for key in tf.keys():
             found = fmap.locate(key)
-            if found is None:
+            if found is None or (only is not None and found[0] != only):
                 continue
             folder, targets = found
             for target in targets:
                 name = _model_name(own[folder], target.name) \
                     if fmap.components[folder].is_text() else target.name
-                out[folder][name] = _undo(tf.read(key), target).contiguous().clone()
-    return out
+                yield folder, name, _undo(tf.read(key), target)
 
 
 def verify(path: Path, pipe, family: str, repair: bool = True) -> dict[str, int]:
-    """Check every tensor of each component of ``pipe`` against the file.
+    """Check every tensor of each component of ``pipe`` against the file, one tensor at a
+    time (never a second copy of the model in memory).
 
     A component that differs (diffusers' loader guessed wrong, for example between two
     text encoders of the same width) is loaded again from the file through the key map
-    when ``repair``. Returns the number of tensors compared per component; raises a
-    ModelError when a tensor still differs or is missing.
+    when ``repair``, tensor by tensor into its own weights. Returns the number of tensors
+    compared per component; raises a ModelError when a tensor still differs or is missing.
     """
-    wanted = file_state_dicts(path, pipe, family)
-    counts = {}
-    for folder, sd in wanted.items():
-        module = getattr(pipe, folder)
-        bad = _differences(module, sd)
-        if bad and repair:
-            log.warning("diffusers loaded %d tensors of the %s differently from the file "
-                        "(e.g. %s); loading them from the file through fastsd's key map.",
-                        len(bad), folder, bad[0])
-            params = dict(module.state_dict())
-            fixed = {k: v.to(params[k].dtype) for k, v in sd.items() if k in params}
-            module.load_state_dict(fixed, strict=False, assign=True)
-            bad = _differences(module, sd)
-        if bad:
-            raise ModelError(f"After conversion {len(bad)} tensors of the {folder} differ from "
-                             f"{path.name} (e.g. {bad[0]}). The file's layout is not a "
+    bad, counts = _compare(path, pipe, family)
+    for folder in [f for f, names in bad.items() if names and repair]:
+        log.warning("diffusers loaded %d tensors of the %s differently from the file "
+                    "(e.g. %s); loading them from the file through fastsd's key map.",
+                    len(bad[folder]), folder, bad[folder][0])
+        _load_from_file(path, pipe, family, folder)
+        bad[folder] = _compare(path, pipe, family, folder)[0][folder]
+    for folder, names in bad.items():
+        if names:
+            raise ModelError(f"After conversion {len(names)} tensors of the {folder} differ "
+                             f"from {path.name} (e.g. {names[0]}). The file's layout is not a "
                              "standard one; it cannot be converted faithfully.")
-        counts[folder] = len(sd)
     return counts
 
 
-def _differences(module, sd: dict[str, Any]) -> list[str]:
+def _compare(path: Path, pipe, family: str, only: str | None = None
+             ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """({component: names that differ from the file or are missing}, {component: tensors
+    compared}). Tensors of the file the model has no use for (SD 2.x text_projection) are
+    fine; a weight the file lacks is bad only when the loader left it empty (meta)."""
     import torch
 
+    params = {f: getattr(pipe, f).state_dict()
+              for f in keymap.COMPONENT_PREFIX[family] if getattr(pipe, f, None) is not None
+              and (only is None or f == only)}
+    bad: dict[str, list[str]] = {f: [] for f in params}
+    counts: dict[str, int] = {f: 0 for f in params}
+    seen: dict[str, set[str]] = {f: set() for f in params}
+    for folder, name, t in file_tensors(path, pipe, family, only):
+        if folder not in params:
+            continue
+        counts[folder] += 1
+        v = params[folder].get(name)
+        if v is None or name.endswith("position_ids"):
+            continue
+        seen[folder].add(name)
+        if v.is_meta or v.shape != t.shape or not torch.equal(v, t.to(v.dtype)):
+            bad[folder].append(name)
+    for folder, sd in params.items():
+        bad[folder] += [k for k, v in sd.items() if k not in seen[folder] and v.is_meta
+                        and not k.endswith("position_ids")]
+    return bad, counts
+
+
+def _load_from_file(path: Path, pipe, family: str, folder: str) -> None:
+    """Load one component's weights from the file through the key map, one tensor at a
+    time: copied into weights the loader made, assigned where it left them empty."""
+    import torch
+
+    module = getattr(pipe, folder)
     params = module.state_dict()
-    bad = []  # tensors of the file the model has no use for (SD 2.x text_projection) are fine
-    for k, v in params.items():
-        if k.endswith("position_ids"):
+    for _, name, t in file_tensors(path, pipe, family, folder):
+        v = params.get(name)
+        if v is None:
             continue
-        if k not in sd:
-            if v.is_meta:
-                bad.append(k)
-            continue
-        if v.is_meta or v.shape != sd[k].shape or not torch.equal(v, sd[k].to(v.dtype)):
-            bad.append(k)
-    return bad
+        if v.is_meta or v.shape != t.shape:
+            module.load_state_dict({name: t.to(v.dtype)}, strict=False, assign=True)
+        else:
+            with torch.no_grad():
+                v.copy_(t)
+
+
+def _precision(info: dict[str, Any]):
+    """The dtype to load a file in: the one most of its floating-point values are stored
+    in (an fp16 file stays fp16, not twice its size in fp32)."""
+    import torch
+
+    floats = {d: n for d, n in info["bytes_by_dtype"].items() if d in FLOATS}
+    if not floats:
+        return torch.float32
+    return torch_dtype(max(floats, key=lambda d: (floats[d], d)))
 
 
 # --------------------------------------------------------------------------- to diffusers
@@ -193,13 +232,16 @@ def _differences(module, sd: dict[str, Any]) -> list[str]:
 
 def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  config: str | os.PathLike[str] | None = None, prediction: str | None = None,
-                 fp16: bool = False, root: Workspace | Path | None = None) -> Path:
+                 fp16: bool | None = None, root: Workspace | Path | None = None) -> Path:
     """Convert a single-file checkpoint (a path or a link) into a diffusers folder.
 
     ``config``: a local diffusers folder (or Hub repo id) whose config files describe the
     model; by default the config files of the detected family are fetched once into the
     workspace's Hub cache. ``prediction``: "epsilon" or "v" to override the detection (SD
-    2.x files often do not say). The folder is written whole or not at all.
+    2.x files often do not say). ``fp16``: True or False to save fp16 or fp32 weights; by
+    default the precision most of the file's weights have (an fp16 file is loaded and saved
+    in fp16: half the memory and the disk of fp32). The free space for the folder is
+    checked first; the folder is written whole or not at all.
     """
     import torch
 
@@ -232,11 +274,15 @@ def to_diffusers(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *
     else:  # a Hub repo id
         cfg = fetch.hf_snapshot(os.fspath(config), ws.hub_cache, CONFIG_FILES,
                                 what="config files of")
+    dtype = _precision(info) if fp16 is None else torch.float16 if fp16 else torch.float32
+    drive.require_space(out_dir.parent, info["parameters"] * dtype.itemsize,
+                        f"Converting {path.name} to a diffusers folder")
     cls = pipeline_class(family, det.inpainting)
-    log.info("Loading %s (%s) with diffusers' single-file loader", path.name, det.describe())
+    log.info("Loading %s (%s) in %s with diffusers' single-file loader", path.name,
+             det.describe(), str(dtype).removeprefix("torch."))
     try:
         pipe = cls.from_single_file(str(path), config=str(cfg), local_files_only=True,
-                                    dtype=torch.float16 if fp16 else torch.float32)
+                                    dtype=dtype)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise ModelError(f"diffusers could not load {path.name} as {det.describe()} with the "
                          f"configs of {cfg}: {str(e).splitlines()[0][:300]}. Check that the "

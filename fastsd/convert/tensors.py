@@ -134,6 +134,61 @@ def _bad(path: Path, what: str) -> DataError:
                      "may be incomplete) or check that it is a .safetensors or .ckpt model.")
 
 
+def parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, str], int,
+                                                              dict[str, tuple[Info, int, int]]]:
+    """(metadata, offset of the data, {name: (Info, start, stop)}) of a .safetensors file
+    of ``size`` bytes whose JSON header is ``raw`` (the bytes after the 8-byte length)."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad(path, "its header is not valid JSON (not a .safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "its header is not a JSON object")
+    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    base = 8 + len(raw)
+    index: dict[str, tuple[Info, int, int]] = {}
+    end = 0
+    for key, h in header.items():
+        try:
+            info = Info(h["dtype"], tuple(int(d) for d in h["shape"]))
+            start, stop = (int(o) for o in h["data_offsets"])
+            ok = info.dtype in DTYPES and stop - start == info.nbytes
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _bad(path, f"the entry of tensor {key!r} in its header is damaged")
+        index[key] = (info, start, stop)
+        end = max(end, stop)
+    if base + end > size:
+        raise _bad(path, f"it is truncated ({size} bytes, the header promises {base + end})")
+    return metadata, base, index
+
+
+def header_length(head: bytes, size: int, path: Path) -> int:
+    """The JSON header's length from the first 8 bytes of a .safetensors file."""
+    if len(head) < 8:
+        raise _bad(path, f"the file is only {size} bytes long")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or 8 + n > size:
+        raise _bad(path, "its header is damaged or it is not a .safetensors file")
+    return n
+
+
+def tensors_in(buf: "torch.Tensor", path: Path) -> dict[str, "torch.Tensor"]:
+    """The tensors of a whole .safetensors file held in the uint8 tensor ``buf``, as views
+    of it (no copy; a tensor whose bytes are not aligned for its type is copied)."""
+    raw = bytes(buf[:8].numpy())
+    n = header_length(raw, buf.numel(), path)
+    _, base, index = parse_header(bytes(buf[8:8 + n].numpy()), buf.numel(), path)
+    out = {}
+    for k, (info, a, b) in index.items():
+        part, size = buf[base + a:base + b], DTYPES[info.dtype][1]
+        if (base + a) % size:
+            part = part.clone()
+        out[k] = part.view(torch_dtype(info.dtype)).reshape(info.shape)
+    return out
+
+
 class SafetensorsFile(TensorFile):
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -143,39 +198,9 @@ class SafetensorsFile(TensorFile):
             raise _bad(path, "the file is empty (0 bytes)")
         self._f = open(path, "rb")
         try:
-            head = self._f.read(8)
-            if len(head) < 8:
-                raise _bad(path, f"the file is only {size} bytes long")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise _bad(path, "its header is damaged or it is not a .safetensors file")
-            try:
-                header = json.loads(self._f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise _bad(path, "its header is not valid JSON (not a .safetensors file?)") \
-                    from None
-            if not isinstance(header, dict):
-                raise _bad(path, "its header is not a JSON object")
-            self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None)
-                                                         or {}).items()}
-            self.base = 8 + n
+            n = header_length(self._f.read(8), size, path)
+            self.metadata, self.base, self.index = parse_header(self._f.read(n), size, path)
             self._scratch = None
-            self.index: dict[str, tuple[Info, int, int]] = {}
-            end = 0
-            for key, h in header.items():
-                try:
-                    info = Info(h["dtype"], tuple(int(d) for d in h["shape"]))
-                    start, stop = (int(o) for o in h["data_offsets"])
-                    ok = info.dtype in DTYPES and stop - start == info.nbytes
-                except (KeyError, TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise _bad(path, f"the entry of tensor {key!r} in its header is damaged")
-                self.index[key] = (info, start, stop)
-                end = max(end, stop)
-            if self.base + end > size:
-                raise _bad(path, f"it is truncated ({size} bytes, the header promises "
-                                 f"{self.base + end})")
         except BaseException:
             _close_read_only(self._f)
             raise

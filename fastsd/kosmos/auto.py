@@ -10,18 +10,27 @@ For each original image ``instance_images/originals/STEM.EXT``:
 
 An image whose .txt and .json both exist is skipped unless ``overwrite``, so a run cut
 short by a Colab timeout picks up where it stopped.
+
+In a notebook kernel on a GPU machine the captioning runs in a child process (``fastsd
+captions auto``): a model run on CUDA in the kernel leaves a CUDA context there (hundreds of
+MB of VRAM) for as long as the runtime lives, which the trainer's own child process then
+lacks.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
-from fastsd import options
+from fastsd import env, options
 from fastsd.dataset import captions, crop, images
-from fastsd.errors import DataError
+from fastsd.errors import DataError, FastSDError
 from fastsd.kosmos import grounding
 from fastsd.kosmos.model import DEFAULT_MODEL, Captioner, prompt_for, prompt_words
 from fastsd.session import Session
@@ -93,14 +102,69 @@ def pending(session: Session, overwrite: bool = False) -> list[Path]:
     return todo
 
 
+class CaptioningFailed(FastSDError):
+    """The captioning process ended with an error."""
+
+
+def kernel_with_gpu() -> bool:
+    """Whether this is a notebook kernel on a machine with an NVIDIA GPU (asked of the
+    driver: torch is not imported here)."""
+    return env.runtime() in ("colab", "jupyter") and bool(env.driver_gpus())
+
+
+def child_command(session: Session, settings: CaptionSettings, root: Path) -> list[str]:
+    """``fastsd captions auto`` with ``settings``, for a child process."""
+    cmd = [sys.executable, "-m", "fastsd.cli", "captions", "auto", session.name,
+           "--home", str(root), "--model", settings.model, "--batch-size",
+           str(settings.batch_size), "--quantize", settings.quantize]
+    if settings.max_new_tokens:
+        cmd += ["--max-new-tokens", str(settings.max_new_tokens)]
+    cmd += [flag for flag, on in (("--detailed", settings.detailed),
+                                  ("--overwrite", settings.overwrite),
+                                  ("--no-crop", not settings.crop)) if on]
+    return cmd
+
+
+def _caption_in_child(session: Session, settings: CaptionSettings, root: Path,
+                      todo: list[Path]) -> list[ImageCaption]:
+    """Run ``fastsd captions auto`` in a child process, its output shown here; the results
+    read back from the records it wrote."""
+    had_txt = {p.stem for p in todo if captions.path(session, p.stem).is_file()}
+    proc = subprocess.Popen(child_command(session, settings, root), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail: deque[str] = deque(maxlen=20)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail.append(line.rstrip("\n"))
+        sys.stdout.write(line)  # the child's progress and log, shown in the cell
+    if proc.wait():
+        errors = [ln for ln in tail if ln.startswith("error: ")]
+        raise CaptioningFailed(errors[-1][len("error: "):] if errors else
+                               f"Captioning stopped with exit code {proc.returncode}. The "
+                               "last lines it wrote:\n" + "\n".join(list(tail)[-8:]) +
+                               "\nThe captions written so far are kept: run it again.")
+    results = []
+    for p in todo:
+        rec = captions.read_record(session, p.stem)
+        if rec is not None:
+            results.append(ImageCaption(p.stem, rec["caption"],
+                                        captions.read(session, p.stem) or "",
+                                        rec["subject_box"],
+                                        settings.overwrite or p.stem not in had_txt, rec))
+    return results
+
+
 def caption_session(session: Session, settings: CaptionSettings | None = None,
-                    root: Workspace | Path | None = None, captioner: Captioner | None = None
-                    ) -> list[ImageCaption]:
+                    root: Workspace | Path | None = None, captioner: Captioner | None = None,
+                    in_child: bool | None = None) -> list[ImageCaption]:
     """Caption the session's images with Kosmos-2, then crop them around their subjects.
 
     ``root`` is the workspace whose models/hub caches the model (default: the current
     one). Pass an open ``captioner`` to reuse a loaded model (it is then left open);
     otherwise the model is loaded here and unloaded, VRAM freed, before the crop.
+    ``in_child``: caption in a child process (default: in a notebook kernel on a GPU
+    machine, when no captioner is given), so that no CUDA context stays in this process.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -114,6 +178,8 @@ def caption_session(session: Session, settings: CaptionSettings | None = None,
         log.info("Every image of %s has its captions already; pass overwrite to redo them.",
                  session.name)
         return []
+    if in_child if in_child is not None else captioner is None and kernel_with_gpu():
+        return _caption_in_child(session, settings, Workspace.current(root).root, todo)
     cls = session.settings.get("class_word", "")
     token = session.settings.get("instance_token", "")
     template = session.settings.get("caption_template") or captions.DEFAULT_TEMPLATE

@@ -7,17 +7,22 @@ states (``*.pt``), the trainer's position (``state.json``), and ``manifest.json`
 size and sha256 of every other file, written last.
 
 Writing. :func:`capture` copies what is saved to CPU memory at the step (the only part
-the training loop waits for); :class:`Writer` serialises the snapshot and writes it on
-Drive in a background thread while the next steps run. Each file is hashed from the bytes
-as they are written, into a temporary folder beside the target that is renamed whole, so
-on Drive a checkpoint is whole or absent and a kill at any moment leaves the previous one
-usable. Only once the new one is renamed into place and read back (sizes and hashes) are
-the checkpoints beyond ``keep`` removed. A second checkpoint due before the first is on
-Drive waits for it. Nothing is written to local disk.
+the training loop waits for); :class:`Writer` writes that snapshot on Drive in a background
+thread while the next steps run. A checkpoint due before the previous one is on Drive
+waits for it before it is captured, so there is never more than one snapshot in memory.
+The snapshot is the only copy: each tensor's bytes go from it straight to the file (no
+serialised copy of the checkpoint), hashed as they are written, into a temporary folder
+beside the target that is renamed whole, so on Drive a checkpoint is whole or absent and a
+kill at any moment leaves the previous one usable. Only once the new checkpoint is renamed into place and read
+back (sizes and hashes, in 1 MB pieces) are the checkpoints beyond ``keep`` removed.
+Nothing is written to local disk.
 
-Reading. :func:`latest` loads the newest checkpoint whose files match the manifest,
-hashing each file while it is read: one pass over Drive. A damaged one is skipped with a
-warning and removed.
+Reading. :func:`latest` returns the newest checkpoint whose files all match the manifest
+(hashed in 1 MB pieces, nothing kept) with its ``state.json``; a damaged one is skipped
+with a warning and removed. Its weights (``tensors``) and objects (``objects``) are read
+when they are used, one file at a time (hashed again as they are read): a resume holds the
+checkpoint's weights only while it copies them into the model, never beside the whole
+model as it loads.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from fastsd import drive
 from fastsd.errors import DataError
@@ -43,6 +49,7 @@ FORMAT = 2
 MANIFEST = "manifest.json"
 STATE = "state.json"
 _NAME = re.compile(r"^step-(\d{7,})$")
+CHUNK = 1 << 20  # bytes per read and per hash update
 
 
 def folder_name(step: int) -> str:
@@ -86,20 +93,46 @@ def capture(step: int, tensors: dict[str, dict], objects: dict[str, Any],
                                             if v is not None}, copy.deepcopy(state))
 
 
-def _serialise(snap: Snapshot) -> dict[str, bytes]:
+class _Hashing:
+    """A file object that hashes and counts what is written through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(memoryview(b).cast("B"))
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_safetensors(f, sd: dict) -> None:
+    """A state dict as .safetensors, each tensor's bytes written from the tensor itself."""
+    from fastsd.convert.tensors import Info, dtype_name, safetensors_header, tensor_bytes
+
+    items = [(k, v.contiguous()) for k, v in sd.items()]
+    f.write(safetensors_header([(k, Info(dtype_name(v.dtype), tuple(v.shape)))
+                                for k, v in items]))
+    for _, v in items:
+        f.write(tensor_bytes(v))
+
+
+def _files(snap: Snapshot) -> dict[str, Callable[[Any], None]]:
+    """Each file of the checkpoint: name -> a function that writes it to a file object."""
     import json
 
     import torch
-    from safetensors.torch import save as st_save
 
-    files = {f"{n}.safetensors": st_save({k: v.contiguous() for k, v in sd.items()})
-             for n, sd in snap.tensors.items()}
+    files: dict[str, Callable[[Any], None]] = {}
+    for n, sd in snap.tensors.items():
+        files[f"{n}.safetensors"] = lambda f, sd=sd: _write_safetensors(f, sd)
     for name, obj in snap.objects.items():
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        files[f"{name}.pt"] = buf.getvalue()
+        files[f"{name}.pt"] = lambda f, obj=obj: torch.save(obj, f)
     state = {**snap.state, "format": FORMAT, "step": snap.step}
-    files[STATE] = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
+    text = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
+    files[STATE] = lambda f: f.write(text)
     return files
 
 
@@ -108,14 +141,16 @@ def write(root: Path, snap: Snapshot, keep: int) -> Path:
     read back, then keep only the newest ``keep``."""
     root = Path(root)
     dest = root / folder_name(snap.step)
-    files = _serialise(snap)
     manifest = {"format": FORMAT, "step": snap.step, "files": {}}
     with drive.atomic_folder(dest) as tmp:
-        for name, data in files.items():
-            drive.retry(lambda: drive.atomic_write_bytes(tmp / name, data),
-                        f"Writing {name} of checkpoint {dest.name}")
-            manifest["files"][name] = {"bytes": len(data),
-                                       "sha256": hashlib.sha256(data).hexdigest()}
+        for name, produce in _files(snap).items():
+            def write_one(name=name, produce=produce) -> _Hashing:
+                with drive.atomic_writer(tmp / name, "wb") as f:
+                    out = _Hashing(f)
+                    produce(out)
+                return out
+            out = drive.retry(write_one, f"Writing {name} of checkpoint {dest.name}")
+            manifest["files"][name] = {"bytes": out.n, "sha256": out.sha.hexdigest()}
         drive.atomic_write_json(tmp / MANIFEST, manifest)
     # Drive may drop (and be remounted) while this runs beside training: the read back and
     # the removal of older checkpoints retry like the writes
@@ -131,9 +166,10 @@ def write(root: Path, snap: Snapshot, keep: int) -> Path:
 class Writer:
     """Writes checkpoints in a background thread, one at a time.
 
-    :meth:`submit` waits for the previous write (re-raising its error), then starts the
-    next one and returns at once. :meth:`wait` waits for the write under way. ``waited_s``
-    adds up the time the training loop spent waiting in either.
+    :meth:`save` waits for the previous write (re-raising its error), then captures the
+    next snapshot and starts writing it, and returns at once; :meth:`submit` does the same
+    with a snapshot already captured. :meth:`wait` waits for the write under way.
+    ``waited_s`` adds up the time the training loop spent waiting in any of them.
     """
 
     def __init__(self, background: bool = True) -> None:
@@ -172,6 +208,12 @@ class Writer:
         elif self._thread is not None:
             self._thread.join()
 
+    def save(self, root: Path, step: int, tensors: dict[str, dict], objects: dict[str, Any],
+             state: dict[str, Any], keep: int) -> Path:
+        """Capture checkpoint ``step`` once the previous one is written, and write it."""
+        self.wait()  # the previous snapshot is gone before the next is taken
+        return self.submit(root, capture(step, tensors, objects, state), keep)
+
     def submit(self, root: Path, snap: Snapshot, keep: int) -> Path:
         self.wait()
         if not self.background:
@@ -192,17 +234,77 @@ class Damaged(Exception):
     """A checkpoint whose files do not match its manifest."""
 
 
+class _Lazy(Mapping):
+    """The checkpoint's state dicts (``.safetensors``) or objects (``.pt``) by name, each
+    read from its file when it is looked up, and not kept."""
+
+    def __init__(self, ckpt: "Checkpoint", suffix: str) -> None:
+        self.ckpt, self.suffix = ckpt, suffix
+
+    def _names(self) -> list[str]:
+        return [n[:-len(self.suffix)] for n in self.ckpt.files() if n.endswith(self.suffix)]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names():
+            raise KeyError(key)
+        try:
+            return self.ckpt.read(key + self.suffix)
+        except Damaged as e:
+            raise DataError(f"Checkpoint {self.ckpt.path} changed after it was checked: {e}. "
+                            "Run again: a damaged checkpoint is removed and the previous one "
+                            "used.") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+class _Reader(io.RawIOBase):
+    """A read-only file over a buffer, for torch.load (io.BytesIO would copy it)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self.view) - self.pos)
+        b[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: 0, 1: self.pos, 2: len(self.view)}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 @dataclass
 class Checkpoint:
-    """A checkpoint folder on disk; :meth:`load` reads it whole, checking every file."""
+    """A checkpoint folder on disk. :meth:`load` checks every file and reads its state;
+    ``tensors`` and ``objects`` read their files when used."""
 
     path: Path
     step: int
     state: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, dict] = field(default_factory=dict)
-    objects: dict[str, Any] = field(default_factory=dict)
 
-    def _files(self) -> dict[str, dict]:
+    def __post_init__(self) -> None:
+        self.tensors: Mapping[str, dict] = _Lazy(self, ".safetensors")
+        self.objects: Mapping[str, Any] = _Lazy(self, ".pt")
+        self._manifest: dict[str, dict] | None = None
+
+    def files(self) -> dict[str, dict]:
+        """The manifest's files: name -> {bytes, sha256}."""
+        if self._manifest is not None:
+            return self._manifest
         man = self.path / MANIFEST
         if not man.is_file():
             raise Damaged("it has no manifest.json (the write did not finish)")
@@ -212,44 +314,76 @@ class Checkpoint:
             raise Damaged(f"manifest.json is unreadable ({e})") from e
         if STATE not in files:
             raise Damaged("the manifest does not list state.json")
+        self._manifest = files
         return files
 
-    def _read(self, name: str, meta: dict) -> bytes:
+    def _pass(self, name: str, into=None) -> None:
+        """Read file ``name`` once, hashing it: into the uint8 tensor ``into`` (its size)
+        or through a 1 MB buffer. Damaged when it does not match the manifest."""
+        meta = self.files()[name]
         f = self.path / name
         if not f.is_file():
             raise Damaged(f"{name} is missing")
-        data = drive.read_bytes(f)  # whole, never memory-mapped from Drive
-        if len(data) != meta["bytes"]:
-            raise Damaged(f"{name} has {len(data)} bytes, the manifest says {meta['bytes']}")
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise Damaged(f"{name} has {size} bytes, the manifest says {meta['bytes']}")
+
+        def read():
+            sha, done = hashlib.sha256(), 0
+            chunk = None if into is not None else memoryview(bytearray(CHUNK))
+            view = memoryview(into.numpy()) if into is not None else None
+            with open(f, "rb", buffering=0) as fh:  # never memory-mapped from Drive
+                while done < size:
+                    part = view[done:done + CHUNK] if view is not None \
+                        else chunk[:min(CHUNK, size - done)]
+                    n = fh.readinto(part)
+                    if not n:
+                        raise Damaged(f"{name} is shorter than it was a moment ago")
+                    sha.update(part[:n])
+                    done += n
+            return sha.hexdigest()
+
+        if drive.retry(read, f"Reading {name} of checkpoint {self.path.name}") \
+                != meta["sha256"]:
             raise Damaged(f"{name} does not match its sha256 checksum")
-        return data
+
+    def read(self, name: str) -> Any:
+        """What file ``name`` holds (a state dict, an object or the state), checked against
+        the manifest as it is read; one copy of it in memory."""
+        import json
+
+        import torch
+
+        from fastsd.convert.tensors import tensors_in
+
+        buf = torch.empty(self.files()[name]["bytes"], dtype=torch.uint8)
+        self._pass(name, buf)
+        try:
+            if name == STATE:
+                return json.loads(bytes(buf.numpy()))
+            if name.endswith(".safetensors"):
+                return tensors_in(buf, self.path / name)
+            return torch.load(_Reader(memoryview(buf.numpy())), weights_only=True)
+        except Exception as e:
+            raise DataError(f"Checkpoint {self.path}: {name} matches its checksum but cannot "
+                            f"be read ({e}). Start over with --restart.") from e
 
     def check(self) -> str | None:
-        """None when every file matches the manifest, else what is wrong."""
+        """None when every file matches the manifest, else what is wrong (each file is
+        hashed in 1 MB pieces: nothing is kept)."""
         try:
-            for name, meta in self._files().items():
-                self._read(name, meta)
+            for name in self.files():
+                self._pass(name)
         except Damaged as e:
             return str(e)
         return None
 
     def load(self) -> "Checkpoint":
-        """Read every file once, hashing it as it is read, and keep what it holds."""
-        import json
-
-        import torch
-        from safetensors.torch import load as st_load
-
-        for name, meta in self._files().items():
-            data = self._read(name, meta)
-            stem = name.rsplit(".", 1)[0]
-            if name == STATE:
-                self.state = json.loads(data)
-            elif name.endswith(".safetensors"):
-                self.tensors[stem] = st_load(data)
-            elif name.endswith(".pt"):
-                self.objects[stem] = torch.load(io.BytesIO(data), weights_only=True)
+        """Check every file and read the state; raises Damaged."""
+        problem = self.check()
+        if problem:
+            raise Damaged(problem)
+        self.state = self.read(STATE)
         return self
 
     def object(self, name: str) -> Any:

@@ -9,12 +9,12 @@ from fastsd.train.settings import TrainSettings
 
 
 def build_optimizer(params: list, cfg: dict[str, Any], settings: TrainSettings, device):
-    """The optimizer and learning-rate schedule of a stage: 8-bit AdamW (bitsandbytes) on
-    CUDA when asked, else torch's fused AdamW (one kernel for all tensors)."""
+    """The optimizer and learning-rate schedule of a stage: 8-bit AdamW (bitsandbytes, which
+    has CPU kernels too) when asked, else torch's fused AdamW (one kernel for all tensors)."""
     import torch
     from diffusers.optimization import get_scheduler
 
-    if settings.adam_8bit and device.type == "cuda":
+    if settings.adam_8bit and device.type in ("cuda", "cpu"):
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(params, lr=cfg["lr"], weight_decay=settings.weight_decay)

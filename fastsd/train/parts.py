@@ -103,6 +103,27 @@ class Parts:
         return {k: lora.count(m) for k, m in self.modules().items()}
 
 
+#: the parts that take the training's precision (the VAE stays fp32)
+PRECISION_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def stored_dtype(folder: Path):
+    """The floating-point type most of the .safetensors weights in ``folder`` are stored in,
+    read from their headers; None when it has none (or only .bin files)."""
+    from collections import Counter
+
+    from fastsd.convert.tensors import FLOATS, open_tensors, torch_dtype
+
+    counts: Counter = Counter()
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with open_tensors(f) as t:
+            for k in t.keys():
+                info = t.info(k)
+                if info.dtype in FLOATS:
+                    counts[info.dtype] += info.nbytes
+    return torch_dtype(counts.most_common(1)[0][0]) if counts else None
+
+
 def load_parts(model_dir: Path, precision: str = "fp32") -> Parts:
     """Load a diffusers folder (SD 1.x, SD 2.x or SDXL) and tell its family. ``precision``
     (fp32, fp16 or bf16) is that of the UNet and the text encoders; the VAE is always fp32
@@ -111,17 +132,27 @@ def load_parts(model_dir: Path, precision: str = "fp32") -> Parts:
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     from fastsd.convert.detect import detect_folder
+    from fastsd.models import vae as vae_guard
 
     index = drive.read_json(Path(model_dir) / "model_index.json")
     unused = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder")
               if k in index}
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    # Each part is loaded in the precision its files hold and then converted one tensor at a
+    # time: converted while loading, the part would be in memory twice (an fp32 SDXL UNet
+    # loaded in fp16 peaks at 15 GB, over Colab's 12.7).
+    stored = {name: stored_dtype(Path(model_dir) / name) for name in PRECISION_PARTS}
+    dtypes = {"default": dtype, "vae": torch.float32,
+              **{name: d for name, d in stored.items() if d is not None}}
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(model_dir), dtype={"default": dtype, "vae": torch.float32}, **unused)
+        pipe = DiffusionPipeline.from_pretrained(str(model_dir), dtype=dtypes, **unused)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the base model from {model_dir}: {e}. Check that the "
                          "folder is a complete diffusers model.") from e
+    for name in PRECISION_PARTS:
+        part = getattr(pipe, name, None)
+        if part is not None and part.dtype != dtype:
+            part.to(dtype)
     pipe.set_progress_bar_config(disable=True)
     detected = detect_folder(model_dir)
     if detected.kind != "checkpoint":
@@ -131,6 +162,7 @@ def load_parts(model_dir: Path, precision: str = "fp32") -> Parts:
     v_pred = detected.prediction_type == "v_prediction"
     encoders = [pipe.text_encoder] + ([te2] if te2 is not None else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if te2 is not None else [])
+    vae_guard.guard(pipe.vae, vae_guard.must_upcast(pipe.vae, family == "sdxl"))  # samples
     return Parts(pipe, pipe.unet, pipe.vae, encoders, tokenizers,
                  DDPMScheduler.from_config(pipe.scheduler.config), family, v_pred)
 

@@ -160,7 +160,10 @@ def model_fingerprint(unet) -> str:
     sd = unet.state_dict()
     for k in sorted(sd):
         flat = sd[k].detach().reshape(-1)
-        at = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLE)).long()
+        # float64: in float32 the last index of a tensor over 2**24 values rounds past
+        # its end (SDXL's UNet has such tensors)
+        at = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _SAMPLE),
+                            dtype=torch.float64).long()
         h.update(f"{k}{tuple(sd[k].shape)}".encode())
         h.update(flat[at.to(flat.device)].float().cpu().contiguous().numpy().tobytes())
     fingerprint = f"{FINGERPRINT_SCHEME}:{h.hexdigest()[:16]}"

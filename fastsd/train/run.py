@@ -96,18 +96,18 @@ class Run:
     base_dir: Path | None = None  # the local folder of the model the run started from
 
     def save_checkpoint(self, objects: dict[str, Any]) -> Path:
-        """Snapshot the trained weights, ``objects`` and the state to CPU memory now; the
-        writer puts them on Drive in the background."""
+        """Snapshot the trained weights, ``objects`` and the state to CPU memory (once the
+        previous checkpoint is on Drive); the writer puts them on Drive in the background."""
         acc, st = self.accelerator, self.state
         path = Path(self.session.checkpoints) / checkpoint.folder_name(st.global_step)
         if acc.is_main_process:
             t0, waited = time.perf_counter(), self.writer.waited_s
             tensors = self.parts.checkpoint_tensors(st.modified, acc.unwrap_model)
-            snap = checkpoint.capture(st.global_step, tensors, {**objects, "rng": rng_states()},
-                                       {**st.to_dict(), **self.record,
-                                        "settings": self.settings.to_dict()})
-            path = self.writer.submit(self.session.checkpoints, snap,
-                                      self.settings.keep_checkpoints)
+            path = self.writer.save(self.session.checkpoints, st.global_step, tensors,
+                                    {**objects, "rng": rng_states()},
+                                    {**st.to_dict(), **self.record,
+                                     "settings": self.settings.to_dict()},
+                                    self.settings.keep_checkpoints)
             self.checkpoint_waits.append(time.perf_counter() - t0)
             log.debug("Checkpoint %s: %.2f s in the loop (%.2f s waiting for the previous)",
                       path.name, self.checkpoint_waits[-1], self.writer.waited_s - waited)
@@ -330,8 +330,9 @@ def class_images(session, s: TrainSettings, parts: Parts, accelerator) -> list:
     if len(class_ex) < s.class_images and accelerator.is_main_process:
         log.info("Generating %d class images of %r with the base model",
                  s.class_images - len(class_ex), prompt)
-        # a 16-bit base (LoRA) runs with its fp32 VAE under autocast, as for the samples
-        with accelerator.autocast() if parts.half else contextlib.nullcontext():
+        # 16-bit like the samples, not fp32 (four times slower on a T4); a 16-bit base (LoRA)
+        # runs with its fp32 VAE under autocast, and the VAE decodes safely (models.vae)
+        with accelerator.autocast():
             data.generate_class_images(parts.pipe, folder, prompt, s.class_images,
                                        s.resolution, s.class_steps, s.seed, len(class_ex))
     accelerator.wait_for_everyone()

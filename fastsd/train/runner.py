@@ -250,6 +250,13 @@ def train_in_child(session, settings=None, *, resume: bool = False, restart: boo
             bar.close()
         if proc.poll() is None:
             _stop(proc, grace)
+    if code == -signal.SIGKILL:
+        raise TrainingFailed(
+            f"The training process was killed (SIGKILL) at step {last.get('global_step', 0)}. "
+            "On Colab that is almost always the system RAM running out (12.7 GB on the free "
+            "runtime): stop what else holds memory in this runtime (the web UI, a model loaded "
+            "in the notebook), or restart the runtime, then run the cell again with Resume: "
+            "the checkpoints are kept.")
     if code != 0:
         text = "\n".join(tail)
         if any(m in text for m in OOM_MARKS):

@@ -238,8 +238,9 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
         if getattr(settings, f"{stage}_lr") is None:
             values[f"{stage}_lr"] = DEFAULT_LR[settings.method][stage]
     if not getattr(info, "is_cuda", False):
-        # bitsandbytes and fp16 need CUDA; on CPU, fp32 unless bf16 is asked for by name.
-        values.update(adam_8bit=False,
+        # fp16 needs CUDA: on CPU fp32 unless bf16 is asked for by name; 8-bit Adam (which
+        # bitsandbytes runs on CPU too) only when asked for by name.
+        values.update(adam_8bit=bool(settings.adam_8bit),
                       mixed_precision="bf16" if settings.mixed_precision == "bf16" else "no")
     return dataclasses.replace(settings, **values), preset
 
@@ -248,13 +249,16 @@ def resolve(settings: TrainSettings, info, session_resolution: int) -> tuple[Tra
 
 #: Activations the UNet's forward keeps for the backward pass, one 512x512 image, 16-bit,
 #: in bytes: measured on the real architectures (random weights on PyTorch's meta device,
-#: no memory used) by summing the tensors autograd saves, less the L x L attention matrices
-#: that SDPA's memory-efficient kernels never store. See benchmarks/bench_train.py.
-ACTIVATION_BYTES_512 = {"sd1": 1.55e9, "sd2": 1.6e9, "sdxl": 6.0e9}
+#: no memory used) by fastsd.train.activations.measure, which sums the tensors autograd
+#: saves, less the L x L attention matrices that SDPA's memory-efficient kernels never store
+#: and less views of the weights (no memory of their own). They grow with the pixel count
+#: (the same measure at 768 and 1024 px: within 3% of (px/512)^2). tests/real checks these
+#: figures against the measure.
+ACTIVATION_BYTES_512 = {"sd1": 1.21e9, "sd2": 1.19e9, "sdxl": 2.38e9}
 BACKWARD_FACTOR = 1.25  # activation gradients and temporaries live during the backward
 #: With gradient checkpointing only each block's input is kept, plus one block's
-#: activations while it is recomputed: measured 0.16e9 + 0.34e9 of SD 1.5's 1.55e9 bytes.
-CHECKPOINTED_FRACTION = 0.35
+#: activations while it is recomputed: measured 0.41 (SDXL) to 0.48 (SD 1.5) of the above.
+CHECKPOINTED_FRACTION = 0.5
 #: LoRA (the base frozen, adapters on every linear layer of the UNet's transformer blocks),
 #: measured the same way with the adapters in place, and more finely: the views of frozen
 #: weights that autograd keeps for the input gradients are not counted as activations,

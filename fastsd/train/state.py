@@ -68,8 +68,8 @@ def rng_states() -> dict[str, Any]:
     out = {"python": [version, list(state), gauss],
            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
            "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU: each process has its own
+        out["cuda_device"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -82,8 +82,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if torch.cuda.is_available():
+        if "cuda_device" in states:
+            torch.cuda.set_rng_state(states["cuda_device"])
+        elif len(states.get("cuda") or []) > torch.cuda.current_device():  # older checkpoints
+            torch.cuda.set_rng_state(states["cuda"][torch.cuda.current_device()])
 
 
 def stages_left(settings: TrainSettings, stage: int) -> list[str]:

@@ -461,23 +461,22 @@ class Engine:
         try:
             return self._generate(params, control)
         except torch.OutOfMemoryError as e:
-            self._after_oom()
-            raise OutOfMemory(
-                f"Out of GPU memory making {params.batch_size} image(s) of "
-                f"{params.width}x{params.height} with {self.checkpoint.name if self.checkpoint else '?'}"
-                f" ({str(e).splitlines()[0][:160]}). The memory is freed; try a smaller size or "
-                "batch size, or turn on fastsd_attention_slicing, fastsd_vae_tiling or "
-                "fastsd_cpu_offload in the options.") from None
+            oom = (f"Out of GPU memory making {params.batch_size} image(s) of "
+                   f"{params.width}x{params.height} with {self.checkpoint.name if self.checkpoint else '?'}"
+                   f" ({str(e).splitlines()[0][:160]}). The memory is freed; try a smaller size or "
+                   "batch size, or turn on fastsd_attention_slicing, fastsd_vae_tiling or "
+                   "fastsd_cpu_offload in the options.")
         except (FastSDError, KeyboardInterrupt):
             raise
         except Exception as e:  # reported to the request that caused it, with its cause
-            if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
-                self._after_oom()
-                raise OutOfMemory(f"Out of device memory: {str(e)[:200]}. Try a smaller size or "
-                                  "batch size.") from None
-            log.exception("Generation failed")
-            raise GenerationFailed(f"Generation failed: {type(e).__name__}: "
-                                   f"{(str(e).splitlines() or [''])[0][:300]}") from e
+            if not (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()):
+                log.exception("Generation failed")
+                raise GenerationFailed(f"Generation failed: {type(e).__name__}: "
+                                       f"{(str(e).splitlines() or [''])[0][:300]}") from e
+            oom = f"Out of device memory: {str(e)[:200]}. Try a smaller size or batch size."
+        # freed only now: the exception's traceback held the frames, and their activations
+        self._after_oom()
+        raise OutOfMemory(oom)
 
     def _after_oom(self) -> None:
         for pipe in [*self._pipes.values(), *([self._refiner[1]] if self._refiner else [])]:

@@ -16,6 +16,9 @@ device (the model, its ControlNets and a refiner) and F GiB free before any was 
 The working memory of a request is estimated by :func:`work_gib` from its size, batch and
 ControlNet units, so a hires fix pass at twice the size or a ControlNet is planned for
 before it runs (the engine resolves the policy again for each request).
+
+Whatever the policy, the VAE decodes safely in fp16 (:func:`fastsd.models.vae.guard`):
+SDXL's own VAE in fp32, any other one caught and upcast if it makes a black image.
 """
 
 from __future__ import annotations
@@ -122,7 +125,11 @@ def weights_gib(path: Path) -> float:
 
 
 def apply(pipe, policy: MemoryPolicy, device: str) -> None:
-    """Put ``pipe`` on ``device`` as ``policy`` (resolved) says."""
+    """Put ``pipe`` on ``device`` as ``policy`` (resolved) says; guard its VAE's decode."""
+    from fastsd.models import vae as vae_guard
+
+    sdxl = "XL" in type(pipe).__name__  # StableDiffusionXL{,Img2Img,Inpaint,...}Pipeline
+    vae_guard.guard(pipe.vae, vae_guard.must_upcast(pipe.vae, sdxl))
     if policy.cpu_offload and device == "cuda":
         pipe.enable_model_cpu_offload()
     else:
