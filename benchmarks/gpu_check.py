@@ -133,10 +133,16 @@ def rate(start: float, times: list[float]) -> float:
 
 
 def session_for(plan: Plan, name: str, model: Path, resolution: int):
-    sys.path.insert(0, str(HERE.parent / "tests" / "real"))
-    from realsize import subject_session
+    """A session of the real-size tier's subject photos (tests/real/realsize.py, loaded by
+    its path: with tests/real on sys.path, `conftest` would name that tier's conftest in
+    the test process that runs the dry run)."""
+    import importlib.util
 
-    return subject_session(name, plan.root / "home", model, resolution, n=4)
+    spec = importlib.util.spec_from_file_location(
+        "fastsd_realsize", HERE.parent / "tests" / "real" / "realsize.py")
+    realsize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(realsize)
+    return realsize.subject_session(name, plan.root / "home", model, resolution, n=4)
 
 
 def train_rows(plan: Plan, t: Training) -> tuple[list[Row], list[str]]:

@@ -147,6 +147,12 @@ ALLOWED = {
     "fastsd/webui/external.py:link_models": "the folders of links, inside the local clone",
     "fastsd/webui/external.py:write_auth_file": "a file inside the local clone",
     "fastsd/tunnel/tools.py:_local_copy": "the tunnel binary's copy on local disk (LOCAL_TOOLS)",
+    "fastsd/cli.py:main": "opens /dev/null to stand in for a standard output whose reader "
+    "has gone",
+    "fastsd/train/checkpoint.py:_files": "each function writes into the file object that "
+    "write() opened with drive.atomic_writer inside drive.atomic_folder, under drive.retry",
+    "fastsd/train/run.py:save_checkpoint": "checkpoint.Writer.save, whose files are written "
+    "by checkpoint.write through drive (atomic_folder, atomic_writer, retry)",
 }
 
 

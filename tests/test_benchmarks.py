@@ -54,3 +54,5 @@ def test_gpu_check_dry_run_exercises_everything_but_cuda(tmp_path, tiny_root, ti
     assert "SDXL LoRA, T4 preset, 1024 px: UNet stage speed" in metrics
     assert "train_dreambooth.py: skipped, no script given" in saved["notes"]
     assert "## GPU check at real size" in (tmp_path / "RESULTS.md").read_text()
+    # nothing of the real-size tier on the path: its conftest would shadow this suite's
+    assert not any(Path(p).name == "real" for p in sys.path)

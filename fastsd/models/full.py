@@ -194,7 +194,7 @@ def build(family: str, out_dir: str | Path, seed: int = 0) -> Path:
                   for k, pad in cfg["tokenizers"].items()}
     index: dict[str, Any] = {"_class_name": cfg["pipeline"],
                              "_diffusers_version": diffusers.__version__}
-    with drive.staged_folder(out_dir) as tmp:
+    with drive.folder_writer(out_dir) as tmp:
         for i, name in enumerate(components(family)):
             module = _component(family, name, tokenizers)
             _init_(module, seed * 1000 + i)
