@@ -311,7 +311,7 @@ def main(argv: list[str]) -> None:
                                 higher_is_better=False, passed=r["converted_peak_gb"] < bar))
             if "peak_before_step_gb" in r:  # what a GPU machine's RAM holds at most
                 rows.append(Row(f"{title.split(':')[0]}: the load and the caches, up to the "
-                                "first step (system RAM on a GPU machine)", "GB peak RSS",
+                                "first step (bounds system RAM on a GPU machine)", "GB peak RSS",
                                 round(r["peak_before_step_gb"], 2), target=f"< {bar:g} GB",
                                 higher_is_better=False, passed=r["peak_before_step_gb"] < bar))
             rows.append(Row(title, "GB peak RSS", round(r["peak_gb"], 2),
@@ -342,7 +342,8 @@ def main(argv: list[str]) -> None:
         f"{SDXL_BAR_GB} GB. Training rows run with this CPU as the device, so their peak "
         "also holds what a GPU holds in VRAM (the step's activations and gradients): they are "
         f"held to {LIMIT_GB} GB, and the row before each (the load and the caches, up to the "
-        "first step) is what system RAM holds on a GPU machine. They use bf16 autocast where "
+        "first step) bounds what system RAM holds on a GPU machine (here the caches' VAE and "
+        "text encoders also run in it). They use bf16 autocast where "
         "a T4 runs fp16 (fp16 autocast of an SDXL step at 1024 px on this CPU went over 22 GB "
         "and was killed), so their base is converted from the fp16 files while a T4's is "
         "not. SDXL trains on a T4 as a "
