@@ -19,7 +19,7 @@ from typing import Any
 
 from fastsd import drive, fetch
 from fastsd.convert import detect, keymap
-from fastsd.convert.tensors import FLOATS, open_tensors, torch_dtype
+from fastsd.convert.tensors import FLOATS, main_float, open_tensors, torch_dtype
 from fastsd.errors import ModelError
 from fastsd.workspace import Workspace
 
@@ -221,10 +221,8 @@ def _precision(info: dict[str, Any]):
     in (an fp16 file stays fp16, not twice its size in fp32)."""
     import torch
 
-    floats = {d: n for d, n in info["bytes_by_dtype"].items() if d in FLOATS}
-    if not floats:
-        return torch.float32
-    return torch_dtype(max(floats, key=lambda d: (floats[d], d)))
+    name = main_float(info["bytes_by_dtype"])
+    return torch.float32 if name is None else torch_dtype(name)
 
 
 # --------------------------------------------------------------------------- to diffusers

@@ -43,6 +43,13 @@ DTYPES = {
 FLOATS = ("F64", "F32", "F16", "BF16")
 
 
+def main_float(bytes_by_dtype: dict[str, int]) -> str | None:
+    """The floating-point type (its safetensors name) that holds most of the bytes counted
+    in ``bytes_by_dtype``; None when none of them is a floating-point type."""
+    floats = {d: n for d, n in bytes_by_dtype.items() if d in FLOATS}
+    return max(floats, key=lambda d: (floats[d], d)) if floats else None
+
+
 def torch_dtype(name: str) -> "torch.dtype":
     import torch
 

@@ -112,16 +112,16 @@ def stored_dtype(folder: Path):
     read from their headers; None when it has none (or only .bin files)."""
     from collections import Counter
 
-    from fastsd.convert.tensors import FLOATS, open_tensors, torch_dtype
+    from fastsd.convert.tensors import main_float, open_tensors, torch_dtype
 
-    counts: Counter = Counter()
+    nbytes: Counter = Counter()
     for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         with open_tensors(f) as t:
             for k in t.keys():
                 info = t.info(k)
-                if info.dtype in FLOATS:
-                    counts[info.dtype] += info.nbytes
-    return torch_dtype(counts.most_common(1)[0][0]) if counts else None
+                nbytes[info.dtype] += info.nbytes
+    name = main_float(nbytes)
+    return None if name is None else torch_dtype(name)
 
 
 def load_parts(model_dir: Path, precision: str = "fp32") -> Parts:

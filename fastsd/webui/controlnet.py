@@ -76,6 +76,9 @@ def _needs(what: str) -> str:
 
 _MIDAS = _needs("the MiDaS depth model's weights")
 _POSE = _needs("the OpenPose body, hand and face models' weights")
+_LINEART = _needs("the lineart model's weights")
+_HED = _needs("the HED edge model's weights")
+_PIDINET = _needs("the PiDiNet edge model's weights")
 MODULES: dict[str, Module] = {m.name: m for m in (
     Module("none"),
     Module("canny", sliders=(RESOLUTION, Slider("Canny Low Threshold", 100, 1, 255),
@@ -85,13 +88,10 @@ MODULES: dict[str, Module] = {m.name: m for m in (
     Module("depth_leres", _needs("the LeReS depth model's weights")),
     Module("openpose", _POSE), Module("openpose_full", _POSE), Module("openpose_face", _POSE),
     Module("openpose_hand", _POSE), Module("dw_openpose_full", _needs("the DWPose model's weights")),
-    Module("lineart_realistic", _needs("the lineart model's weights")),
-    Module("lineart_coarse", _needs("the lineart model's weights")),
+    Module("lineart_realistic", _LINEART), Module("lineart_coarse", _LINEART),
     Module("lineart_anime", _needs("the anime lineart model's weights")),
-    Module("softedge_hed", _needs("the HED edge model's weights")),
-    Module("softedge_pidinet", _needs("the PiDiNet edge model's weights")),
-    Module("scribble_hed", _needs("the HED edge model's weights")),
-    Module("scribble_pidinet", _needs("the PiDiNet edge model's weights")),
+    Module("softedge_hed", _HED), Module("softedge_pidinet", _PIDINET),
+    Module("scribble_hed", _HED), Module("scribble_pidinet", _PIDINET),
     Module("mlsd", _needs("the M-LSD line model's weights")),
     Module("normal_bae", _needs("the BAE normal-map model's weights")),
     Module("seg_ofade20k", _needs("the OneFormer segmentation model's weights")),
