@@ -534,10 +534,11 @@ def test_offset_noise_shifts_each_channel_of_the_noise_and_reaches_the_loss(work
     assert not torch.allclose(losses[0], losses[1])
 
 
-def test_parts_load_in_their_files_precision_then_convert(tiny_sd1):
-    """A part stored in one precision and trained in another is loaded as stored and then
-    converted one tensor at a time (never twice in memory): the same values as a cast of
-    the file's, in the training's precision; the VAE stays fp32."""
+def test_parts_stored_in_one_precision_train_in_another_with_the_files_values(tiny_sd1):
+    """A part stored in fp32 and trained in bf16 (loaded as stored, then converted in place):
+    the file's values cast to bf16, the VAE fp32; the stored type is read from the headers.
+    (That the part is never in memory twice is measured at real size: bench_real_ram.py's
+    SDXL LoRA rows.)"""
     import torch
     from safetensors.torch import load_file
 

@@ -13,8 +13,9 @@ waits for it before it is captured, so there is never more than one snapshot in 
 The snapshot is the only copy: each tensor's bytes go from it straight to the file (no
 serialised copy of the checkpoint), hashed as they are written, into a temporary folder
 beside the target that is renamed whole, so on Drive a checkpoint is whole or absent and a
-kill at any moment leaves the previous one usable. Only once the new checkpoint is renamed into place and read
-back (sizes and hashes, in 1 MB pieces) are the checkpoints beyond ``keep`` removed.
+kill at any moment leaves the previous one usable. Only once the new checkpoint is renamed
+into place and read back (sizes and hashes, in 1 MB pieces) are the checkpoints beyond
+``keep`` removed.
 Nothing is written to local disk.
 
 Reading. :func:`latest` returns the newest checkpoint whose files all match the manifest
