@@ -146,35 +146,18 @@ def save_single_file(run: Run) -> Path | None:
 
 
 def save_loss_curve(losses: list[float], settings: TrainSettings, path: Path) -> Path | None:
-    """The loss per step (and a moving average past 100 steps) as a PNG."""
+    """The loss per step (and a moving average past 100 steps) as a PNG
+    (:mod:`fastsd.train.curve`); the notebook's train cell shows it."""
     if not losses:
         return None
     import io
 
-    import matplotlib
+    from fastsd.train import curve
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    steps = range(1, len(losses) + 1)
-    k = len(losses) // 50  # a moving average once there are many steps
-    ax.plot(steps, losses, lw=0.6 if k > 1 else 1.5, alpha=0.5 if k > 1 else 1, label="loss")
-    if k > 1:
-        avg = [sum(losses[max(0, i - k + 1):i + 1]) / min(k, i + 1) for i in range(len(losses))]
-        ax.plot(steps, avg, lw=1.5, label=f"mean of {k} steps")
     first = settings.stage_order[0]
-    boundary = settings.stage(first)["steps"]
-    if 0 < boundary < len(losses):
-        ax.axvline(boundary + 0.5, color="grey", ls="--", lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(" then ".join(STAGE_TITLES[s] for s in settings.stage_order
-                               if settings.stage(s)["steps"]))
-    ax.legend(loc="upper right")
-    fig.tight_layout()
+    title = " then ".join(STAGE_TITLES[s] for s in settings.stage_order
+                          if settings.stage(s)["steps"])
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    drive.atomic_write_bytes(path, buf.getvalue())  # the notebook's train cell shows it
+    curve.draw(losses, settings.stage(first)["steps"], title).save(buf, format="PNG")
+    drive.atomic_write_bytes(path, buf.getvalue())
     return path

@@ -8,22 +8,42 @@ from typing import Any
 from fastsd.train.settings import TrainSettings
 
 
-def build_optimizer(params: list, cfg: dict[str, Any], settings: TrainSettings, device):
+def build_optimizer(params: list, cfg: dict[str, Any], settings: TrainSettings, device,
+                    num_processes: int = 1):
     """The optimizer and learning-rate schedule of a stage: 8-bit AdamW (bitsandbytes, which
-    has CPU kernels too) when asked, else torch's fused AdamW (one kernel for all tensors)."""
+    has CPU kernels too) when asked, else torch's fused AdamW (one kernel for all tensors),
+    over one flat buffer where the trained tensors are small (:mod:`fastsd.train.flat`)."""
     import torch
     from diffusers.optimization import get_scheduler
+
+    from fastsd.train import flat
 
     if settings.adam_8bit and device.type in ("cuda", "cpu"):
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(params, lr=cfg["lr"], weight_decay=settings.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=settings.weight_decay,
-                                      fused=settings.fused_adam and device.type in ("cpu", "cuda"))
+        kind = flat.FlatAdamW if flat.wanted(params, num_processes) else torch.optim.AdamW
+        optimizer = kind(params, lr=cfg["lr"], weight_decay=settings.weight_decay,
+                         fused=settings.fused_adam and device.type in ("cpu", "cuda"))
     schedule = get_scheduler(cfg["schedule"], optimizer, num_warmup_steps=cfg["warmup"],
                              num_training_steps=cfg["steps"])
     return optimizer, schedule
+
+
+def trained_tensors(optimizer) -> list:
+    """The tensors ``optimizer`` steps (for clipping their gradients): the trained
+    parameters, or the one flat buffer that holds them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def drop_gradients(optimizer, params: list) -> None:
+    """Free the stage's gradients when it ends (a flat buffer's too)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if hasattr(inner, "release"):
+        inner.release()
+    for p in params:
+        p.grad = None
 
 
 def restore_optimizer(optimizer, schedule, objects: dict[str, Any], extended: bool) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 
 from fastsd.train import data, segments
 from fastsd.train.export import TrainResult, export, save_single_file
-from fastsd.train.optim import build_optimizer, restore_optimizer
+from fastsd.train.optim import (build_optimizer, drop_gradients, restore_optimizer,
+                                trained_tensors)
 from fastsd.train.parts import denoise_loss
 from fastsd.train.resume import STAGE_TITLES
 from fastsd.train.run import Event, Run, prepare
@@ -73,8 +74,9 @@ def train_stage(run: Run, si: int, stage: str) -> None:
         run.prompts.build()
     run.placement.apply(parts, stage)
     params = parts.unfreeze(stage)  # the modules' weights, or for LoRA their adapters
-    optimizer, schedule = build_optimizer(params, cfg, s, acc.device)
+    optimizer, schedule = build_optimizer(params, cfg, s, acc.device, acc.num_processes)
     *wrapped, optimizer = acc.prepare(*trained.values(), optimizer)
+    clipped = trained_tensors(optimizer)
     encoders = None if stage == "unet" else wrapped
     unet = wrapped[0] if stage == "unet" else parts.unet
     resumed = run.ckpt
@@ -109,7 +111,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
                 if run.class_examples else per_example.mean())
         acc.backward(loss)
         if s.max_grad_norm > 0 and acc.sync_gradients:
-            acc.clip_grad_norm_(params, s.max_grad_norm)
+            acc.clip_grad_norm_(clipped, s.max_grad_norm)
         optimizer.step()
         if not optimizer.step_was_skipped:
             schedule.step()
@@ -133,6 +135,7 @@ def train_stage(run: Run, si: int, stage: str) -> None:
     # the stage boundary: its optimizer is kept, so that the stage can be extended later
     st.stage, st.stage_step, st.optimizer_stage = si + 1, 0, stage
     path = run.save_checkpoint(objects())
+    drop_gradients(optimizer, params)
     parts.freeze(stage)
     acc.free_memory()  # accelerate lets go of the stage's optimizer and wrapped modules
     run.emit("stage_end", {**st.to_dict(), "stage_name": stage, "parts": parts})
