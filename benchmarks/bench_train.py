@@ -12,11 +12,14 @@ model, images, batch size and step count:
   CPU, for-each kernels on CUDA);
 * baseline with the fused AdamW kernel: the optimizer alone;
 * fastsd with plain AdamW: caching alone;
-* fastsd with the fused AdamW kernel: both.
+* fastsd with the fused AdamW kernel: both;
+* fastsd with the fused kernel stepping each tensor, not one flat buffer.
 
 fastsd with and without the fused kernel is the optimizer alone in fastsd's own loop: the
 measurement behind ``fused_adam``'s default (wall and CPU time of the loop; CPU time counts
-only the time the process ran, steadier on a shared machine).
+only the time the process ran, steadier on a shared machine). fastsd with and without the
+flat buffer (fastsd.train.flat: the UNet's weights, gradients and moments each one tensor)
+is the buffer alone.
 
 Plus the whole process, from the command to a trained model on disk, for the same number
 of steps: ``fastsd train`` (the fused kernel; model load, caches, training, export of the
@@ -67,13 +70,16 @@ def make_session(home: Path, res: int = RES):
 # --------------------------------------------------------------------------- the two sides
 
 
-def run_ours(home: Path, fused: bool) -> dict:
+def run_ours(home: Path, fused: bool, flat: bool = True) -> dict:
     from diffusers import StableDiffusionPipeline  # noqa: F401  (imported before the clock)
 
     from fastsd import session
+    from fastsd.train import flat as flat_buffer
     from fastsd.train import TrainSettings
     from fastsd.train.trainer import train
 
+    if not flat:  # torch's AdamW on each tensor: no trained weights are small enough
+        flat_buffer.MAX_BYTES = 0
     s = session.load("bench", home)
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -166,9 +172,10 @@ def run_baseline(home: Path, fused: bool, save: Path | None = None) -> dict:
     return out
 
 
-#: the loop variants: (side, fused AdamW)
-VARIANTS = {"baseline": ("baseline", False), "baseline_fused": ("baseline", True),
-            "ours_plain": ("ours", False), "ours": ("ours", True)}
+#: the loop variants: (side, fused AdamW, and for fastsd one flat buffer)
+VARIANTS = {"baseline": ("baseline", False, False), "baseline_fused": ("baseline", True, False),
+            "ours_plain": ("ours", False, True), "ours_tensors": ("ours", True, False),
+            "ours": ("ours", True, True)}
 
 
 def child(kind: str, home: Path) -> None:
@@ -181,8 +188,8 @@ def child(kind: str, home: Path) -> None:
     if kind == "baseline_whole":
         out = run_baseline(home, True, save=home / "baseline-model")
     else:
-        side, fused = VARIANTS[kind]
-        out = (run_ours if side == "ours" else run_baseline)(home, fused)
+        side, fused, flat = VARIANTS[kind]
+        out = run_ours(home, fused, flat) if side == "ours" else run_baseline(home, fused)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
 
@@ -311,6 +318,8 @@ def main() -> None:
             round(sps("ours"), 2), round(sps("ours_plain"), 2)),
         Row(f"fused AdamW alone in fastsd's loop, CPU time of the loop, {RES} px", "steps/CPU s",
             round(sps("ours", "loop_cpu_s"), 2), round(sps("ours_plain", "loop_cpu_s"), 2)),
+        Row(f"one flat buffer alone in fastsd's loop (fused AdamW both sides), {RES} px",
+            "steps/s", round(sps("ours"), 2), round(sps("ours_tensors"), 2)),
         Row(f"caching with fused AdamW on both sides, {RES} px", "steps/s",
             round(sps("ours"), 2), round(sps("baseline_fused"), 2)),
         Row(f"both (fastsd) vs neither (plain baseline), {RES} px", "steps/s",
@@ -329,8 +338,11 @@ def main() -> None:
         "process. Each row compares two variants that differ in one thing, named in the row: "
         "caching (fastsd encodes each image and caption once; the baseline re-reads, "
         "re-encodes with the VAE and re-embeds with the text encoder every batch, as "
-        "diffusers' train_dreambooth.py does) or the optimizer (torch's fused AdamW kernel "
-        "against its default AdamW, a loop over the tensors on the CPU). The whole-process row times `fastsd train` "
+        "diffusers' train_dreambooth.py does), the optimizer (torch's fused AdamW kernel "
+        "against its default AdamW, a loop over the tensors on the CPU) or fastsd's flat "
+        "buffer (the UNet's weights, gradients and AdamW moments each one tensor, so that "
+        "clipping, the step and zeroing are a call each, not one per tensor; fastsd's loop "
+        "uses it in every variant but the one named). The whole-process row times `fastsd train` "
         "(load, caches, training, diffusers folder and single file written) against the "
         "baseline script (load, training, save_pretrained), each from its command to its "
         "exit. At 64 px every tensor of the tiny UNet is small, so a step is mostly "

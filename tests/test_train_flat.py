@@ -162,3 +162,31 @@ def test_a_training_run_steps_one_buffer_and_checkpoints_each_tensors_moments(wo
     assert len(opt["param_groups"][0]["params"]) == len(seen["shapes"]) == len(opt["state"])
     assert [tuple(st["exp_avg"].shape) for st in opt["state"].values()] == seen["shapes"]
     assert all(st["exp_avg_sq"].abs().sum() > 0 for st in opt["state"].values())
+
+
+def test_a_grad_scaler_unscales_and_skips_steps_on_the_buffer_as_on_each_tensor():
+    """fp16 training's loss scaling (torch's GradScaler, which accelerate uses): the scaled
+    gradients are unscaled in the buffer, and a step with an inf gradient is skipped."""
+    results = []
+    for kind in (torch.optim.AdamW, flat.FlatAdamW):
+        m = model()
+        opt = kind(list(m.parameters()), **KW)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        g = torch.Generator().manual_seed(3)
+        skipped = []
+        for i in range(4):
+            x = torch.randn(4, 3, 8, 8, generator=g)
+            loss = m(x).pow(2).mean() * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(trained_tensors(opt), 0.05)
+            before = weights(m)
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(close(before, weights(m)))
+            opt.zero_grad(set_to_none=True)
+        results.append((weights(m), skipped, scaler.get_scale()))
+    (wa, skip_a, scale_a), (wb, skip_b, scale_b) = results
+    assert skip_a == skip_b == [False, False, True, False]
+    assert scale_a == scale_b
+    assert close(wa, wb)
