@@ -12,10 +12,11 @@ UNet (``benchmarks/bench_race.py``) they took about 9 ms of a 39 ms step on the 
 How: each trained parameter's ``.data`` becomes a view into the flat weight buffer and its
 ``.grad`` a view into the flat gradient buffer, so the model and the backward pass are
 unchanged (backward adds into the views), and the optimizer sees one parameter, the whole
-buffer. The gradients are zeroed in place, never freed, so they hold their memory through
-the next forward pass: that is why :func:`wanted` keeps the buffer to trained weights of at
-most ``MAX_BYTES`` (LoRA adapters, small models), and a full fine-tune of a real model
-keeps torch's per-tensor AdamW (whose gradients are freed after each step).
+buffer. The gradients are zeroed in place after each step, freed only at the stage's end,
+so they hold their memory through the next forward pass: that is why :func:`wanted` keeps
+the buffer to trained weights of at most ``MAX_BYTES`` (LoRA adapters, small models), and a
+full fine-tune of a real model keeps torch's per-tensor AdamW (whose gradients are freed
+after each step).
 
 The state dict has the per-tensor layout of ``torch.optim.AdamW`` (one entry per trained
 tensor, in order), so a checkpoint resumes with either optimizer.
@@ -92,12 +93,6 @@ class FlatAdamW(torch.optim.AdamW):
         """Zero the gradient buffer in place: the parameters' gradients are views of it."""
         if self.flat.grad is not None:
             self.flat.grad.zero_()
-
-    def release(self) -> None:
-        """Let go of the gradient buffer (at the end of the stage)."""
-        for p in self.members:
-            p.grad = None
-        self.flat.grad = None
 
     def state_dict(self) -> dict[str, Any]:
         """The per-tensor layout of ``torch.optim.AdamW``: each trained tensor's moments (views

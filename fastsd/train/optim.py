@@ -38,11 +38,9 @@ def trained_tensors(optimizer) -> list:
 
 
 def drop_gradients(optimizer, params: list) -> None:
-    """Free the stage's gradients when it ends (a flat buffer's too)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    if hasattr(inner, "release"):
-        inner.release()
-    for p in params:
+    """Free the stage's gradients when it ends: the trained parameters' and, where the
+    optimizer steps one flat buffer, the buffer's (of which theirs are views)."""
+    for p in [*params, *trained_tensors(optimizer)]:
         p.grad = None
 
 

@@ -83,8 +83,9 @@ def train_stage(run: Run, si: int, stage: str) -> None:
     if resumed is not None:
         if st.optimizer_stage == stage and st.stage_step > 0:
             restore_optimizer(optimizer, schedule, resumed.objects, run.extended == stage)
-            if acc.scaler is not None and resumed.object("scaler") is not None:
-                acc.scaler.load_state_dict(resumed.object("scaler"))
+            scaler = resumed.object("scaler") if acc.scaler is not None else None
+            if scaler is not None:  # read from Drive once
+                acc.scaler.load_state_dict(scaler)
         set_rng_states(st.rng)
         run.ckpt = None  # restored once
     st.modified += [n for n in trained if n not in st.modified]
